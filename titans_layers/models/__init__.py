@@ -1,0 +1,1 @@
+"""Hugging Face-compatible Titans models (MAC, MAG, MAL, LMM, hybrid stacks)."""

@@ -1,0 +1,1 @@
+"""Layers with fla's layer interface (NeuralMemory, PersistentMemory, SlidingWindowAttention, gates)."""

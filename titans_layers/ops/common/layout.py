@@ -1,0 +1,99 @@
+"""Sequence layout for the PyTorch paths: one padded row per sequence, aligned to chunk boundaries.
+
+A sequence that continues a state ``offset`` tokens into a chunk is left-padded with ``offset``
+identity tokens, so that its chunk boundaries fall at multiples of the chunk size; it is
+right-padded with identity tokens to a whole number of chunks. Padding tokens must not write:
+each op family masks their writes (see its ``naive`` module).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class PaddedLayout:
+    """Where each sequence's tokens sit in the padded ``[N, L, ...]`` layout.
+
+    ``index`` ``[N, L]`` holds flat token indices (clamped where invalid), ``valid`` ``[N, L]`` is
+    True on real tokens; ``None`` for both means the layout is plain right padding of ``[B, T]``.
+    """
+
+    N: int
+    L: int
+    T: int
+    index: torch.Tensor | None
+    valid: torch.Tensor | None
+
+    def valid_mask(self, device) -> torch.Tensor:
+        """``[N, L]`` bool, True on real tokens (also for the plain right-padded layout)."""
+        if self.valid is not None:
+            return self.valid
+        return (torch.arange(self.L, device=device) < self.T).expand(self.N, self.L)
+
+
+def sequence_lengths(B: int, T: int, cu_seqlens: torch.Tensor | None) -> list[int]:
+    """Lengths of the N sequences: B times T, or the gaps of ``cu_seqlens``."""
+    if cu_seqlens is None:
+        return [T] * B
+    offsets = cu_seqlens.tolist()
+    return [b - a for a, b in zip(offsets[:-1], offsets[1:])]
+
+
+def make_layout(B: int, T: int, cu_seqlens, offsets: list[int], chunk_size: int, device) -> PaddedLayout:
+    """Build the padded layout for N sequences that start ``offsets[i]`` tokens into a chunk."""
+    lengths = sequence_lengths(B, T, cu_seqlens)
+    N = len(lengths)
+    span = max((o + n for o, n in zip(offsets, lengths)), default=0)
+    L = -(-span // chunk_size) * chunk_size
+    if cu_seqlens is None and not any(offsets):
+        return PaddedLayout(N=N, L=L, T=T, index=None, valid=None)
+    starts = [0] * N
+    if cu_seqlens is not None:
+        starts = cu_seqlens.tolist()[:-1]
+    else:
+        starts = [i * T for i in range(N)]
+    pos = torch.arange(L, device=device)[None, :]  # [1, L]
+    off = torch.tensor(offsets, device=device)[:, None]  # [N, 1]
+    rel = pos - off  # [N, L] index within the sequence
+    valid = (rel >= 0) & (rel < torch.tensor(lengths, device=device)[:, None])
+    index = (torch.tensor(starts, device=device)[:, None] + rel).clamp(0, max(B * T - 1, 0))
+    return PaddedLayout(N=N, L=L, T=T, index=index, valid=valid)
+
+
+def to_padded(x: torch.Tensor, layout: PaddedLayout, fill: float) -> torch.Tensor:
+    """``[B, T, *rest]`` -> ``[N, L, *rest]`` with ``fill`` on padding positions (differentiable)."""
+    if layout.index is None:
+        pad = [0, 0] * (x.ndim - 2) + [0, layout.L - layout.T]
+        return F.pad(x, pad, value=fill)
+    flat = x.reshape(-1, *x.shape[2:])  # [B * T, *rest]
+    if flat.shape[0] == 0:
+        return x.new_full((layout.N, layout.L, *x.shape[2:]), fill)
+    gathered = flat[layout.index]  # [N, L, *rest]
+    mask = layout.valid.view(*layout.valid.shape, *([1] * (x.ndim - 2)))
+    return torch.where(mask, gathered, torch.full((), fill, dtype=x.dtype, device=x.device))
+
+
+def from_padded(y: torch.Tensor, layout: PaddedLayout, B: int) -> torch.Tensor:
+    """``[N, L, *rest]`` -> ``[B, T, *rest]``: the real tokens, in their original order."""
+    if layout.index is None:
+        return y[:, : layout.T]
+    return y[layout.valid].reshape(B, layout.T, *y.shape[2:])
+
+
+def segment_products(g: torch.Tensor) -> torch.Tensor:
+    """Products of a gate over every causal segment of a chunk, without division.
+
+    g: ``[..., C]`` -> D: ``[..., C, C]`` with ``D[t, j] = prod_{l = j+1..t} g_l`` for ``t >= j``
+    (so ``D[t, t] = 1``) and 0 above the diagonal. A cumulative product down the columns of a
+    masked matrix gives each entry exactly, so gates of exactly 0 stay exact and finite, also in
+    the backward (unlike ratios of cumulative products, or differences of cumulative logs).
+    """
+    C = g.shape[-1]
+    r = torch.arange(C, device=g.device)
+    strictly_below = r[:, None] > r[None, :]  # [C, C]
+    X = torch.where(strictly_below, g.unsqueeze(-1), torch.ones((), dtype=g.dtype, device=g.device))
+    return torch.cumprod(X, dim=-2).tril()

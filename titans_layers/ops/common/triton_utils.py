@@ -1,0 +1,72 @@
+"""Small helpers for launching Triton kernels (on CUDA, or on CPU under ``TRITON_INTERPRET=1``)."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+# Head dims the kernels keep on chip in one tile (K rows, a block of V columns).
+MAX_HEAD_DIM = 128
+
+
+def is_interpreting() -> bool:
+    """True when Triton runs kernels with its CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def check_triton_device(op_name: str, x: torch.Tensor) -> None:
+    """Raise unless the Triton kernels can run on ``x``'s device."""
+    if x.device.type == "cuda" or (x.device.type == "cpu" and is_interpreting()):
+        return
+    raise RuntimeError(f"`{op_name}` runs Triton kernels and needs CUDA tensors (or CPU tensors with "
+                       f"TRITON_INTERPRET=1 set before triton is imported); got a tensor on {x.device}. "
+                       f"The `naive_chunk_*` ops run anywhere.")
+
+
+def check_head_dims(K: int, V: int) -> None:
+    """Raise unless the head dims fit the kernels' tiles."""
+    for name, d in (("K", K), ("V", V)):
+        if d > MAX_HEAD_DIM:
+            raise ValueError(f"head dim {name} = {d} is larger than the Triton kernels support ({MAX_HEAD_DIM}); "
+                             f"use the naive_chunk_* op or split heads")
+
+
+def block_sizes(K: int, V: int) -> tuple[int, int]:
+    """Tile sizes (BK, BV): all of K in one tile, V split so that a state tile stays <= 64 x 64 x 2."""
+    BK = max(16, triton.next_power_of_2(K))
+    BV = min(max(16, triton.next_power_of_2(V)), 64 if BK <= 64 else 32)
+    return BK, BV
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """``tl.dot`` precision: full fp32 for float32 inputs, tf32 (fp32 accumulate) otherwise."""
+    return "ieee" if dtype in (torch.float32, torch.float64) else "tf32"
+
+
+@triton.jit
+def segment_products(g, r):
+    """[C] gate -> [C, C] with D[t, j] = prod_{l=j+1..t} g_l for t >= j, else 0 (no division)."""
+    X = tl.where(r[:, None] > r[None, :], g[:, None], 1.0)
+    D = tl.cumprod(X, axis=0)
+    return tl.where(r[:, None] >= r[None, :], D, 0.0)
+
+
+@triton.jit
+def take_row(X, r, i):
+    """Row i of a [C, C] tile, as a [C] vector."""
+    return tl.sum(tl.where(r[:, None] == i, X, 0.0), axis=0)
+
+
+@triton.jit
+def take(x, r, i):
+    """Element i of a [C] vector, as a scalar."""
+    return tl.sum(tl.where(r == i, x, 0.0), axis=0)
+
+
+@triton.jit
+def subdiagonal(X, r):
+    """[C] vector with entry l = X[l, l - 1] (0 for l = 0)."""
+    return tl.sum(tl.where(r[None, :] == r[:, None] - 1, X, 0.0), axis=1)

@@ -1,0 +1,160 @@
+"""``chunk_momentum_delta_rule``: Triton chunkwise forward and backward behind an autograd.Function."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+
+from titans_layers.ops.common.layout import sequence_lengths
+from titans_layers.ops.common.triton_utils import block_sizes, check_head_dims, check_triton_device, dot_precision
+from titans_layers.ops.common.validation import OpShape, check_chunk_size, check_op_inputs
+from titans_layers.ops.momentum_delta_rule.chunk_kernels import (chunk_momentum_delta_rule_bwd_kernel,
+                                                                 chunk_momentum_delta_rule_fwd_kernel)
+from titans_layers.ops.momentum_delta_rule.state import MomentumDeltaRuleState, resolve_initial_state
+
+KERNEL_CHUNK_SIZES = (16, 32, 64)
+
+
+@dataclass
+class ChunkPlan:
+    """Host-side sizes of one call: sequences, where their chunks sit in the per-chunk buffers."""
+
+    shape: OpShape
+    chunk_size: int
+    lengths: list[int]
+    offsets: list[int]
+    chunk_indptr: torch.Tensor  # [N + 1] int64, first chunk of each sequence
+    n_chunks: int  # chunks over all sequences
+
+    @property
+    def final_offsets(self) -> list[int]:
+        return [(o + n) % self.chunk_size for o, n in zip(self.offsets, self.lengths)]
+
+
+def make_plan(shape: OpShape, chunk_size: int, offsets: list[int], cu_seqlens, device) -> ChunkPlan:
+    lengths = sequence_lengths(shape.B, shape.T, cu_seqlens)
+    counts = [-(-(o + n) // chunk_size) for o, n in zip(offsets, lengths)]
+    indptr = [0]
+    for c in counts:
+        indptr.append(indptr[-1] + c)
+    return ChunkPlan(shape, chunk_size, lengths, offsets, torch.tensor(indptr, dtype=torch.long, device=device),
+                     indptr[-1])
+
+
+def _varlen_args(cu_seqlens, plan: ChunkPlan):
+    return (cu_seqlens if cu_seqlens is not None else plan.chunk_indptr), cu_seqlens is not None
+
+
+def chunk_fwd(q, k, v, alpha, eta, theta, M0, S0, W0, offset, cu_seqlens, plan: ChunkPlan, store_chunks: bool):
+    """Launch the forward kernel. Returns o ``[B, T, H, V]``, the final ``(M, S, anchor)`` and,
+    when ``store_chunks``, the chunk-start states ``[n_chunks, H, K, V]`` (else None)."""
+    s = plan.shape
+    BK, BV = block_sizes(s.K, s.V)
+    NV = triton.cdiv(s.V, BV)
+    o = torch.empty_like(v)
+    MT, ST, WT = (torch.empty(s.N, s.H, s.K, s.V, dtype=torch.float32, device=q.device) for _ in range(3))
+    if store_chunks:
+        chunk_M = torch.empty(plan.n_chunks, s.H, s.K, s.V, dtype=torch.float32, device=q.device)
+        chunk_S = torch.empty_like(chunk_M)
+    else:
+        chunk_M = chunk_S = MT  # never written
+    cu, is_varlen = _varlen_args(cu_seqlens, plan)
+    chunk_momentum_delta_rule_fwd_kernel[(NV, s.N * s.H)](
+        q, k, v, alpha, eta, theta, M0, S0, W0, offset, cu, plan.chunk_indptr, o, MT, ST, WT, chunk_M, chunk_S,
+        s.T, H=s.H, K=s.K, V=s.V, C=plan.chunk_size, BK=BK, BV=BV, IS_VARLEN=is_varlen,
+        STORE_CHUNKS=store_chunks, PRECISION=dot_precision(q.dtype))
+    return o, MT, ST, WT, (chunk_M if store_chunks else None), (chunk_S if store_chunks else None)
+
+
+def chunk_bwd(q, k, v, alpha, eta, theta, W0, offset, cu_seqlens, plan: ChunkPlan, chunk_M, chunk_S,
+              do, dMT, dST, dWT):
+    """Launch the backward kernel. Returns the gradients of q, k, v, alpha, eta, theta and of the
+    initial ``(M, S, anchor)`` (float32)."""
+    s = plan.shape
+    BK, BV = block_sizes(s.K, s.V)
+    NV = triton.cdiv(s.V, BV)
+    n_tokens = s.B * s.T
+    state = (s.N, s.H, s.K, s.V)
+    zeros = lambda x: torch.zeros(state, dtype=torch.float32, device=q.device) if x is None else x.float().contiguous()
+    dMT, dST, dWT = zeros(dMT), zeros(dST), zeros(dWT)
+    dq = q.new_empty(NV, *q.shape, dtype=torch.float32)
+    dk = q.new_empty(NV, *k.shape, dtype=torch.float32)
+    dv = torch.empty_like(v)
+    dalpha, deta, dtheta = (q.new_empty(NV, *alpha.shape, dtype=torch.float32) for _ in range(3))
+    dM0, dS0, dW0 = (torch.empty(state, dtype=torch.float32, device=q.device) for _ in range(3))
+    cu, is_varlen = _varlen_args(cu_seqlens, plan)
+    chunk_momentum_delta_rule_bwd_kernel[(NV, s.N * s.H)](
+        q, k, v, alpha, eta, theta, W0, offset, cu, plan.chunk_indptr, chunk_M, chunk_S, do.contiguous(),
+        dMT, dST, dWT, dq, dk, dv, dalpha, deta, dtheta, dM0, dS0, dW0,
+        s.T, n_tokens, H=s.H, K=s.K, V=s.V, C=plan.chunk_size, BK=BK, BV=BV, IS_VARLEN=is_varlen,
+        PRECISION=dot_precision(q.dtype))
+    return (dq.sum(0).to(q.dtype), dk.sum(0).to(k.dtype), dv, dalpha.sum(0).to(alpha.dtype),
+            deta.sum(0).to(eta.dtype), dtheta.sum(0).to(theta.dtype), dM0, dS0, dW0)
+
+
+class ChunkMomentumDeltaRuleFunction(torch.autograd.Function):
+    """Forward and backward through the Triton chunk kernels; the backward recomputes each chunk
+    from the chunk-start states the forward stored."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, alpha, eta, theta, M0, S0, W0, offset, cu_seqlens, plan):
+        store = any(ctx.needs_input_grad)
+        o, MT, ST, WT, chunk_M, chunk_S = chunk_fwd(q, k, v, alpha, eta, theta, M0, S0, W0, offset, cu_seqlens,
+                                                    plan, store_chunks=store)
+        if store:
+            ctx.save_for_backward(q, k, v, alpha, eta, theta, W0, offset, cu_seqlens, chunk_M, chunk_S)
+            ctx.plan = plan
+        return o, MT, ST, WT
+
+    @staticmethod
+    def backward(ctx, do, dMT, dST, dWT):
+        q, k, v, alpha, eta, theta, W0, offset, cu_seqlens, chunk_M, chunk_S = ctx.saved_tensors
+        grads = chunk_bwd(q, k, v, alpha, eta, theta, W0, offset, cu_seqlens, ctx.plan, chunk_M, chunk_S,
+                          do, dMT, dST, dWT)
+        return (*grads, None, None, None)
+
+
+def prepare_kernel_call(op_name, q, k, v, alpha, eta, theta, chunk_size, initial_state, cu_seqlens,
+                        allowed_chunk_sizes):
+    """Checks and state resolution shared by the Triton ops. Returns (contiguous inputs, state, plan)."""
+    shape = check_op_inputs(q, k, v, alpha, eta, theta, cu_seqlens)
+    C = check_chunk_size(chunk_size, allowed_chunk_sizes)
+    if q.dtype == torch.float64:
+        raise TypeError(f"`{op_name}` takes float32, bfloat16 or float16 inputs; use the naive_* ops for float64")
+    check_head_dims(shape.K, shape.V)
+    check_triton_device(op_name, q)
+    init = resolve_initial_state(initial_state, shape, C, q.device)
+    plan = make_plan(shape, C, init.offsets, cu_seqlens, q.device)
+    inputs = tuple(x.contiguous() for x in (q, k, v, alpha, eta, theta))
+    states = tuple(x.contiguous() for x in (init.M, init.S, init.anchor))
+    return inputs, states, init.offset, plan
+
+
+def pack_final_state(MT, ST, WT, plan: ChunkPlan, device) -> MomentumDeltaRuleState:
+    offset = torch.tensor(plan.final_offsets, dtype=torch.long, device=device)
+    return MomentumDeltaRuleState(M=MT, S=ST, anchor=WT, offset=offset, chunk_size=plan.chunk_size)
+
+
+def chunk_momentum_delta_rule(q, k, v, alpha, eta, theta, *, chunk_size: int = 16, initial_state=None,
+                              output_final_state: bool = False, cu_seqlens=None):
+    """Gated momentum-delta update (linear memory) with Triton chunkwise kernels, differentiable.
+
+    Args:
+        q, k: ``[B, T, H, K]``; v: ``[B, T, H, V]`` (float32, bfloat16 or float16; K, V <= 128).
+        alpha, eta, theta: ``[B, T, H]`` forget gate, momentum decay, step size.
+        chunk_size: 16, 32 or 64.
+        initial_state: None, ``(M,)``, ``(M, S)`` or a :class:`MomentumDeltaRuleState`
+            (weights ``[N or 1, H, K, V]``); receives gradients.
+        output_final_state: also return the state after the last token.
+        cu_seqlens: ``[N + 1]`` offsets of packed sequences (B == 1), or None.
+
+    Returns:
+        ``(o, final_state)``: o ``[B, T, H, V]`` in q's dtype; final_state a float32
+        :class:`MomentumDeltaRuleState` or None. Runs on CUDA, or on CPU under ``TRITON_INTERPRET=1``.
+    """
+    inputs, states, offset, plan = prepare_kernel_call("chunk_momentum_delta_rule", q, k, v, alpha, eta, theta,
+                                                       chunk_size, initial_state, cu_seqlens, KERNEL_CHUNK_SIZES)
+    o, MT, ST, WT = ChunkMomentumDeltaRuleFunction.apply(*inputs, *states, offset, cu_seqlens, plan)
+    return o, (pack_final_state(MT, ST, WT, plan, q.device) if output_final_state else None)

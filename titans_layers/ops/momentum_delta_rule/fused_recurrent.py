@@ -1,0 +1,131 @@
+"""``fused_recurrent_momentum_delta_rule``: the Triton token-by-token kernel, for decoding.
+
+One program per (block of V columns, sequence, head) keeps ``(M, S, anchor)`` ``[K, BV]`` in
+registers and applies the update one token at a time, refreshing the anchor whenever the state
+sits on a chunk boundary. It reproduces the chunked forward exactly at any split point, so a
+prefill with ``chunk_momentum_delta_rule`` followed by decoding with this op equals one long call.
+
+Gradients: the backward is the chunkwise backward (``chunk.py``), which recomputes the chunk-start
+states; for chunk sizes the chunk kernels do not take it differentiates ``naive_chunk`` instead.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from titans_layers.ops.common.triton_utils import block_sizes
+from titans_layers.ops.momentum_delta_rule.chunk import (KERNEL_CHUNK_SIZES, ChunkPlan, chunk_bwd, chunk_fwd,
+                                                         pack_final_state, prepare_kernel_call)
+from titans_layers.ops.momentum_delta_rule.naive import naive_chunk_momentum_delta_rule
+from titans_layers.ops.momentum_delta_rule.state import MomentumDeltaRuleState
+
+
+@triton.jit
+def fused_recurrent_momentum_delta_rule_fwd_kernel(
+    q, k, v, alpha, eta, theta,  # [B*T, H, K|V], gates [B*T, H]
+    M0, S0, W0, offset, cu_seqlens,  # initial state [N, H, K, V] float32; offset [N]; [N + 1]
+    o, MT, ST, WT,  # [B*T, H, V]; final state [N, H, K, V] float32
+    T, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
+    BK: tl.constexpr, BV: tl.constexpr, IS_VARLEN: tl.constexpr,
+):
+    i_v, i_nh = tl.program_id(0), tl.program_id(1)
+    i_n, h = i_nh // H, i_nh % H
+    if IS_VARLEN:
+        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
+        eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
+    else:
+        bos = i_n.to(tl.int64) * T
+        eos = bos + T
+    off = tl.load(offset + i_n).to(tl.int64)
+    rk = tl.arange(0, BK)
+    rv = i_v * BV + tl.arange(0, BV)
+    mk, mv = rk < K, rv < V
+    s_off = ((i_n * H + h) * K + rk[:, None]).to(tl.int64) * V + rv[None, :]  # [BK, BV]
+    s_mask = mk[:, None] & mv[None, :]
+    b_M = tl.load(M0 + s_off, mask=s_mask, other=0.0)
+    b_S = tl.load(S0 + s_off, mask=s_mask, other=0.0)
+    b_W = tl.load(W0 + s_off, mask=s_mask, other=0.0)
+    for t in range(bos, eos):
+        b_W = tl.where(off == 0, b_M, b_W)  # a new chunk takes its gradients at the current weights
+        b_q = tl.load(q + (t * H + h) * K + rk, mask=mk, other=0.0).to(tl.float32)  # [BK]
+        b_k = tl.load(k + (t * H + h) * K + rk, mask=mk, other=0.0).to(tl.float32)  # [BK]
+        b_v = tl.load(v + (t * H + h) * V + rv, mask=mv, other=0.0).to(tl.float32)  # [BV]
+        b_a = 1.0 - tl.load(alpha + t * H + h).to(tl.float32)
+        b_e = tl.load(eta + t * H + h).to(tl.float32)
+        b_th = tl.load(theta + t * H + h).to(tl.float32)
+        b_u = tl.sum(b_k[:, None] * b_W, axis=0) - b_v  # [BV] error at the anchor
+        b_S = b_e * b_S - b_th * (b_k[:, None] * b_u[None, :])
+        b_M = b_a * b_M + b_S
+        b_o = tl.sum(b_q[:, None] * b_M, axis=0)  # [BV]
+        tl.store(o + (t * H + h) * V + rv, b_o.to(o.dtype.element_ty), mask=mv)
+        off = (off + 1) % C
+    tl.store(MT + s_off, b_M, mask=s_mask)
+    tl.store(ST + s_off, b_S, mask=s_mask)
+    tl.store(WT + s_off, tl.where(off == 0, b_M, b_W), mask=s_mask)
+
+
+def fused_recurrent_fwd(q, k, v, alpha, eta, theta, M0, S0, W0, offset, cu_seqlens, plan: ChunkPlan):
+    """Launch the decode kernel. Returns o ``[B, T, H, V]`` and the final ``(M, S, anchor)``."""
+    s = plan.shape
+    BK, BV = block_sizes(s.K, s.V)
+    o = torch.empty_like(v)
+    MT, ST, WT = (torch.empty(s.N, s.H, s.K, s.V, dtype=torch.float32, device=q.device) for _ in range(3))
+    cu = cu_seqlens if cu_seqlens is not None else offset
+    fused_recurrent_momentum_delta_rule_fwd_kernel[(triton.cdiv(s.V, BV), s.N * s.H)](
+        q, k, v, alpha, eta, theta, M0, S0, W0, offset, cu, o, MT, ST, WT,
+        s.T, H=s.H, K=s.K, V=s.V, C=plan.chunk_size, BK=BK, BV=BV, IS_VARLEN=cu_seqlens is not None)
+    return o, MT, ST, WT
+
+
+class FusedRecurrentMomentumDeltaRuleFunction(torch.autograd.Function):
+    """Decode kernel forward; chunkwise (or naive_chunk) backward."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, alpha, eta, theta, M0, S0, W0, offset, cu_seqlens, plan):
+        o, MT, ST, WT = fused_recurrent_fwd(q, k, v, alpha, eta, theta, M0, S0, W0, offset, cu_seqlens, plan)
+        if any(ctx.needs_input_grad):
+            ctx.save_for_backward(q, k, v, alpha, eta, theta, M0, S0, W0, offset, cu_seqlens)
+            ctx.plan = plan
+        return o, MT, ST, WT
+
+    @staticmethod
+    def backward(ctx, do, dMT, dST, dWT):
+        q, k, v, alpha, eta, theta, M0, S0, W0, offset, cu_seqlens = ctx.saved_tensors
+        plan = ctx.plan
+        if plan.chunk_size in KERNEL_CHUNK_SIZES:
+            *_, chunk_M, chunk_S = chunk_fwd(q, k, v, alpha, eta, theta, M0, S0, W0, offset, cu_seqlens, plan,
+                                             store_chunks=True)
+            grads = chunk_bwd(q, k, v, alpha, eta, theta, W0, offset, cu_seqlens, plan, chunk_M, chunk_S,
+                              do, dMT, dST, dWT)
+            return (*grads, None, None, None)
+        with torch.enable_grad():
+            inputs = [x.detach().requires_grad_() for x in (q, k, v, alpha, eta, theta, M0, S0, W0)]
+            state = MomentumDeltaRuleState(M=inputs[6], S=inputs[7], anchor=inputs[8], offset=offset,
+                                           chunk_size=plan.chunk_size)
+            o, final = naive_chunk_momentum_delta_rule(*inputs[:6], chunk_size=plan.chunk_size, initial_state=state,
+                                                       output_final_state=True, cu_seqlens=cu_seqlens)
+            outputs, cotangents = zip(*[(x, g) for x, g in ((o, do), (final.M, dMT), (final.S, dST),
+                                                             (final.anchor, dWT)) if g is not None])
+            grads = torch.autograd.grad(outputs, inputs, cotangents, allow_unused=True)
+        grads = [torch.zeros_like(x) if g is None else g for g, x in zip(grads, inputs)]
+        return (*grads, None, None, None)
+
+
+def fused_recurrent_momentum_delta_rule(q, k, v, alpha, eta, theta, *, chunk_size: int = 16, initial_state=None,
+                                        output_final_state: bool = False, cu_seqlens=None):
+    """Gated momentum-delta update (linear memory), one token at a time in a Triton kernel.
+
+    Meant for decoding one or a few tokens per call with ``initial_state`` from a previous call;
+    any sequence length works. Same arguments, returns and results as
+    :func:`chunk_momentum_delta_rule`, except that ``chunk_size`` may be any int >= 1.
+    Differentiable (through the chunkwise backward).
+
+    Shapes: q, k ``[B, T, H, K]``; v ``[B, T, H, V]``; alpha, eta, theta ``[B, T, H]``;
+    returns o ``[B, T, H, V]`` and optionally a :class:`MomentumDeltaRuleState`.
+    """
+    inputs, states, offset, plan = prepare_kernel_call("fused_recurrent_momentum_delta_rule", q, k, v, alpha, eta,
+                                                       theta, chunk_size, initial_state, cu_seqlens, None)
+    o, MT, ST, WT = FusedRecurrentMomentumDeltaRuleFunction.apply(*inputs, *states, offset, cu_seqlens, plan)
+    return o, (pack_final_state(MT, ST, WT, plan, q.device) if output_final_state else None)

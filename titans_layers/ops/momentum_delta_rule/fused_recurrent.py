@@ -106,9 +106,12 @@ class FusedRecurrentMomentumDeltaRuleFunction(torch.autograd.Function):
                                            chunk_size=plan.chunk_size)
             o, final = naive_chunk_momentum_delta_rule(*inputs[:6], chunk_size=plan.chunk_size, initial_state=state,
                                                        output_final_state=True, cu_seqlens=cu_seqlens)
-            outputs, cotangents = zip(*[(x, g) for x, g in ((o, do), (final.M, dMT), (final.S, dST),
-                                                             (final.anchor, dWT)) if g is not None])
-            grads = torch.autograd.grad(outputs, inputs, cotangents, allow_unused=True)
+            pairs = [(x, g) for x, g in ((o, do), (final.M, dMT), (final.S, dST), (final.anchor, dWT))
+                     if g is not None and x.requires_grad]
+            grads = [None] * len(inputs)
+            if pairs:
+                outputs, cotangents = zip(*pairs)
+                grads = torch.autograd.grad(outputs, inputs, cotangents, allow_unused=True)
         grads = [torch.zeros_like(x) if g is None else g for g, x in zip(grads, inputs)]
         return (*grads, None, None, None)
 

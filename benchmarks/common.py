@@ -1,0 +1,390 @@
+"""Shared helpers for the benchmark scripts: environment capture, timing, JSON and Markdown output.
+
+A benchmark script typically
+
+1. builds a closure per (provider, mode, shape) and times it with :func:`measure`, which never
+   raises (errors such as out-of-memory come back as ``Measurement.error``);
+2. calls :func:`free_memory` between shapes;
+3. writes its results with :func:`collect_environment`, :func:`write_json` and a Markdown report
+   assembled from :func:`comparison_table`, :func:`environment_markdown` and :func:`error_list`.
+
+Timing uses ``triton.testing.do_bench`` on CUDA (median / p20 / p80 over many runs, L2 cache
+flushed between runs) and a plain ``time.perf_counter`` loop elsewhere, e.g. on CPU under
+``TRITON_INTERPRET=1``, where the numbers only show that the script runs, not how fast anything is.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import gc
+import importlib
+import importlib.metadata
+import json
+import math
+import os
+import platform
+import re
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import torch
+
+# Quantiles asked from do_bench, in the order its answer comes back.
+QUANTILES = (0.5, 0.2, 0.8)
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+# --------------------------------------------------------------------------------------------
+# Device and environment
+# --------------------------------------------------------------------------------------------
+
+def is_interpreting() -> bool:
+    """True when Triton runs kernels with its CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def default_device() -> torch.device:
+    """The first CUDA device when there is one, else the CPU."""
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def _cpu_name() -> str:
+    """A human-readable CPU model name (``/proc/cpuinfo`` where available)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "cpu"
+
+
+def device_name(device: torch.device) -> str:
+    """E.g. ``"NVIDIA H100 80GB HBM3"``, or the CPU model (with ``" (TRITON_INTERPRET)"`` when
+    Triton runs under its interpreter)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return _cpu_name() + (" (TRITON_INTERPRET)" if is_interpreting() else "")
+
+
+def device_slug(device: torch.device) -> str:
+    """A file-name-safe short name: ``"nvidia-h100-80gb-hbm3"``, ``"cpu-interpret"`` or ``"cpu"``."""
+    if device.type != "cuda":
+        return "cpu-interpret" if is_interpreting() else "cpu"
+    return re.sub(r"[^a-z0-9]+", "-", device_name(device).lower()).strip("-")
+
+
+def timestamp() -> str:
+    """Local time as ``YYYYmmdd-HHMMSS``, for file names."""
+    return _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+
+
+def _dist_version(*dists: str) -> str | None:
+    """Version of the first installed distribution among ``dists`` (None when none is)."""
+    for dist in dists:
+        try:
+            return importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return None
+
+
+def _module_version(module: str) -> str | None:
+    """``module.__version__`` (imports the module; None when it cannot be imported)."""
+    try:
+        return getattr(importlib.import_module(module), "__version__", None)
+    except Exception:  # noqa: BLE001 - a broken optional package must not stop the benchmark
+        return None
+
+
+def _git_commit(repo_dir: Path) -> str | None:
+    """HEAD of the git checkout at ``repo_dir`` (read-only; None outside a checkout)."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo_dir, capture_output=True, text=True,
+                             timeout=10, check=True)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def collect_environment(device: torch.device, extra_versions: Mapping[str, str | None] | None = None) -> dict:
+    """Everything needed to tell two result files apart: device, library versions, date.
+
+    Args:
+        device: the device the benchmark runs on.
+        extra_versions: more ``{name: version}`` entries to record (e.g. from :func:`package_versions`).
+
+    Returns:
+        A JSON-serialisable dict.
+    """
+    env: dict[str, Any] = {
+        "device": device_name(device),
+        "device_type": device.type,
+        "device_slug": device_slug(device),
+        "triton_interpret": is_interpreting(),
+        "date": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cuda": torch.version.cuda,
+        "git_commit": _git_commit(Path(__file__).resolve().parent.parent),
+        "versions": {
+            "torch": torch.__version__,
+            "triton": _dist_version("triton") or _module_version("triton"),
+        },
+    }
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        env["gpu"] = {
+            "capability": f"{props.major}.{props.minor}",
+            "sm_count": props.multi_processor_count,
+            "total_memory_gb": round(props.total_memory / 2**30, 1),
+        }
+    if extra_versions:
+        env["versions"].update(extra_versions)
+    return env
+
+
+def package_versions() -> dict[str, str | None]:
+    """Versions of fla (both distributions) and of ``titans_layers``, without importing fla
+    (whose import warns on machines without a GPU)."""
+    return {
+        "flash-linear-attention": _dist_version("flash-linear-attention"),
+        "fla-core": _dist_version("fla-core"),
+        "titans_layers": _module_version("titans_layers"),
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# Timing
+# --------------------------------------------------------------------------------------------
+
+@dataclass
+class Measurement:
+    """One timed closure: quantiles of its run time (ms), its peak memory (MiB, CUDA only), or the
+    error that stopped it (then the numbers are None)."""
+
+    median_ms: float | None = None
+    p20_ms: float | None = None
+    p80_ms: float | None = None
+    peak_mem_mb: float | None = None
+    error: str | None = None
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (no-op on CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def free_memory(device: torch.device) -> None:
+    """Drop unreachable tensors and, on CUDA, return cached blocks to the driver."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _clear_grads(tensors: Iterable[torch.Tensor]) -> None:
+    for x in tensors:
+        x.grad = None
+
+
+def _quantile(sorted_xs: Sequence[float], q: float) -> float:
+    """Linear-interpolated quantile of an ascending, non-empty sequence."""
+    pos = q * (len(sorted_xs) - 1)
+    lo, hi = math.floor(pos), math.ceil(pos)
+    return sorted_xs[lo] + (sorted_xs[hi] - sorted_xs[lo]) * (pos - lo)
+
+
+def _bench_host(fn: Callable[[], Any], device: torch.device, reps: int,
+                grad_to_none: Sequence[torch.Tensor]) -> list[float]:
+    """``[median, p20, p80]`` ms of ``reps`` timed calls with ``time.perf_counter`` (no warm-up here)."""
+    times = []
+    for _ in range(max(1, reps)):
+        _clear_grads(grad_to_none)
+        start = time.perf_counter()
+        fn()
+        synchronize(device)
+        times.append((time.perf_counter() - start) * 1e3)
+    times.sort()
+    return [_quantile(times, q) for q in QUANTILES]
+
+
+def bench_ms(fn: Callable[[], Any], device: torch.device, *, warmup_ms: int = 25, rep_ms: int = 100,
+             host_reps: int = 3, grad_to_none: Sequence[torch.Tensor] = ()) -> list[float]:
+    """``[median, p20, p80]`` run time of ``fn`` in ms.
+
+    On CUDA this is ``triton.testing.do_bench(fn, warmup_ms, rep_ms, grad_to_none, quantiles)``:
+    runs repeat for about ``rep_ms`` after ``warmup_ms`` of warm-up, with the L2 cache flushed and the
+    ``.grad`` of ``grad_to_none`` reset before each. Elsewhere it is a ``time.perf_counter`` loop of
+    ``host_reps`` calls (the caller has already warmed ``fn`` up).
+    """
+    if device.type == "cuda":
+        import triton.testing
+
+        return list(triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, grad_to_none=list(grad_to_none),
+                                            quantiles=list(QUANTILES)))
+    return _bench_host(fn, device, host_reps, grad_to_none)
+
+
+def peak_memory_mb(fn: Callable[[], Any], device: torch.device,
+                   grad_to_none: Sequence[torch.Tensor] = ()) -> float | None:
+    """Peak allocated CUDA memory (MiB) during one call of ``fn``, counting everything allocated at
+    the time (inputs included); None off CUDA. Measured outside do_bench, whose cache-flush buffer
+    would otherwise count."""
+    if device.type != "cuda":
+        return None
+    _clear_grads(grad_to_none)
+    free_memory(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    fn()
+    synchronize(device)
+    return torch.cuda.max_memory_allocated(device) / 2**20
+
+
+def describe_error(exc: BaseException, limit: int = 300) -> str:
+    """``"TypeName: first line of the message"``, shortened to ``limit`` characters."""
+    lines = str(exc).strip().splitlines()
+    msg = f"{type(exc).__name__}: {lines[0] if lines else ''}".rstrip(": ")
+    return msg if len(msg) <= limit else msg[: limit - 3] + "..."
+
+
+def measure(fn: Callable[[], Any], device: torch.device, *, warmup_ms: int = 25, rep_ms: int = 100,
+            host_reps: int = 3, grad_to_none: Sequence[torch.Tensor] = ()) -> Measurement:
+    """Warm up ``fn`` once (compilation), take its peak memory, then time it with :func:`bench_ms`.
+
+    Never raises for errors inside ``fn`` (out of memory, unsupported shape, compilation failure):
+    they are returned as ``Measurement(error=...)``. ``KeyboardInterrupt`` still stops the run.
+    """
+    try:
+        fn()
+        synchronize(device)
+        peak = peak_memory_mb(fn, device, grad_to_none)
+        median, p20, p80 = bench_ms(fn, device, warmup_ms=warmup_ms, rep_ms=rep_ms, host_reps=host_reps,
+                                    grad_to_none=grad_to_none)
+        return Measurement(median_ms=median, p20_ms=p20, p80_ms=p80, peak_mem_mb=peak)
+    except Exception as exc:  # noqa: BLE001 - record and go on with the next entry
+        return Measurement(error=describe_error(exc))
+    finally:
+        _clear_grads(grad_to_none)
+
+
+# --------------------------------------------------------------------------------------------
+# Output
+# --------------------------------------------------------------------------------------------
+
+def result_paths(out_dir: str | os.PathLike, stem: str) -> tuple[Path, Path]:
+    """``(<out_dir>/<stem>.json, <out_dir>/<stem>.md)``, creating ``out_dir``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    return out / f"{stem}.json", out / f"{stem}.md"
+
+
+def _jsonable(x: Any) -> Any:
+    """Dataclasses to dicts, non-finite floats to None, anything else unknown to ``str``."""
+    if hasattr(x, "__dataclass_fields__"):
+        return _jsonable(asdict(x))
+    if isinstance(x, Mapping):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
+    if x is None or isinstance(x, (bool, int, str)):
+        return x
+    return str(x)
+
+
+def write_json(path: str | os.PathLike, *, environment: Mapping, args: Mapping, entries: Sequence,
+               **extra: Any) -> Path:
+    """Write ``{"environment", "args", **extra, "entries"}`` as indented JSON and return the path.
+
+    ``entries`` may be dicts or dataclasses; ``args`` is typically ``vars(argparse_namespace)``.
+    """
+    payload = {"environment": environment, "args": args, **extra, "entries": entries}
+    path = Path(path)
+    path.write_text(json.dumps(_jsonable(payload), indent=2) + "\n")
+    return path
+
+
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], align_right_from: int = 0) -> str:
+    """A GitHub Markdown table; columns from ``align_right_from`` on are right-aligned."""
+    def line(cells):
+        return "| " + " | ".join(str(c) for c in cells) + " |"
+
+    rule = ["---:" if i >= align_right_from else "---" for i in range(len(headers))]
+    return "\n".join([line(headers), line(rule), *(line(r) for r in rows)])
+
+
+def _short_error(error: str) -> str:
+    return "OOM" if "OutOfMemory" in error or "out of memory" in error else "error"
+
+
+def comparison_table(entries: Sequence[Mapping], *, row_keys: Sequence[str],
+                     columns: Sequence[tuple[str, str]], ratios: Sequence[tuple[str, str, str]] = (),
+                     column_key: str = "provider", value_key: str = "median_ms") -> str:
+    """One row per distinct ``row_keys`` tuple (in first-seen order), one column per provider.
+
+    Args:
+        entries: result dicts (all of one mode, say) with ``row_keys``, ``column_key``,
+            ``value_key`` and ``error``.
+        row_keys: keys naming a row, shown as its first columns (e.g. ``("B", "T", "H", "K")``).
+        columns: ``(provider, header)`` pairs; cells show ``value_key`` with 3 decimals, ``OOM`` /
+            ``error`` for a failed entry, ``-`` where there is no entry.
+        ratios: ``(numerator, denominator, header)`` provider pairs; cells show ``num / den`` as
+            ``1.23x`` (above 1: the numerator is slower), ``-`` where either is missing.
+    """
+    cells: dict[tuple, dict[str, Mapping]] = {}
+    for e in entries:
+        cells.setdefault(tuple(e[k] for k in row_keys), {})[e[column_key]] = e
+
+    def value(entry):
+        if entry is None:
+            return None, "-"
+        if entry.get("error"):
+            return None, _short_error(entry["error"])
+        v = entry.get(value_key)
+        return v, "-" if v is None else f"{v:.3f}"
+
+    rows = []
+    for key, by_provider in cells.items():
+        row = list(key)
+        row += [value(by_provider.get(p))[1] for p, _ in columns]
+        for num, den, _ in ratios:
+            a, b = value(by_provider.get(num))[0], value(by_provider.get(den))[0]
+            row.append(f"{a / b:.2f}x" if a is not None and b else "-")
+        rows.append(row)
+    headers = [*row_keys, *(h for _, h in columns), *(h for _, _, h in ratios)]
+    return markdown_table(headers, rows, align_right_from=len(row_keys))
+
+
+def environment_markdown(env: Mapping) -> str:
+    """A bullet list of the environment from :func:`collect_environment`."""
+    versions = ", ".join(f"{k} {v}" for k, v in env.get("versions", {}).items() if v is not None)
+    lines = [
+        f"- device: {env.get('device')}" + (f" (sm {env['gpu']['capability']}, {env['gpu']['sm_count']} SMs, "
+                                             f"{env['gpu']['total_memory_gb']} GiB)" if "gpu" in env else ""),
+        f"- CUDA: {env.get('cuda')}; python {env.get('python')}",
+        f"- versions: {versions}",
+        f"- git commit: {env.get('git_commit')}",
+        f"- date: {env.get('date')}",
+    ]
+    return "\n".join(lines)
+
+
+def error_list(entries: Sequence[Mapping], describe: Callable[[Mapping], str]) -> str:
+    """A bullet list ``- <describe(entry)>: <error>`` of the failed entries ('' when none)."""
+    return "\n".join(f"- {describe(e)}: {e['error']}" for e in entries if e.get("error"))
+
+
+def command_line() -> str:
+    """The command that started this process, for the record (``python -m pkg.mod ...`` when run
+    as a module)."""
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    script = ["-m", spec.name] if spec is not None else sys.argv[:1]
+    return " ".join(["python", *script, *sys.argv[1:]])

@@ -1,0 +1,336 @@
+"""Benchmark ``chunk_momentum_delta_rule`` against fla's chunked (gated) delta rule at equal shapes.
+
+Providers (each timed forward only and forward + backward):
+
+- ``momentum_delta_rule``: ours, ``titans_layers.ops.chunk_momentum_delta_rule``;
+- ``fla_chunk_gated_delta_rule``: ``fla.ops.gated_delta_rule.chunk_gated_delta_rule``;
+- ``fla_chunk_delta_rule``: ``fla.ops.delta_rule.chunk_delta_rule``.
+
+All take L2-normalised q and k, the same v and the same chunk size (fla's ops accept 16, 32 and 64
+too); fla is called with ``use_qk_l2norm_in_kernel=False`` so only the kernels are compared. Gates:
+ours alpha, eta ~ U[0, 1], theta ~ 0.1 * U[0, 1]; fla beta ~ U[0, 1] and, for the gated rule, the
+log decay g = logsigmoid(randn) in float32 (as fla's GatedDeltaNet layer passes it). In
+forward-only mode no input requires grad (so no op keeps anything for a backward pass).
+
+Usage (from the repo root)::
+
+    python -m benchmarks.ops.benchmark_momentum_delta_rule                     # full sweep, CUDA
+    python -m benchmarks.ops.benchmark_momentum_delta_rule --seqlens 4096 --head-dims 128 --chunk-sizes 16,64
+    TRITON_INTERPRET=1 python -m benchmarks.ops.benchmark_momentum_delta_rule --quick   # CPU smoke test
+
+Writes ``<out>/ops_momentum_delta_rule_<device>_<timestamp>.json`` (environment, arguments, one
+entry per provider x mode x shape) and a ``.md`` with the same stem (one table per mode, also
+printed). On CPU the fla providers are skipped (their kernels need CUDA) and timings come from a
+short ``perf_counter`` loop: they only show that the script runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import itertools
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from benchmarks import common
+
+OURS = "momentum_delta_rule"
+FLA_GATED = "fla_chunk_gated_delta_rule"
+FLA_DELTA = "fla_chunk_delta_rule"
+PROVIDERS = (OURS, FLA_GATED, FLA_DELTA)
+MODES = ("fwd", "fwdbwd")
+
+# Column headers of the Markdown tables, and the ratio columns (numerator, denominator, header).
+LABELS = {OURS: "ours (ms)", FLA_GATED: "fla gated_delta (ms)", FLA_DELTA: "fla delta (ms)"}
+RATIOS = ((OURS, FLA_GATED, "ours / gated_delta"), (OURS, FLA_DELTA, "ours / delta"))
+ROW_KEYS = ("B", "T", "H", "K", "V", "chunk_size")
+
+FULL = dict(batch=1, seqlens=[1024, 2048, 4096, 8192, 16384, 32768], heads=[16], head_dims=[64, 128],
+            chunk_sizes=[64], warmup_ms=25, rep_ms=100, host_reps=3)
+QUICK = dict(batch=1, seqlens=[256, 512], heads=[2], head_dims=[64], chunk_sizes=[64], warmup_ms=5, rep_ms=20,
+             host_reps=2)
+
+
+@dataclass(frozen=True)
+class Shape:
+    """Problem size of one entry: batch, length, heads, key and value head dims, chunk size."""
+
+    B: int
+    T: int
+    H: int
+    K: int
+    V: int
+    chunk_size: int
+
+
+@dataclass
+class Entry:
+    """One row of the JSON output."""
+
+    provider: str
+    mode: str
+    B: int
+    T: int
+    H: int
+    K: int
+    V: int
+    chunk_size: int
+    dtype: str
+    median_ms: float | None
+    p20_ms: float | None
+    p80_ms: float | None
+    peak_mem_mb: float | None
+    error: str | None
+
+
+# --------------------------------------------------------------------------------------------
+# Inputs and provider calls
+# --------------------------------------------------------------------------------------------
+
+def _leaf(x: torch.Tensor, dtype: torch.dtype, requires_grad: bool) -> torch.Tensor:
+    """``x`` cast to ``dtype`` as a fresh leaf tensor."""
+    return x.to(dtype).detach().requires_grad_(requires_grad)
+
+
+def make_qkv(s: Shape, dtype, device, requires_grad: bool):
+    """L2-normalised q, k ``[B, T, H, K]`` and v ``[B, T, H, V]``."""
+    q = F.normalize(torch.randn(s.B, s.T, s.H, s.K, device=device), p=2, dim=-1)  # [B, T, H, K]
+    k = F.normalize(torch.randn(s.B, s.T, s.H, s.K, device=device), p=2, dim=-1)  # [B, T, H, K]
+    v = torch.randn(s.B, s.T, s.H, s.V, device=device)  # [B, T, H, V]
+    return tuple(_leaf(x, dtype, requires_grad) for x in (q, k, v))
+
+
+def _import_ours() -> Callable:
+    try:
+        from titans_layers.ops import chunk_momentum_delta_rule
+    except ImportError:  # titans_layers.ops without a re-export
+        from titans_layers.ops.momentum_delta_rule import chunk_momentum_delta_rule
+    return chunk_momentum_delta_rule
+
+
+def build_ours(s: Shape, dtype, device, requires_grad: bool):
+    """Forward closure of ``chunk_momentum_delta_rule`` and its leaf inputs."""
+    op = _import_ours()
+    q, k, v = make_qkv(s, dtype, device, requires_grad)
+    alpha = _leaf(torch.rand(s.B, s.T, s.H, device=device), dtype, requires_grad)  # [B, T, H] forget gate
+    eta = _leaf(torch.rand(s.B, s.T, s.H, device=device), dtype, requires_grad)  # [B, T, H] momentum decay
+    theta = _leaf(0.1 * torch.rand(s.B, s.T, s.H, device=device), dtype, requires_grad)  # [B, T, H] step size
+
+    def forward() -> torch.Tensor:
+        o, _ = op(q, k, v, alpha, eta, theta, chunk_size=s.chunk_size)  # [B, T, H, V]
+        return o
+
+    return forward, [q, k, v, alpha, eta, theta]
+
+
+def build_fla_gated(s: Shape, dtype, device, requires_grad: bool):
+    """Forward closure of fla's ``chunk_gated_delta_rule`` and its leaf inputs."""
+    from fla.ops.gated_delta_rule import chunk_gated_delta_rule
+
+    q, k, v = make_qkv(s, dtype, device, requires_grad)
+    g = _leaf(F.logsigmoid(torch.randn(s.B, s.T, s.H, device=device)), torch.float32, requires_grad)  # [B, T, H]
+    beta = _leaf(torch.rand(s.B, s.T, s.H, device=device), dtype, requires_grad)  # [B, T, H]
+
+    def forward() -> torch.Tensor:
+        o, _ = chunk_gated_delta_rule(q, k, v, g, beta, use_qk_l2norm_in_kernel=False,
+                                      chunk_size=s.chunk_size)  # [B, T, H, V]
+        return o
+
+    return forward, [q, k, v, g, beta]
+
+
+def build_fla_delta(s: Shape, dtype, device, requires_grad: bool):
+    """Forward closure of fla's ``chunk_delta_rule`` and its leaf inputs."""
+    from fla.ops.delta_rule import chunk_delta_rule
+
+    q, k, v = make_qkv(s, dtype, device, requires_grad)
+    beta = _leaf(torch.rand(s.B, s.T, s.H, device=device), dtype, requires_grad)  # [B, T, H]
+
+    def forward() -> torch.Tensor:
+        o, _ = chunk_delta_rule(q, k, v, beta, use_qk_l2norm_in_kernel=False,
+                                chunk_size=s.chunk_size)  # [B, T, H, V]
+        return o
+
+    return forward, [q, k, v, beta]
+
+
+BUILDERS = {OURS: build_ours, FLA_GATED: build_fla_gated, FLA_DELTA: build_fla_delta}
+
+
+def skip_reason(provider: str, device: torch.device) -> str | None:
+    """Why ``provider`` cannot run here (None when it can)."""
+    if provider == OURS:
+        if device.type != "cuda" and not common.is_interpreting():
+            return "needs CUDA, or TRITON_INTERPRET=1 on CPU"
+        return None
+    if importlib.util.find_spec("fla") is None:
+        return "fla is not installed"
+    if device.type != "cuda":
+        return "fla's kernels need CUDA"
+    return None
+
+
+# --------------------------------------------------------------------------------------------
+# Running
+# --------------------------------------------------------------------------------------------
+
+def make_closure(forward: Callable[[], torch.Tensor], s: Shape, mode: str, dtype, device) -> Callable[[], None]:
+    """The timed closure: ``forward()`` alone, or forward then backward with a fixed random grad of o."""
+    if mode == "fwd":
+        return forward
+    do = torch.randn(s.B, s.T, s.H, s.V, device=device, dtype=dtype)  # [B, T, H, V] fixed grad of o
+
+    def fwdbwd() -> None:
+        torch.autograd.backward(forward(), do)
+
+    return fwdbwd
+
+
+def run_entry(provider: str, mode: str, s: Shape, args, device) -> Entry:
+    """Build the inputs of one (provider, mode, shape), measure it and release its memory."""
+    dtype = common.DTYPES[args.dtype]
+    torch.manual_seed(0)
+    try:
+        forward, leaves = BUILDERS[provider](s, dtype, device, requires_grad=(mode == "fwdbwd"))
+        fn = make_closure(forward, s, mode, dtype, device)
+        m = common.measure(fn, device, warmup_ms=args.warmup_ms, rep_ms=args.rep_ms, host_reps=args.host_reps,
+                           grad_to_none=leaves if mode == "fwdbwd" else ())
+    except Exception as exc:  # noqa: BLE001 - e.g. OOM while building the inputs
+        m = common.Measurement(error=common.describe_error(exc))
+    finally:
+        forward = leaves = fn = None  # noqa: F841 - drop the inputs before freeing memory
+        common.free_memory(device)
+    return Entry(provider, mode, s.B, s.T, s.H, s.K, s.V, s.chunk_size, args.dtype,
+                 m.median_ms, m.p20_ms, m.p80_ms, m.peak_mem_mb, m.error)
+
+
+def shapes(args) -> list[Shape]:
+    """All (T, H, head dim, chunk size) combinations, T varying fastest."""
+    return [Shape(args.batch, T, H, d, d, C)
+            for H, d, C, T in itertools.product(args.heads, args.head_dims, args.chunk_sizes, args.seqlens)]
+
+
+def format_entry(e: Entry) -> str:
+    """One progress line."""
+    head = f"[{e.provider:>26}] {e.mode:<6} B={e.B} T={e.T:<6} H={e.H} K={e.K} V={e.V} C={e.chunk_size}"
+    if e.error:
+        return f"{head}: {e.error}"
+    mem = f", peak {e.peak_mem_mb:.0f} MiB" if e.peak_mem_mb is not None else ""
+    return f"{head}: {e.median_ms:.3f} ms (p20 {e.p20_ms:.3f}, p80 {e.p80_ms:.3f}){mem}"
+
+
+def run(args, device) -> tuple[list[Entry], dict[str, str]]:
+    """Measure every provider x mode x shape that can run here. Returns (entries, skipped providers)."""
+    skipped = {p: r for p in args.providers if (r := skip_reason(p, device)) is not None}
+    for provider, reason in skipped.items():
+        print(f"skipping {provider}: {reason}")
+    active = [p for p in args.providers if p not in skipped]
+    entries = []
+    for s in shapes(args):
+        for mode in args.modes:
+            for provider in active:
+                entries.append(run_entry(provider, mode, s, args, device))
+                print(format_entry(entries[-1]), flush=True)
+    return entries, skipped
+
+
+# --------------------------------------------------------------------------------------------
+# Report
+# --------------------------------------------------------------------------------------------
+
+def markdown_report(entries: list[Entry], skipped: dict[str, str], env: dict, args) -> str:
+    """Environment, then one table per mode (median ms per provider, and ratios of ours to fla)."""
+    rows = [vars(e) for e in entries]
+    columns = [(p, LABELS[p]) for p in args.providers]
+    ratios = [r for r in RATIOS if r[0] in args.providers and r[1] in args.providers]
+    titles = {"fwd": "Forward", "fwdbwd": "Forward + backward"}
+    parts = [f"# chunk_momentum_delta_rule vs fla ({args.dtype})", "", common.environment_markdown(env), "",
+             f"Median ms ({'triton do_bench' if env['device_type'] == 'cuda' else 'perf_counter loop'}); "
+             "ratio columns are ours / fla (above 1: ours is slower).", ""]
+    for mode in args.modes:
+        table = common.comparison_table([r for r in rows if r["mode"] == mode], row_keys=ROW_KEYS,
+                                        columns=columns, ratios=ratios)
+        parts += [f"## {titles[mode]}", "", table, ""]
+    if skipped:
+        parts += ["Skipped providers:", "", *(f"- {p}: {r}" for p, r in skipped.items()), ""]
+    errors = common.error_list(rows, lambda e: f"{e['provider']} {e['mode']} T={e['T']} H={e['H']} K={e['K']} "
+                                               f"C={e['chunk_size']}")
+    if errors:
+        parts += ["Errors:", "", errors, ""]
+    return "\n".join(parts)
+
+
+# --------------------------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------------------------
+
+def _int_list(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x.strip()]
+
+
+def _choice_list(choices: tuple[str, ...]) -> Callable[[str], list[str]]:
+    def parse(text: str) -> list[str]:
+        items = [x.strip() for x in text.split(",") if x.strip()]
+        bad = [x for x in items if x not in choices]
+        if bad or not items:
+            raise argparse.ArgumentTypeError(f"expected a comma-separated subset of {', '.join(choices)}, got {text!r}")
+        return items
+    return parse
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    """Parse the command line; sizes not given come from ``--quick`` or the full defaults."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--batch", type=int, help=f"batch size B (default {FULL['batch']})")
+    p.add_argument("--seqlens", type=_int_list, help=f"comma-separated lengths T (default {FULL['seqlens']})")
+    p.add_argument("--heads", type=_int_list, help=f"comma-separated head counts H (default {FULL['heads']})")
+    p.add_argument("--head-dims", type=_int_list,
+                   help=f"comma-separated head dims, K = V (default {FULL['head_dims']})")
+    p.add_argument("--chunk-sizes", type=_int_list,
+                   help=f"comma-separated chunk sizes from 16, 32, 64, used by every provider "
+                        f"(default {FULL['chunk_sizes']})")
+    p.add_argument("--dtype", choices=sorted(common.DTYPES), default="bf16",
+                   help="dtype of q, k, v and gates (default bf16)")
+    p.add_argument("--modes", type=_choice_list(MODES), default=list(MODES),
+                   help="comma-separated modes: fwd (forward only), fwdbwd (forward + backward) (default both)")
+    p.add_argument("--providers", type=_choice_list(PROVIDERS), default=list(PROVIDERS),
+                   help=f"comma-separated providers to run (default {','.join(PROVIDERS)})")
+    p.add_argument("--warmup-ms", type=int, help=f"do_bench warm-up time, ms (default {FULL['warmup_ms']})")
+    p.add_argument("--rep-ms", type=int, help=f"do_bench repetition time, ms (default {FULL['rep_ms']})")
+    p.add_argument("--host-reps", type=int,
+                   help=f"timed calls per entry off CUDA, after one warm-up call (default {FULL['host_reps']})")
+    p.add_argument("--out", default="benchmarks/results",
+                   help="directory for the JSON and Markdown results (default benchmarks/results)")
+    p.add_argument("--quick", action="store_true",
+                   help=f"tiny smoke-test config {QUICK} (runs on CPU under TRITON_INTERPRET=1); "
+                        "explicit size flags still win")
+    args = p.parse_args(argv)
+    preset = QUICK if args.quick else FULL
+    for key, value in preset.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    return args
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    device = common.default_device()
+    env = common.collect_environment(device, common.package_versions())
+    print(f"device: {env['device']}; modes {args.modes}; providers {args.providers}")
+    entries, skipped = run(args, device)
+    stem = f"ops_momentum_delta_rule_{env['device_slug']}_{common.timestamp()}"
+    json_path, md_path = common.result_paths(args.out, stem)
+    report = markdown_report(entries, skipped, env, args)
+    common.write_json(json_path, environment=env, args={**vars(args), "command": common.command_line()},
+                      entries=entries, skipped_providers=skipped)
+    md_path.write_text(report)
+    print()
+    print(report)
+    print(f"wrote {json_path}\nwrote {md_path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,250 @@
+"""The SPEC §1 contract as reusable checks: hold any implementation of the linear-memory update
+(ours, or a kernel you wrote) to the same promises as the references.
+
+Each ``check_*`` takes an implementation ``impl(q, k, v, alpha, eta, theta, *, chunk_size,
+initial_state, output_final_state, cu_seqlens) -> (o, final_state)`` and one :class:`OpCase`, and
+raises an AssertionError naming what broke. :func:`verify_momentum_delta_rule` runs them all
+under Hypothesis.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from hypothesis import HealthCheck, given, settings
+
+from titans_layers.ops.momentum_delta_rule import MomentumDeltaRuleState, naive_recurrent_momentum_delta_rule
+from titans_layers.testing.compare import assert_close, assert_identical, tolerance
+from titans_layers.testing.strategies import OpCase, op_cases
+
+Impl = Callable[..., tuple]
+INPUT_NAMES = ("q", "k", "v", "alpha", "eta", "theta")
+STATE_FIELDS = ("M", "S", "anchor")
+
+
+def run_with_grads(impl: Impl, case: OpCase, inputs, initial_state, cotangent_seed: int, **kwargs):
+    """Run ``impl`` and backpropagate fixed random cotangents of o and of the final (M, S, anchor).
+
+    Returns ``(o, final_state, grads)`` with grads a dict over the input names and ``init{i}``
+    for each initial-state tensor (None where no gradient flowed).
+    """
+    leaves = [x.detach().clone().requires_grad_() for x in inputs]
+    init = None if initial_state is None else tuple(x.detach().clone().requires_grad_() for x in initial_state)
+    o, final = impl(*leaves, chunk_size=case.chunk_size, initial_state=init, output_final_state=True,
+                    cu_seqlens=case.cu_seqlens, **kwargs)
+    gen = torch.Generator().manual_seed(cotangent_seed)
+    loss = 0.0
+    for y in (o, final.M, final.S, final.anchor):
+        loss = loss + (y.double() * torch.randn(y.shape, generator=gen, dtype=torch.float64).to(y.device)).sum()
+    targets = leaves + (list(init) if init is not None else [])
+    grads = torch.autograd.grad(loss, targets, allow_unused=True) if loss.requires_grad else [None] * len(targets)
+    names = list(INPUT_NAMES) + [f"init{i}" for i in range(len(targets) - len(leaves))]
+    return o.detach(), _detach_state(final), dict(zip(names, grads))
+
+
+def _detach_state(s: MomentumDeltaRuleState) -> MomentumDeltaRuleState:
+    return s._replace(M=s.M.detach(), S=s.S.detach(), anchor=s.anchor.detach())
+
+
+def _float64(case: OpCase):
+    inputs = tuple(x.detach().double() for x in case.inputs)
+    init = None if case.initial_state is None else tuple(x.double() for x in case.initial_state)
+    return inputs, init
+
+
+def check_against_reference(impl: Impl, case: OpCase, *, check_grads: bool = True) -> dict:
+    """Promises 2, 4, 5: outputs, final states and all input gradients equal the float64
+    per-token reference run on the same (dtype-rounded) inputs; everything finite; o in the input
+    dtype and states in float32. Returns the measured relative errors by name."""
+    ref_inputs, ref_init = _float64(case)
+    seed = case.seed + 1
+    ref_o, ref_s, ref_g = run_with_grads(naive_recurrent_momentum_delta_rule, case, ref_inputs, ref_init, seed)
+    if check_grads:
+        o, s, g = run_with_grads(impl, case, case.inputs, case.initial_state, seed)
+    else:
+        with torch.no_grad():
+            o, s = impl(*case.inputs, chunk_size=case.chunk_size, initial_state=case.initial_state,
+                        output_final_state=True, cu_seqlens=case.cu_seqlens)
+    device = case.q.device
+    if o.dtype != case.dtype:
+        raise AssertionError(f"o has dtype {o.dtype}, expected the input dtype {case.dtype}")
+    expected_state_dtype = torch.float64 if case.dtype == torch.float64 else torch.float32
+    errors = {}
+    tol_out = tolerance(case.dtype, device, "output")
+    errors["o"] = assert_close("o", o, ref_o, tol_out)
+    for name in STATE_FIELDS:
+        x = getattr(s, name)
+        if x.dtype != expected_state_dtype:
+            raise AssertionError(f"final_state.{name} has dtype {x.dtype}, expected {expected_state_dtype}")
+        errors[name] = assert_close(f"final_state.{name}", x, getattr(ref_s, name), tol_out)
+    if not torch.equal(s.offset.cpu(), ref_s.offset.cpu()):
+        raise AssertionError(f"final_state.offset {s.offset.tolist()} != reference {ref_s.offset.tolist()}")
+    if check_grads:
+        tol_grad = tolerance(case.dtype, device, "grad")
+        for name, ref in ref_g.items():
+            if ref is None:
+                continue
+            if g[name] is None:
+                raise AssertionError(f"no gradient reached {name}")
+            if g[name].dtype != (case.dtype if name in INPUT_NAMES else g[name].dtype):
+                raise AssertionError(f"d{name} has dtype {g[name].dtype}, expected {case.dtype}")
+            errors[f"d{name}"] = assert_close(f"d{name}", g[name], ref, tol_grad)
+    return errors
+
+
+def check_continuation(impl: Impl, case: OpCase, *, continue_with: Impl | None = None) -> None:
+    """Promise 1: positions 1..T in one call equal 1..s then s+1..T with the returned state, at
+    the case's split point s (mid-chunk included). ``continue_with`` runs the second part
+    (default: ``impl``), e.g. a decode kernel after a chunked prefill."""
+    if case.cu_seqlens is not None:
+        raise ValueError("check_continuation takes unpacked cases (cu_seqlens=None)")
+    second = continue_with or impl
+    s = case.split
+    kw = dict(chunk_size=case.chunk_size, output_final_state=True)
+    with torch.no_grad():
+        o_full, st_full = impl(*case.inputs, initial_state=case.initial_state, **kw)
+        o1, st1 = impl(*(x[:, :s] for x in case.inputs), initial_state=case.initial_state, **kw)
+        o2, st2 = second(*(x[:, s:] for x in case.inputs), initial_state=st1, **kw)
+    tol = tolerance(case.dtype, case.q.device, "output")
+    assert_close(f"o after splitting at {s}", torch.cat([o1, o2], dim=1), o_full, tol)
+    for name in STATE_FIELDS:
+        assert_close(f"final_state.{name} after splitting at {s}", getattr(st2, name), getattr(st_full, name), tol)
+    if not torch.equal(st2.offset.cpu(), st_full.offset.cpu()):
+        raise AssertionError(f"final offset after splitting at {s}: {st2.offset.tolist()} != {st_full.offset.tolist()}")
+
+
+def check_varlen(impl: Impl, case: OpCase) -> None:
+    """Promise 3: with ``cu_seqlens`` each packed sequence equals running it alone."""
+    if case.cu_seqlens is None:
+        raise ValueError("check_varlen takes packed cases (cu_seqlens given)")
+    kw = dict(chunk_size=case.chunk_size, output_final_state=True)
+    with torch.no_grad():
+        o, st = impl(*case.inputs, initial_state=case.initial_state, cu_seqlens=case.cu_seqlens, **kw)
+    tol = tolerance(case.dtype, case.q.device, "output")
+    bounds = case.cu_seqlens.tolist()
+    for i, (bos, eos) in enumerate(zip(bounds[:-1], bounds[1:])):
+        init = None
+        if case.initial_state is not None:
+            init = tuple(x[i:i + 1] if x.shape[0] > 1 else x for x in case.initial_state)
+        with torch.no_grad():
+            o_i, st_i = impl(*(x[:, bos:eos] for x in case.inputs), initial_state=init, **kw)
+        if eos > bos:
+            assert_close(f"o of packed sequence {i}", o[:, bos:eos], o_i, tol)
+        for name in STATE_FIELDS:
+            assert_close(f"final_state.{name} of packed sequence {i}", getattr(st, name)[i:i + 1],
+                         getattr(st_i, name), tol)
+
+
+def check_deterministic(impl: Impl, case: OpCase) -> None:
+    """Promise 7: the same inputs give bit-identical outputs, states and gradients."""
+    runs = [run_with_grads(impl, case, case.inputs, case.initial_state, case.seed) for _ in range(2)]
+    (o1, s1, g1), (o2, s2, g2) = runs
+    assert_identical("o", o1, o2)
+    for name in STATE_FIELDS:
+        assert_identical(f"final_state.{name}", getattr(s1, name), getattr(s2, name))
+    for name in g1:
+        if g1[name] is not None:
+            assert_identical(f"d{name}", g1[name], g2[name])
+
+
+def malformed_calls(device="cpu") -> list[tuple[str, dict, type]]:
+    """Promise 6: (description, keyword arguments, expected exception type) for bad calls."""
+    B, T, H, K, V = 2, 8, 2, 4, 6
+    f = dict(dtype=torch.float32, device=device)
+
+    def good(**over):
+        args = dict(q=torch.randn(B, T, H, K, **f), k=torch.randn(B, T, H, K, **f), v=torch.randn(B, T, H, V, **f),
+                    alpha=torch.rand(B, T, H, **f), eta=torch.rand(B, T, H, **f), theta=torch.rand(B, T, H, **f))
+        args.update(over)
+        return args
+
+    one = dict(dtype=torch.float32, device=device)
+    cu_args = dict(q=torch.randn(1, T, H, K, **f), k=torch.randn(1, T, H, K, **f), v=torch.randn(1, T, H, V, **f),
+                   alpha=torch.rand(1, T, H, **f), eta=torch.rand(1, T, H, **f), theta=torch.rand(1, T, H, **f))
+    return [
+        ("q of rank 3", good(q=torch.randn(B, T, H * K, **f)), ValueError),
+        ("k shaped unlike q", good(k=torch.randn(B, T, H, K + 1, **f)), ValueError),
+        ("v with another T", good(v=torch.randn(B, T + 1, H, V, **f)), ValueError),
+        ("alpha with a trailing dim", good(alpha=torch.rand(B, T, H, 1, **f)), ValueError),
+        ("eta broadcastable but not [B, T, H]", good(eta=torch.rand(1, T, H, **f)), ValueError),
+        ("theta with another H", good(theta=torch.rand(B, T, H + 1, **f)), ValueError),
+        ("integer q", good(q=torch.ones(B, T, H, K, dtype=torch.long, device=device)), TypeError),
+        ("q and k of different dtypes", good(k=torch.randn(B, T, H, K, dtype=torch.float16, device=device)),
+         TypeError),
+        ("q not a tensor", good(q=[[0.0]]), TypeError),
+        ("chunk_size 0", dict(good(), chunk_size=0), ValueError),
+        ("chunk_size not an int", dict(good(), chunk_size=2.0), TypeError),
+        ("cu_seqlens with B > 1", dict(good(), cu_seqlens=torch.tensor([0, T], device=device)), ValueError),
+        ("cu_seqlens float", dict(cu_args, cu_seqlens=torch.tensor([0.0, T], **one)), TypeError),
+        ("cu_seqlens 2-D", dict(cu_args, cu_seqlens=torch.tensor([[0, T]], device=device)), TypeError),
+        ("cu_seqlens not from 0", dict(cu_args, cu_seqlens=torch.tensor([1, T], device=device)), ValueError),
+        ("cu_seqlens decreasing", dict(cu_args, cu_seqlens=torch.tensor([0, 5, 3, T], device=device)), ValueError),
+        ("cu_seqlens not ending at T", dict(cu_args, cu_seqlens=torch.tensor([0, T - 1], device=device)),
+         ValueError),
+        ("initial M of wrong shape", dict(good(), initial_state=(torch.zeros(B, H, K + 1, V, **f),)), ValueError),
+        ("initial M with 3 rows for B = 2", dict(good(), initial_state=(torch.zeros(3, H, K, V, **f),)), ValueError),
+        ("initial_state of 3 tensors", dict(good(), initial_state=(torch.zeros(B, H, K, V, **f),) * 3), ValueError),
+        ("initial_state not a tuple", dict(good(), initial_state=torch.zeros(B, H, K, V, **f)), TypeError),
+    ]
+
+
+def check_errors(impl: Impl, device="cpu") -> None:
+    """Promise 6: every malformed call raises the expected ValueError/TypeError naming an argument."""
+    for what, kwargs, exc in malformed_calls(device):
+        args = [kwargs.pop(n) for n in INPUT_NAMES]
+        try:
+            impl(*args, **kwargs)
+        except exc as e:
+            if "`" not in str(e):
+                raise AssertionError(f"{what}: the {exc.__name__} does not name the argument: {e}") from e
+        except Exception as e:  # noqa: BLE001 - any other type is the failure being tested for
+            raise AssertionError(f"{what}: expected {exc.__name__}, got {type(e).__name__}: {e}") from e
+        else:
+            raise AssertionError(f"{what}: expected {exc.__name__}, but the call succeeded")
+
+
+def verify_momentum_delta_rule(impl: Impl, *, dtypes=(torch.float32,), chunk_sizes=(16,), device="cpu",
+                               max_examples: int = 20, max_T: int = 80, max_dim: int = 40,
+                               continue_with: Impl | None = None, check_errors_too: bool = True) -> None:
+    """Check ``impl`` against every SPEC §1 promise on ``max_examples`` Hypothesis cases each.
+
+    Example, for a kernel of your own with our signature::
+
+        from titans_layers.testing import verify_momentum_delta_rule
+        verify_momentum_delta_rule(my_kernel, dtypes=(torch.float32, torch.bfloat16),
+                                   chunk_sizes=(16, 32, 64), device="cuda")
+    """
+    cfg = settings(max_examples=max_examples, deadline=None, derandomize=False,
+                   suppress_health_check=list(HealthCheck))
+    plain = op_cases(dtypes=dtypes, chunk_sizes=chunk_sizes, max_T=max_T, max_dim=max_dim, varlen=False,
+                     device=device)
+    packed = op_cases(dtypes=dtypes, chunk_sizes=chunk_sizes, max_T=max_T, max_dim=max_dim, varlen=True,
+                      device=device)
+    either = op_cases(dtypes=dtypes, chunk_sizes=chunk_sizes, max_T=max_T, max_dim=max_dim, varlen=None,
+                      device=device)
+
+    @cfg
+    @given(either)
+    def reference(case):
+        check_against_reference(impl, case)
+
+    @cfg
+    @given(plain)
+    def continuation(case):
+        check_continuation(impl, case, continue_with=continue_with)
+
+    @cfg
+    @given(packed)
+    def varlen(case):
+        check_varlen(impl, case)
+
+    @settings(cfg, max_examples=max(1, max_examples // 4))
+    @given(plain)
+    def deterministic(case):
+        check_deterministic(impl, case)
+
+    for prop in (reference, continuation, varlen, deterministic):
+        prop()
+    if check_errors_too:
+        check_errors(impl, device)

@@ -15,60 +15,71 @@ from titans_layers.ops.momentum_delta_rule.chunk_kernels import (chunk_momentum_
 from titans_layers.ops.momentum_delta_rule.state import MomentumDeltaRuleState, resolve_initial_state
 
 KERNEL_CHUNK_SIZES = (16, 32, 64)
+MAX_TILE = 32
 
 
 @dataclass
 class ChunkPlan:
-    """Host-side sizes of one call: sequences, where their chunks sit in the per-chunk buffers."""
+    """Host-side sizes of one call: sequences, the kernels' tile size, and where each sequence's
+    tiles sit in the per-tile state buffers."""
 
     shape: OpShape
     chunk_size: int
+    tile_size: int  # BT: tokens per kernel tile, divides chunk_size
     lengths: list[int]
     offsets: list[int]
-    chunk_indptr: torch.Tensor  # [N + 1] int64, first chunk of each sequence
-    n_chunks: int  # chunks over all sequences
+    tile_indptr: torch.Tensor  # [N + 1] int64, first tile of each sequence
+    n_tiles: int  # tiles over all sequences
 
     @property
     def final_offsets(self) -> list[int]:
         return [(o + n) % self.chunk_size for o, n in zip(self.offsets, self.lengths)]
 
 
+def tile_size(chunk_size: int) -> int:
+    """Tokens per kernel tile: the chunk, or 32-token pieces of it (on-chip memory grows with the
+    tile, not the chunk: a 64-token tile of the backward does not fit an H100's shared memory)."""
+    return min(chunk_size, MAX_TILE)
+
+
 def make_plan(shape: OpShape, chunk_size: int, offsets: list[int], cu_seqlens, device) -> ChunkPlan:
+    """Sizes of one call; tiles are counted from the chunk start before each sequence's first token."""
     lengths = sequence_lengths(shape.B, shape.T, cu_seqlens)
-    counts = [-(-(o + n) // chunk_size) for o, n in zip(offsets, lengths)]
+    BT = tile_size(chunk_size)
+    counts = [-(-(o + n) // BT) - o // BT for o, n in zip(offsets, lengths)]
     indptr = [0]
     for c in counts:
         indptr.append(indptr[-1] + c)
-    return ChunkPlan(shape, chunk_size, lengths, offsets, torch.tensor(indptr, dtype=torch.long, device=device),
+    return ChunkPlan(shape, chunk_size, BT, lengths, offsets, torch.tensor(indptr, dtype=torch.long, device=device),
                      indptr[-1])
 
 
 def _varlen_args(cu_seqlens, plan: ChunkPlan):
-    return (cu_seqlens if cu_seqlens is not None else plan.chunk_indptr), cu_seqlens is not None
+    return (cu_seqlens if cu_seqlens is not None else plan.tile_indptr), cu_seqlens is not None
 
 
-def chunk_fwd(q, k, v, alpha, eta, theta, M0, S0, W0, offset, cu_seqlens, plan: ChunkPlan, store_chunks: bool):
+def chunk_fwd(q, k, v, alpha, eta, theta, M0, S0, W0, offset, cu_seqlens, plan: ChunkPlan, store_tiles: bool):
     """Launch the forward kernel. Returns o ``[B, T, H, V]``, the final ``(M, S, anchor)`` and,
-    when ``store_chunks``, the chunk-start states ``[n_chunks, H, K, V]`` (else None)."""
+    when ``store_tiles``, the tile-start states ``[n_tiles, H, K, V]`` (else None)."""
     s = plan.shape
     BK, BV = block_sizes(s.K, s.V)
     NV = triton.cdiv(s.V, BV)
     o = torch.empty_like(v)
     MT, ST, WT = (torch.empty(s.N, s.H, s.K, s.V, dtype=torch.float32, device=q.device) for _ in range(3))
-    if store_chunks:
-        chunk_M = torch.empty(plan.n_chunks, s.H, s.K, s.V, dtype=torch.float32, device=q.device)
-        chunk_S = torch.empty_like(chunk_M)
+    if store_tiles:
+        tile_M = torch.empty(plan.n_tiles, s.H, s.K, s.V, dtype=torch.float32, device=q.device)
+        tile_S = torch.empty_like(tile_M)
     else:
-        chunk_M = chunk_S = MT  # never written
+        tile_M = tile_S = MT  # never written
     cu, is_varlen = _varlen_args(cu_seqlens, plan)
     chunk_momentum_delta_rule_fwd_kernel[(NV, s.N * s.H)](
-        q, k, v, alpha, eta, theta, M0, S0, W0, offset, cu, plan.chunk_indptr, o, MT, ST, WT, chunk_M, chunk_S,
-        s.T, H=s.H, K=s.K, V=s.V, C=plan.chunk_size, BK=BK, BV=BV, IS_VARLEN=is_varlen,
-        STORE_CHUNKS=store_chunks, PRECISION=dot_precision(q.dtype))
-    return o, MT, ST, WT, (chunk_M if store_chunks else None), (chunk_S if store_chunks else None)
+        q, k, v, alpha, eta, theta, M0, S0, W0, offset, cu, plan.tile_indptr, o, MT, ST, WT, tile_M, tile_S,
+        s.T, H=s.H, K=s.K, V=s.V, C=plan.chunk_size, BT=plan.tile_size, BK=BK, BV=BV, IS_VARLEN=is_varlen,
+        STORE_TILES=store_tiles, PRECISION=dot_precision(q.dtype), num_stages=1)
+    return o, MT, ST, WT, (tile_M if store_tiles else None), (tile_S if store_tiles else None)
 
 
-def chunk_bwd(q, k, v, alpha, eta, theta, W0, offset, cu_seqlens, plan: ChunkPlan, chunk_M, chunk_S,
+def chunk_bwd(q, k, v, alpha, eta, theta, W0, offset, cu_seqlens, plan: ChunkPlan, tile_M, tile_S,
               do, dMT, dST, dWT):
     """Launch the backward kernel. Returns the gradients of q, k, v, alpha, eta, theta and of the
     initial ``(M, S, anchor)`` (float32)."""
@@ -86,32 +97,32 @@ def chunk_bwd(q, k, v, alpha, eta, theta, W0, offset, cu_seqlens, plan: ChunkPla
     dM0, dS0, dW0 = (torch.empty(state, dtype=torch.float32, device=q.device) for _ in range(3))
     cu, is_varlen = _varlen_args(cu_seqlens, plan)
     chunk_momentum_delta_rule_bwd_kernel[(NV, s.N * s.H)](
-        q, k, v, alpha, eta, theta, W0, offset, cu, plan.chunk_indptr, chunk_M, chunk_S, do.contiguous(),
+        q, k, v, alpha, eta, theta, W0, offset, cu, plan.tile_indptr, tile_M, tile_S, do.contiguous(),
         dMT, dST, dWT, dq, dk, dv, dalpha, deta, dtheta, dM0, dS0, dW0,
-        s.T, n_tokens, H=s.H, K=s.K, V=s.V, C=plan.chunk_size, BK=BK, BV=BV, IS_VARLEN=is_varlen,
-        PRECISION=dot_precision(q.dtype))
+        s.T, n_tokens, H=s.H, K=s.K, V=s.V, C=plan.chunk_size, BT=plan.tile_size, BK=BK, BV=BV,
+        IS_VARLEN=is_varlen, PRECISION=dot_precision(q.dtype), num_stages=1)
     return (dq.sum(0).to(q.dtype), dk.sum(0).to(k.dtype), dv, dalpha.sum(0).to(alpha.dtype),
             deta.sum(0).to(eta.dtype), dtheta.sum(0).to(theta.dtype), dM0, dS0, dW0)
 
 
 class ChunkMomentumDeltaRuleFunction(torch.autograd.Function):
-    """Forward and backward through the Triton chunk kernels; the backward recomputes each chunk
-    from the chunk-start states the forward stored."""
+    """Forward and backward through the Triton chunk kernels; the backward recomputes each tile
+    from the tile-start states the forward stored."""
 
     @staticmethod
     def forward(ctx, q, k, v, alpha, eta, theta, M0, S0, W0, offset, cu_seqlens, plan):
         store = any(ctx.needs_input_grad)
-        o, MT, ST, WT, chunk_M, chunk_S = chunk_fwd(q, k, v, alpha, eta, theta, M0, S0, W0, offset, cu_seqlens,
-                                                    plan, store_chunks=store)
+        o, MT, ST, WT, tile_M, tile_S = chunk_fwd(q, k, v, alpha, eta, theta, M0, S0, W0, offset, cu_seqlens,
+                                                  plan, store_tiles=store)
         if store:
-            ctx.save_for_backward(q, k, v, alpha, eta, theta, W0, offset, cu_seqlens, chunk_M, chunk_S)
+            ctx.save_for_backward(q, k, v, alpha, eta, theta, W0, offset, cu_seqlens, tile_M, tile_S)
             ctx.plan = plan
         return o, MT, ST, WT
 
     @staticmethod
     def backward(ctx, do, dMT, dST, dWT):
-        q, k, v, alpha, eta, theta, W0, offset, cu_seqlens, chunk_M, chunk_S = ctx.saved_tensors
-        grads = chunk_bwd(q, k, v, alpha, eta, theta, W0, offset, cu_seqlens, ctx.plan, chunk_M, chunk_S,
+        q, k, v, alpha, eta, theta, W0, offset, cu_seqlens, tile_M, tile_S = ctx.saved_tensors
+        grads = chunk_bwd(q, k, v, alpha, eta, theta, W0, offset, cu_seqlens, ctx.plan, tile_M, tile_S,
                           do, dMT, dST, dWT)
         return (*grads, None, None, None)
 

@@ -5,7 +5,7 @@ registers and applies the update one token at a time, refreshing the anchor when
 sits on a chunk boundary. It reproduces the chunked forward exactly at any split point, so a
 prefill with ``chunk_momentum_delta_rule`` followed by decoding with this op equals one long call.
 
-Gradients: the backward is the chunkwise backward (``chunk.py``), which recomputes the chunk-start
+Gradients: the backward is the chunkwise backward (``chunk.py``), which recomputes the tile-start
 states; for chunk sizes the chunk kernels do not take it differentiates ``naive_chunk`` instead.
 """
 
@@ -95,9 +95,9 @@ class FusedRecurrentMomentumDeltaRuleFunction(torch.autograd.Function):
         q, k, v, alpha, eta, theta, M0, S0, W0, offset, cu_seqlens = ctx.saved_tensors
         plan = ctx.plan
         if plan.chunk_size in KERNEL_CHUNK_SIZES:
-            *_, chunk_M, chunk_S = chunk_fwd(q, k, v, alpha, eta, theta, M0, S0, W0, offset, cu_seqlens, plan,
-                                             store_chunks=True)
-            grads = chunk_bwd(q, k, v, alpha, eta, theta, W0, offset, cu_seqlens, plan, chunk_M, chunk_S,
+            *_, tile_M, tile_S = chunk_fwd(q, k, v, alpha, eta, theta, M0, S0, W0, offset, cu_seqlens, plan,
+                                           store_tiles=True)
+            grads = chunk_bwd(q, k, v, alpha, eta, theta, W0, offset, cu_seqlens, plan, tile_M, tile_S,
                               do, dMT, dST, dWT)
             return (*grads, None, None, None)
         with torch.enable_grad():

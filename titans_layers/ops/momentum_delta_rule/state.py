@@ -74,6 +74,8 @@ def resolve_initial_state(initial_state, shape: OpShape, chunk_size: int, device
             raise ValueError(f"`initial_state.offset` must be an integer tensor [N] = [{N}], got {offset!r}")
         offset = offset.to(device=device, dtype=torch.long).expand(N)
         offsets = offset.tolist()
+        # on a chunk boundary the next token anchors at M: the given anchor plays no part
+        anchor = torch.where((offset == 0).view(-1, 1, 1, 1), M, anchor)
         if any(o < 0 or o >= initial_state.chunk_size for o in offsets):
             raise ValueError(f"`initial_state.offset` must lie in [0, {initial_state.chunk_size}), got {offsets}")
         if any(offsets) and initial_state.chunk_size != chunk_size:

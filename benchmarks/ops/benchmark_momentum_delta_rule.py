@@ -103,17 +103,9 @@ def make_qkv(s: Shape, dtype, device, requires_grad: bool):
     return tuple(_leaf(x, dtype, requires_grad) for x in (q, k, v))
 
 
-def _import_ours() -> Callable:
-    try:
-        from titans_layers.ops import chunk_momentum_delta_rule
-    except ImportError:  # titans_layers.ops without a re-export
-        from titans_layers.ops.momentum_delta_rule import chunk_momentum_delta_rule
-    return chunk_momentum_delta_rule
-
-
 def build_ours(s: Shape, dtype, device, requires_grad: bool):
     """Forward closure of ``chunk_momentum_delta_rule`` and its leaf inputs."""
-    op = _import_ours()
+    from titans_layers.ops import chunk_momentum_delta_rule as op
     q, k, v = make_qkv(s, dtype, device, requires_grad)
     alpha = _leaf(torch.rand(s.B, s.T, s.H, device=device), dtype, requires_grad)  # [B, T, H] forget gate
     eta = _leaf(torch.rand(s.B, s.T, s.H, device=device), dtype, requires_grad)  # [B, T, H] momentum decay

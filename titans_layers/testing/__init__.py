@@ -1,6 +1,8 @@
-"""The SPEC §1 contract as a reusable test kit (needs the ``test`` extra: pytest, hypothesis).
+"""The SPEC §1 contract as a reusable test kit. The Hypothesis parts (:func:`op_cases`,
+:func:`verify_momentum_delta_rule`) need the ``test`` extra; the rest needs only torch.
 
-- :mod:`.strategies`: Hypothesis strategies for op inputs and states (:func:`op_cases`, :func:`make_case`).
+- :mod:`.cases`: op inputs drawn from a seed (:class:`OpCase`, :func:`make_case`).
+- :mod:`.strategies`: Hypothesis strategies for op inputs and states (:func:`op_cases`).
 - :mod:`.compare`: the relative-error comparison and the SPEC tolerances.
 - :mod:`.contract`: one check per promise, and :func:`verify_momentum_delta_rule`, which runs
   them all against a candidate implementation.
@@ -9,7 +11,16 @@
 from titans_layers.testing.compare import assert_close, relative_error, tolerance
 from titans_layers.testing.contract import (check_against_reference, check_continuation, check_deterministic,
                                             check_errors, check_varlen, malformed_calls, verify_momentum_delta_rule)
-from titans_layers.testing.strategies import OpCase, make_case, op_cases
+from titans_layers.testing.cases import OpCase, make_case
+
+
+
+def __getattr__(name):
+    if name == "op_cases":  # imports hypothesis
+        from titans_layers.testing.strategies import op_cases
+        return op_cases
+    raise AttributeError(f"module 'titans_layers.testing' has no attribute {name!r}")
+
 
 __all__ = [
     "OpCase",

@@ -12,11 +12,10 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
-from hypothesis import HealthCheck, given, settings
 
 from titans_layers.ops.momentum_delta_rule import MomentumDeltaRuleState, naive_recurrent_momentum_delta_rule
 from titans_layers.testing.compare import assert_close, assert_identical, tolerance
-from titans_layers.testing.strategies import OpCase, op_cases
+from titans_layers.testing.cases import OpCase
 
 Impl = Callable[..., tuple]
 INPUT_NAMES = ("q", "k", "v", "alpha", "eta", "theta")
@@ -215,6 +214,10 @@ def verify_momentum_delta_rule(impl: Impl, *, dtypes=(torch.float32,), chunk_siz
         verify_momentum_delta_rule(my_kernel, dtypes=(torch.float32, torch.bfloat16),
                                    chunk_sizes=(16, 32, 64), device="cuda")
     """
+    from hypothesis import HealthCheck, given, settings
+
+    from titans_layers.testing.strategies import op_cases
+
     cfg = settings(max_examples=max_examples, deadline=None, derandomize=False,
                    suppress_health_check=list(HealthCheck))
     plain = op_cases(dtypes=dtypes, chunk_sizes=chunk_sizes, max_T=max_T, max_dim=max_dim, varlen=False,

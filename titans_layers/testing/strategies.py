@@ -1,105 +1,16 @@
 """Hypothesis strategies for memory-update op inputs and states.
 
 Hypothesis draws the sizes, dtype, chunk size, gate extremes, state kind, split point and a seed;
-the tensors are then drawn from that seed with torch, so a failing example shrinks to small
-sizes and replays exactly.
+the tensors are then drawn from that seed with torch (:func:`make_case`), so a failing example
+shrinks to small sizes and replays exactly.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import torch
 from hypothesis import strategies as st
 
-
-@dataclass
-class OpCase:
-    """One call's worth of inputs for a memory-update op.
-
-    q, k ``[B, T, H, K]``; v ``[B, T, H, V]``; alpha, eta, theta ``[B, T, H]`` (in ``dtype``);
-    ``initial_state`` None or a tuple of float32 (float64 for float64 cases) weights ``[N or 1, H, K, V]``;
-    ``cu_seqlens`` ``[N + 1]`` int64 (then B == 1) or None; ``split`` in ``[0, T]``: where the
-    continuation check cuts the sequence.
-    """
-
-    q: torch.Tensor
-    k: torch.Tensor
-    v: torch.Tensor
-    alpha: torch.Tensor
-    eta: torch.Tensor
-    theta: torch.Tensor
-    chunk_size: int
-    initial_state: tuple | None
-    cu_seqlens: torch.Tensor | None
-    split: int
-    seed: int
-    extra: dict = field(default_factory=dict)
-
-    @property
-    def inputs(self) -> tuple[torch.Tensor, ...]:
-        """``(q, k, v, alpha, eta, theta)``."""
-        return self.q, self.k, self.v, self.alpha, self.eta, self.theta
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.q.dtype
-
-    def __repr__(self) -> str:
-        B, T, H, K = self.q.shape
-        init = None if self.initial_state is None else [list(x.shape) for x in self.initial_state]
-        cu = None if self.cu_seqlens is None else self.cu_seqlens.tolist()
-        return (f"OpCase(B={B}, T={T}, H={H}, K={K}, V={self.v.shape[-1]}, dtype={self.dtype}, "
-                f"chunk_size={self.chunk_size}, initial_state={init}, cu_seqlens={cu}, split={self.split}, "
-                f"seed={self.seed})")
-
-
-def _gates(shape, gen, extremes: float, low: float, high: float, device) -> torch.Tensor:
-    """Uniform gates in [low, high] with a fraction ``extremes`` set to exactly 0 or 1."""
-    g = low + (high - low) * torch.rand(shape, generator=gen, dtype=torch.float64)
-    pick = torch.rand(shape, generator=gen) < extremes
-    ones = torch.rand(shape, generator=gen) < 0.5
-    g = torch.where(pick, ones.to(torch.float64), g)
-    return g.to(device)
-
-
-def make_case(*, seed: int, B: int, T: int, H: int, K: int, V: int, dtype: torch.dtype, chunk_size: int,
-              extremes: float = 0.1, state: str = "none", lengths: list[int] | None = None, split: int = 0,
-              device="cpu") -> OpCase:
-    """Draw a linear-memory case from ``seed``.
-
-    ``state``: "none", "M" (``(M,)``), "MS" (``(M, S)``) or "shared" (``(M,)`` with a leading dim
-    of 1, a learned initial memory). ``lengths``: packed sequence lengths (then B must be 1 and
-    ``sum(lengths) == T``). Keys are unit-norm (as the layers make them); gates: alpha in [0, 0.3],
-    eta in [0, 0.95], theta in [0, 0.6], with a fraction ``extremes`` of alpha and eta at exactly
-    0 or 1 and of theta at 0 or 1.
-    """
-    gen = torch.Generator().manual_seed(seed)
-    q = torch.randn(B, T, H, K, generator=gen, dtype=torch.float64) / K ** 0.5
-    k = torch.nn.functional.normalize(torch.randn(B, T, H, K, generator=gen, dtype=torch.float64), dim=-1)
-    v = torch.randn(B, T, H, V, generator=gen, dtype=torch.float64)
-    alpha = _gates((B, T, H), gen, extremes, 0.0, 0.3, device)
-    eta = _gates((B, T, H), gen, extremes, 0.0, 0.95, device)
-    theta = _gates((B, T, H), gen, extremes, 0.0, 0.6, device)
-    cu_seqlens = None
-    N = B
-    if lengths is not None:
-        if B != 1 or sum(lengths) != T:
-            raise ValueError(f"packed lengths {lengths} need B == 1 and sum == T = {T}")
-        cu_seqlens = torch.tensor([0] + list(torch.tensor(lengths).cumsum(0).tolist()), dtype=torch.long,
-                                  device=device)
-        N = len(lengths)
-    initial_state = None
-    if state != "none":
-        rows = 1 if state == "shared" else N
-        M = 0.5 * torch.randn(rows, H, K, V, generator=gen)
-        S = 0.1 * torch.randn(N, H, K, V, generator=gen)
-        sdtype = torch.float64 if dtype == torch.float64 else torch.float32
-        M, S = M.to(device=device, dtype=sdtype), S.to(device=device, dtype=sdtype)
-        initial_state = (M,) if state in ("M", "shared") else (M, S)
-    cast = lambda x: x.to(device=device, dtype=dtype)
-    return OpCase(q=cast(q), k=cast(k), v=cast(v), alpha=cast(alpha), eta=cast(eta), theta=cast(theta),
-                  chunk_size=chunk_size, initial_state=initial_state, cu_seqlens=cu_seqlens, split=split, seed=seed)
+from titans_layers.testing.cases import OpCase, make_case
 
 
 @st.composite

@@ -1,0 +1,37 @@
+"""Every Triton kernel compiles to a cubin for sm_80 and sm_90 at the block sizes the launchers use,
+and fits the GPU's shared memory: a kernel that only the interpreter accepts fails here."""
+
+import pytest
+
+from titans_layers.ops.common.triton_utils import block_sizes
+from titans_layers.ops.momentum_delta_rule.chunk import tile_size
+from titans_layers.testing.compile import compile_in_subprocess
+
+CHUNK = "titans_layers.ops.momentum_delta_rule.chunk_kernels"
+FUSED = "titans_layers.ops.momentum_delta_rule.fused_recurrent"
+KERNELS = [f"{CHUNK}:chunk_momentum_delta_rule_fwd_kernel", f"{CHUNK}:chunk_momentum_delta_rule_bwd_kernel",
+           f"{FUSED}:fused_recurrent_momentum_delta_rule_fwd_kernel"]
+
+# (head dim K = V, chunk size, input dtype): the largest tiles, and each precision path
+CONFIGS = [(64, 64, "bf16"), (128, 64, "bf16"), (128, 16, "fp32")]
+INPUTS = ("q", "k", "v", "alpha", "eta", "theta", "o", "do", "dv")
+INDICES = ("offset", "cu_seqlens", "tile_indptr")
+
+
+def _args(kernel, dim, chunk_size, dtype):
+    BK, BV = block_sizes(dim, dim)
+    pointers = {name: f"*{dtype}" for name in INPUTS}
+    pointers.update({name: "*i64" for name in INDICES})
+    constexprs = dict(H=16, K=dim, V=dim, C=chunk_size, BK=BK, BV=BV, IS_VARLEN=True)
+    if kernel.startswith(CHUNK):
+        constexprs.update(BT=tile_size(chunk_size), PRECISION="ieee" if dtype == "fp32" else "tf32")
+    if kernel.endswith("fwd_kernel") and kernel.startswith(CHUNK):
+        constexprs["STORE_TILES"] = True
+    return dict(pointers=pointers, scalars={"T": "i32", "n_tokens": "i32"}, constexprs=constexprs)
+
+
+@pytest.mark.parametrize("capability", [80, 90])
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: f"K{c[0]}-C{c[1]}-{c[2]}")
+@pytest.mark.parametrize("kernel", KERNELS, ids=lambda k: k.split(":")[1])
+def test_kernel_compiles_for_gpu(kernel, config, capability):
+    compile_in_subprocess(kernel, capability=capability, **_args(kernel, *config))

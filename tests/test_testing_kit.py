@@ -1,0 +1,97 @@
+"""The contract checks must fail on broken implementations (a check that cannot fail is a defect)."""
+
+import pytest
+import torch
+
+from titans_layers.ops import MomentumDeltaRuleState, naive_chunk_momentum_delta_rule
+from titans_layers.testing import (check_against_reference, check_continuation, check_deterministic, check_errors,
+                                   check_varlen, make_case)
+
+
+def case(**over):
+    args = dict(seed=1, B=2, T=29, H=2, K=8, V=12, dtype=torch.float32, chunk_size=8, state="MS", split=13)
+    args.update(over)
+    return make_case(**args)
+
+
+def off_by_a_little(*args, **kw):
+    o, s = naive_chunk_momentum_delta_rule(*args, **kw)
+    return o * (1 + 1e-3), s
+
+
+def forgets_one_output(*args, **kw):
+    o, s = naive_chunk_momentum_delta_rule(*args, **kw)
+    out = torch.empty_like(o)  # NaN-poisoned by conftest
+    out[:, :-1] = o[:, :-1]
+    return out, s
+
+
+def drops_the_anchor(*args, initial_state=None, **kw):
+    if isinstance(initial_state, MomentumDeltaRuleState):  # restarts at a chunk boundary
+        initial_state = (initial_state.M, initial_state.S)
+    return naive_chunk_momentum_delta_rule(*args, initial_state=initial_state, **kw)
+
+
+def ignores_cu_seqlens(*args, cu_seqlens=None, initial_state=None, **kw):
+    if initial_state is not None:
+        initial_state = tuple(x[:1] for x in initial_state)
+    o, s = naive_chunk_momentum_delta_rule(*args, initial_state=initial_state, **kw)
+    n = 1 if cu_seqlens is None else len(cu_seqlens) - 1
+    return o, s._replace(M=s.M.expand(n, -1, -1, -1), S=s.S.expand(n, -1, -1, -1),
+                         anchor=s.anchor.expand(n, -1, -1, -1), offset=s.offset.expand(n))
+
+
+def noisy(*args, **kw):
+    o, s = naive_chunk_momentum_delta_rule(*args, **kw)
+    return o + 1e-7 * torch.randn_like(o), s
+
+
+def wrong_gate_gradient(*args, **kw):
+    q, k, v, alpha, eta, theta = args
+    eta = eta + (eta - eta.detach()) * 0.01  # same value, gradient 1.01x
+    return naive_chunk_momentum_delta_rule(q, k, v, alpha, eta, theta, **kw)
+
+
+def accepts_anything(*args, **kw):
+    return args[2], None
+
+
+def test_reference_check_catches_wrong_values():
+    with pytest.raises(AssertionError, match="^o:"):
+        check_against_reference(off_by_a_little, case())
+
+
+def test_reference_check_catches_unwritten_outputs():
+    with pytest.raises(AssertionError, match="o: relative error inf"):
+        check_against_reference(forgets_one_output, case())
+
+
+def test_reference_check_catches_wrong_gradients():
+    with pytest.raises(AssertionError, match="deta"):
+        check_against_reference(wrong_gate_gradient, case())
+
+
+def test_continuation_check_catches_a_dropped_anchor():
+    with pytest.raises(AssertionError, match="splitting at 13"):
+        check_continuation(drops_the_anchor, case())
+
+
+def test_varlen_check_catches_leaking_sequences():
+    with pytest.raises(AssertionError, match="packed sequence"):
+        check_varlen(ignores_cu_seqlens, case(B=1, T=30, lengths=[10, 20], state="none"))
+
+
+def test_determinism_check_catches_noise():
+    with pytest.raises(AssertionError, match="differ"):
+        check_deterministic(noisy, case())
+
+
+def test_error_check_catches_silent_acceptance():
+    with pytest.raises(AssertionError, match="succeeded"):
+        check_errors(accepts_anything)
+
+
+def test_uninitialised_memory_is_poisoned():
+    assert torch.isnan(torch.empty(3)).all()
+    assert torch.isnan(torch.empty_like(torch.zeros(2))).all()
+    assert torch.isnan(torch.zeros(1).new_empty(4)).all()

@@ -70,3 +70,15 @@ def take(x, r, i):
 def subdiagonal(X, r):
     """[C] vector with entry l = X[l, l - 1] (0 for l = 0)."""
     return tl.sum(tl.where(r[None, :] == r[:, None] - 1, X, 0.0), axis=1)
+
+
+@triton.jit
+def sequence_range(cu_seqlens, i_n, T, IS_VARLEN: tl.constexpr):
+    """Flat token range [bos, eos) of sequence i_n: a row of ``[B, T]``, or a packed sequence."""
+    if IS_VARLEN:
+        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
+        eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
+    else:
+        bos = i_n.to(tl.int64) * T
+        eos = bos + T
+    return bos, eos

@@ -23,7 +23,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from titans_layers.ops.common.triton_utils import segment_products, subdiagonal, take, take_row
+from titans_layers.ops.common.triton_utils import segment_products, sequence_range, subdiagonal, take, take_row
 
 
 @triton.jit
@@ -31,12 +31,7 @@ def sequence_bounds(cu_seqlens, tile_indptr, offset, i_n, T, BT: tl.constexpr, I
     """Token range [bos, eos) of sequence i_n; its offset into the first chunk; the index j0 of
     its first tile counted from the chunk start before bos; its tile count; and the index of its
     first tile in the per-tile buffers. Tile j covers positions bos - off + j * BT + [0, BT)."""
-    if IS_VARLEN:
-        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
-        eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
-    else:
-        bos = i_n.to(tl.int64) * T
-        eos = bos + T
+    bos, eos = sequence_range(cu_seqlens, i_n, T, IS_VARLEN)
     off = tl.load(offset + i_n).to(tl.int64)
     j0 = off // BT
     n_tiles = (off + eos - bos + BT - 1) // BT - j0

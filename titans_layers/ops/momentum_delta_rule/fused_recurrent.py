@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from titans_layers.ops.common.triton_utils import block_sizes
+from titans_layers.ops.common.triton_utils import block_sizes, sequence_range
 from titans_layers.ops.momentum_delta_rule.chunk import (KERNEL_CHUNK_SIZES, ChunkPlan, chunk_bwd, chunk_fwd,
                                                          pack_final_state, prepare_kernel_call)
 from titans_layers.ops.momentum_delta_rule.naive import naive_chunk_momentum_delta_rule
@@ -32,12 +32,7 @@ def fused_recurrent_momentum_delta_rule_fwd_kernel(
 ):
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
     i_n, h = i_nh // H, i_nh % H
-    if IS_VARLEN:
-        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
-        eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
-    else:
-        bos = i_n.to(tl.int64) * T
-        eos = bos + T
+    bos, eos = sequence_range(cu_seqlens, i_n, T, IS_VARLEN)
     off = tl.load(offset + i_n).to(tl.int64)
     rk = tl.arange(0, BK)
     rv = i_v * BV + tl.arange(0, BV)

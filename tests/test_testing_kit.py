@@ -52,6 +52,11 @@ def wrong_gate_gradient(*args, **kw):
     return naive_chunk_momentum_delta_rule(q, k, v, alpha, eta, theta, **kw)
 
 
+def returns_float32(*args, **kw):
+    o, s = naive_chunk_momentum_delta_rule(*args, **kw)
+    return o.float(), s
+
+
 def accepts_anything(*args, **kw):
     return args[2], None
 
@@ -69,6 +74,11 @@ def test_reference_check_catches_unwritten_outputs():
 def test_reference_check_catches_wrong_gradients():
     with pytest.raises(AssertionError, match="deta"):
         check_against_reference(wrong_gate_gradient, case())
+
+
+def test_reference_check_catches_the_wrong_output_dtype():
+    with pytest.raises(AssertionError, match="dtype"):
+        check_against_reference(returns_float32, case(dtype=torch.bfloat16))
 
 
 def test_continuation_check_catches_a_dropped_anchor():

@@ -1,8 +1,8 @@
 """Sequence layout for the PyTorch paths: one padded row per sequence, aligned to chunk boundaries.
 
 A sequence that continues a state ``offset`` tokens into a chunk is left-padded with ``offset``
-identity tokens, so that its chunk boundaries fall at multiples of the chunk size; it is
-right-padded with identity tokens to a whole number of chunks. Padding tokens must not write:
+padding tokens, so that its chunk boundaries fall at multiples of the chunk size; it is
+right-padded to a whole number of chunks. Padding tokens must not write:
 each op family masks their writes (see its ``naive`` module).
 """
 
@@ -51,11 +51,7 @@ def make_layout(B: int, T: int, cu_seqlens, offsets: list[int], chunk_size: int,
     L = -(-span // chunk_size) * chunk_size
     if cu_seqlens is None and not any(offsets):
         return PaddedLayout(N=N, L=L, T=T, index=None, valid=None)
-    starts = [0] * N
-    if cu_seqlens is not None:
-        starts = cu_seqlens.tolist()[:-1]
-    else:
-        starts = [i * T for i in range(N)]
+    starts = cu_seqlens.tolist()[:-1] if cu_seqlens is not None else [i * T for i in range(N)]
     pos = torch.arange(L, device=device)[None, :]  # [1, L]
     off = torch.tensor(offsets, device=device)[:, None]  # [N, 1]
     rel = pos - off  # [N, L] index within the sequence

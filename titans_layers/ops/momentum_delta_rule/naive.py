@@ -128,9 +128,9 @@ def naive_chunk_momentum_delta_rule(q, k, v, alpha, eta, theta, *, chunk_size: i
     g, h = Gamma[..., -1, :, None], D_e[..., -1, :, None]  # [N, H, NC, C, 1]
 
     M, S, anchor = init.M, init.S, init.anchor
+    lengths = sequence_lengths(shape.B, shape.T, cu_seqlens)
     # chunk in which each sequence ends: its anchor is the one to hand on
-    last_chunk = torch.tensor([(o + n) // C for o, n in zip(init.offsets, sequence_lengths(shape.B, shape.T, cu_seqlens))],
-                              device=q.device).view(-1, 1, 1, 1)
+    last_chunk = torch.tensor([(o + n) // C for o, n in zip(init.offsets, lengths)], device=q.device).view(-1, 1, 1, 1)
     final_anchor = anchor
     outs = []
     for n in range(NC):
@@ -148,9 +148,7 @@ def naive_chunk_momentum_delta_rule(q, k, v, alpha, eta, theta, *, chunk_size: i
     o = from_padded(o, layout, shape.B).to(q.dtype)
     if not output_final_state:
         return o, None
-    offset = (init.offset + torch.tensor(sequence_lengths(shape.B, shape.T, cu_seqlens), device=q.device)) % C
-    if NC == 0:
-        final_anchor = anchor
+    offset = (init.offset + torch.tensor(lengths, device=q.device)) % C
     return o, MomentumDeltaRuleState(M=M, S=S, anchor=_final_anchor(M, final_anchor, offset), offset=offset,
                                      chunk_size=C)
 

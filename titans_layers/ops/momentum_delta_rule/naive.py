@@ -32,6 +32,7 @@ import torch
 
 from titans_layers.ops.common.layout import (from_padded, make_layout, segment_products, sequence_lengths,
                                              to_padded)
+from titans_layers.ops.common.state_io import at_boundary
 from titans_layers.ops.common.validation import check_chunk_size, check_op_inputs
 from titans_layers.ops.momentum_delta_rule.state import MomentumDeltaRuleState, resolve_initial_state
 
@@ -50,8 +51,7 @@ def _pad_all(tensors: dict, layout, dtype) -> dict:
 
 def _final_anchor(M, anchor, offset_final):
     """The anchor to hand on: M itself when the sequence ends on a chunk boundary."""
-    at_boundary = (offset_final == 0).view(-1, 1, 1, 1)
-    return torch.where(at_boundary, M, anchor)
+    return torch.where(at_boundary(offset_final), M, anchor)
 
 
 def naive_recurrent_momentum_delta_rule(q, k, v, alpha, eta, theta, *, chunk_size: int = 16, initial_state=None,
@@ -80,7 +80,7 @@ def naive_recurrent_momentum_delta_rule(q, k, v, alpha, eta, theta, *, chunk_siz
     M, S, anchor, offset = init.M, init.S, init.anchor, init.offset.clone()
     outs = []
     for t in range(layout.L):
-        anchor = torch.where((offset == 0).view(-1, 1, 1, 1), M, anchor)
+        anchor = torch.where(at_boundary(offset), M, anchor)
         k_t, v_t, q_t = x["k"][:, t], x["v"][:, t], x["q"][:, t]  # [N, H, K], [N, H, V], [N, H, K]
         u = torch.einsum("nhk,nhkv->nhv", k_t, anchor) - v_t  # [N, H, V]
         G = k_t.unsqueeze(-1) * u.unsqueeze(-2)  # [N, H, K, V]

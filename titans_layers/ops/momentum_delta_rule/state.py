@@ -6,6 +6,7 @@ from typing import NamedTuple
 
 import torch
 
+from titans_layers.ops.common.state_io import at_boundary, read_offset, read_weights
 from titans_layers.ops.common.validation import OpShape
 
 
@@ -45,16 +46,7 @@ class ResolvedState(NamedTuple):
 
 
 def _weights(name: str, x, shape: OpShape, device, dtype) -> torch.Tensor:
-    expected = f"[N, H, K, V] = [{shape.N} (or 1), {shape.H}, {shape.K}, {shape.V}]"
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"`initial_state.{name}` must be a tensor of shape {expected}, got {type(x).__name__}")
-    if not x.dtype.is_floating_point:
-        raise TypeError(f"`initial_state.{name}` must be a floating tensor, got {x.dtype}")
-    if x.ndim != 4 or x.shape[0] not in (1, shape.N) or tuple(x.shape[1:]) != (shape.H, shape.K, shape.V):
-        raise ValueError(f"`initial_state.{name}` must have shape {expected}, got {list(x.shape)}")
-    if x.device != device:
-        raise ValueError(f"`initial_state.{name}` is on {x.device} but the inputs are on {device}")
-    return x.to(dtype).expand(shape.N, -1, -1, -1)
+    return read_weights(name, x, shape.N, (shape.H, shape.K, shape.V), "[N, H, K, V]", device, dtype)
 
 
 def resolve_initial_state(initial_state, shape: OpShape, chunk_size: int, device,
@@ -68,20 +60,9 @@ def resolve_initial_state(initial_state, shape: OpShape, chunk_size: int, device
         M = _weights("M", initial_state.M, shape, device, dtype)
         S = _weights("S", initial_state.S, shape, device, dtype)
         anchor = _weights("anchor", initial_state.anchor, shape, device, dtype)
-        offset = initial_state.offset
-        if not isinstance(offset, torch.Tensor) or offset.dtype.is_floating_point or offset.ndim != 1 \
-                or offset.shape[0] not in (1, N):
-            raise ValueError(f"`initial_state.offset` must be an integer tensor [N] = [{N}], got {offset!r}")
-        offset = offset.to(device=device, dtype=torch.long).expand(N)
-        offsets = offset.tolist()
+        offset, offsets = read_offset(initial_state.offset, N, initial_state.chunk_size, chunk_size, device)
         # on a chunk boundary the next token anchors at M: the given anchor plays no part
-        anchor = torch.where((offset == 0).view(-1, 1, 1, 1), M, anchor)
-        if any(o < 0 or o >= initial_state.chunk_size for o in offsets):
-            raise ValueError(f"`initial_state.offset` must lie in [0, {initial_state.chunk_size}), got {offsets}")
-        if any(offsets) and initial_state.chunk_size != chunk_size:
-            raise ValueError(f"`initial_state` stops mid-chunk with chunk_size = {initial_state.chunk_size}; "
-                             f"continue it with that chunk_size, got chunk_size = {chunk_size}")
-        return ResolvedState(M, S, anchor, offset.contiguous(), offsets)
+        return ResolvedState(M, S, torch.where(at_boundary(offset), M, anchor), offset, offsets)
     if isinstance(initial_state, (tuple, list)):
         if len(initial_state) not in (1, 2):
             raise ValueError(f"`initial_state` as a tuple must be (M,) or (M, S), got {len(initial_state)} items")
@@ -91,7 +72,3 @@ def resolve_initial_state(initial_state, shape: OpShape, chunk_size: int, device
     raise TypeError("`initial_state` must be None, a MomentumDeltaRuleState, or a tuple (M,) / (M, S); "
                     f"got {type(initial_state).__name__}")
 
-
-def final_offsets(offsets: list[int], lengths: list[int], chunk_size: int) -> list[int]:
-    """Offsets into the current chunk after processing ``lengths[i]`` more tokens."""
-    return [(o + n) % chunk_size for o, n in zip(offsets, lengths)]

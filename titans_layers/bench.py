@@ -16,20 +16,26 @@ import time
 
 import torch
 
-from titans_layers.ops import (chunk_momentum_delta_rule, fused_recurrent_momentum_delta_rule,
-                               naive_chunk_momentum_delta_rule, naive_recurrent_momentum_delta_rule)
+from titans_layers.ops import (chunk_momentum_delta_rule, fused_recurrent_momentum_delta_rule, naive_chunk_mlp_memory,
+                               naive_chunk_momentum_delta_rule, naive_recurrent_mlp_memory,
+                               naive_recurrent_momentum_delta_rule)
 from titans_layers.ops.common.triton_utils import is_interpreting
 from titans_layers.testing.cases import make_case
 from titans_layers.testing.compare import tolerance
 from titans_layers.testing.contract import check_against_reference
 
+# name -> (implementation, op family)
 IMPLS = {
-    "naive_recurrent": naive_recurrent_momentum_delta_rule,
-    "naive_chunk": naive_chunk_momentum_delta_rule,
-    "chunk (Triton)": chunk_momentum_delta_rule,
-    "fused_recurrent (Triton)": fused_recurrent_momentum_delta_rule,
+    "linear naive_recurrent": (naive_recurrent_momentum_delta_rule, "linear"),
+    "linear naive_chunk": (naive_chunk_momentum_delta_rule, "linear"),
+    "linear chunk (Triton)": (chunk_momentum_delta_rule, "linear"),
+    "linear fused_recurrent (Triton)": (fused_recurrent_momentum_delta_rule, "linear"),
+    "mlp naive_recurrent": (naive_recurrent_mlp_memory, "mlp"),
+    "mlp naive_chunk": (naive_chunk_mlp_memory, "mlp"),
 }
-TRITON = {"chunk (Triton)", "fused_recurrent (Triton)"}
+TRITON = {"linear chunk (Triton)", "linear fused_recurrent (Triton)"}
+# the per-token MLP reference takes a gradient per token: time it on short inputs only
+SLOW = {"linear naive_recurrent": 4096, "mlp naive_recurrent": 512}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -44,13 +50,14 @@ def self_check(device: torch.device, chunk_size: int) -> bool:
     print("| implementation | dtype | outputs+states | gradients | tolerance (out / grad) | verdict |")
     print("| --- | --- | ---: | ---: | ---: | --- |")
     ok = True
-    for name, impl in IMPLS.items():
+    for name, (impl, family) in IMPLS.items():
         if not runs_here(name, device):
             print(f"| {name} | - | - | - | - | skipped: needs CUDA or TRITON_INTERPRET=1 |")
             continue
         for dname, dtype in DTYPES.items():
             case = make_case(seed=0, B=2, T=2 * chunk_size + 37, H=2, K=32, V=48, dtype=dtype,
-                             chunk_size=chunk_size, state="MS", extremes=0.1, device=device)
+                             chunk_size=chunk_size, state="MS", extremes=0.1, family=family, hidden=64,
+                             device=device)
             tol_out, tol_grad = tolerance(dtype, device, "output"), tolerance(dtype, device, "grad")
             try:
                 errors = check_against_reference(impl, case)
@@ -85,25 +92,27 @@ def timing(device: torch.device, B: int, T: int, H: int, D: int, chunk_size: int
     """Print forward and forward+backward times of each implementation at one shape."""
     print(f"\n## Speed: B={B} T={T} H={H} K=V={D} chunk_size={chunk_size} {dtype} on {device}"
           f"{' (Triton interpreted: not a speed measurement)' if is_interpreting() else ''}\n")
-    print("| implementation | forward (ms) | forward+backward (ms) |")
+    print("| implementation (MLP: Dh = 4K) | forward (ms) | forward+backward (ms) |")
     print("| --- | ---: | ---: |")
-    case = make_case(seed=1, B=B, T=T, H=H, K=D, V=D, dtype=dtype, chunk_size=chunk_size, device=device)
-    for name, impl in IMPLS.items():
+    for name, (impl, family) in IMPLS.items():
         if not runs_here(name, device):
             print(f"| {name} | skipped | skipped |")
             continue
-        if name == "naive_recurrent" and T > 4096:
-            print(f"| {name} | skipped (T > 4096) | skipped |")
+        if T > SLOW.get(name, T):
+            print(f"| {name} | skipped (T > {SLOW[name]}) | skipped |")
             continue
+        case = make_case(seed=1, B=B, T=T, H=H, K=D, V=D, dtype=dtype, chunk_size=chunk_size, family=family,
+                         hidden=4 * D, device=device)
         leaves = [x.detach().clone().requires_grad_() for x in case.inputs]
+        kwargs = dict(chunk_size=chunk_size, initial_state=case.initial_state, **case.extra)
         do = torch.randn(B, T, H, D, device=device, dtype=dtype)
 
         def forward():
             with torch.no_grad():
-                impl(*leaves, chunk_size=chunk_size)
+                impl(*leaves, **kwargs)
 
         def forward_backward():
-            o, _ = impl(*leaves, chunk_size=chunk_size)
+            o, _ = impl(*leaves, **kwargs)
             torch.autograd.backward(o, do)
 
         print(f"| {name} | {_time(forward, device, reps):.2f} | {_time(forward_backward, device, reps):.2f} |")

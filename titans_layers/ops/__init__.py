@@ -1,16 +1,23 @@
 """Memory-update ops. Each family has a per-token reference (``naive_recurrent_*``), a vectorised
 chunked PyTorch form (``naive_chunk_*``), Triton chunkwise kernels (``chunk_*``) and a Triton
-decode kernel (``fused_recurrent_*``), all held to the contract of SPEC §1."""
+decode kernel (``fused_recurrent_*``), all held to the contract of SPEC §1.
 
+Families: ``momentum_delta_rule`` (linear memory, all four) and ``mlp_memory`` (MLP memory;
+the PyTorch implementations so far)."""
+
+from titans_layers.ops.mlp_memory import MLPMemoryState, naive_chunk_mlp_memory, naive_recurrent_mlp_memory
 from titans_layers.ops.momentum_delta_rule import (MomentumDeltaRuleState, chunk_momentum_delta_rule,
                                                    fused_recurrent_momentum_delta_rule,
                                                    naive_chunk_momentum_delta_rule,
                                                    naive_recurrent_momentum_delta_rule)
 
 __all__ = [
+    "MLPMemoryState",
     "MomentumDeltaRuleState",
     "chunk_momentum_delta_rule",
     "fused_recurrent_momentum_delta_rule",
+    "naive_chunk_mlp_memory",
     "naive_chunk_momentum_delta_rule",
+    "naive_recurrent_mlp_memory",
     "naive_recurrent_momentum_delta_rule",
 ]

@@ -1,16 +1,17 @@
 """The SPEC §1 contract as a reusable test kit. The Hypothesis parts (:func:`op_cases`,
-:func:`verify_momentum_delta_rule`) need the ``test`` extra; the rest needs only torch.
+:func:`verify_op` and its wrappers) need the ``test`` extra; the rest needs only torch.
 
 - :mod:`.cases`: op inputs drawn from a seed (:class:`OpCase`, :func:`make_case`).
 - :mod:`.strategies`: Hypothesis strategies for op inputs and states (:func:`op_cases`).
 - :mod:`.compare`: the relative-error comparison and the SPEC tolerances.
-- :mod:`.contract`: one check per promise, and :func:`verify_momentum_delta_rule`, which runs
-  them all against a candidate implementation.
+- :mod:`.contract`: one check per promise, and :func:`verify_momentum_delta_rule` /
+  :func:`verify_mlp_memory`, which run them all against a candidate implementation.
 """
 
 from titans_layers.testing.compare import assert_close, relative_error, tolerance
 from titans_layers.testing.contract import (check_against_reference, check_continuation, check_deterministic,
-                                            check_errors, check_varlen, malformed_calls, verify_momentum_delta_rule)
+                                            check_errors, check_varlen, malformed_calls, verify_mlp_memory,
+                                            verify_momentum_delta_rule, verify_op)
 from titans_layers.testing.cases import OpCase, make_case
 
 
@@ -35,5 +36,7 @@ __all__ = [
     "op_cases",
     "relative_error",
     "tolerance",
+    "verify_mlp_memory",
     "verify_momentum_delta_rule",
+    "verify_op",
 ]

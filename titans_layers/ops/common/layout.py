@@ -80,16 +80,16 @@ def from_padded(y: torch.Tensor, layout: PaddedLayout, B: int) -> torch.Tensor:
     return y[layout.valid].reshape(B, layout.T, *y.shape[2:])
 
 
-def segment_products(g: torch.Tensor) -> torch.Tensor:
-    """Products of a gate over every causal segment of a chunk, without division.
+# Values of padding tokens: no query, no key, no value, no forgetting, momentum kept, no step.
+PAD_VALUES = {"q": 0.0, "k": 0.0, "v": 0.0, "alpha": 0.0, "eta": 1.0, "theta": 0.0}
 
-    g: ``[..., C]`` -> D: ``[..., C, C]`` with ``D[t, j] = prod_{l = j+1..t} g_l`` for ``t >= j``
-    (so ``D[t, t] = 1``) and 0 above the diagonal. A cumulative product down the columns of a
-    masked matrix gives each entry exactly, so gates of exactly 0 stay exact and finite, also in
-    the backward (unlike ratios of cumulative products, or differences of cumulative logs).
-    """
-    C = g.shape[-1]
-    r = torch.arange(C, device=g.device)
-    strictly_below = r[:, None] > r[None, :]  # [C, C]
-    X = torch.where(strictly_below, g.unsqueeze(-1), torch.ones((), dtype=g.dtype, device=g.device))
-    return torch.cumprod(X, dim=-2).tril()
+
+def pad_op_inputs(inputs: dict, layout: PaddedLayout, dtype) -> dict:
+    """The op inputs (named as in :data:`PAD_VALUES`) in the padded layout, in ``dtype``."""
+    return {name: to_padded(x.to(dtype), layout, PAD_VALUES[name]) for name, x in inputs.items()}
+
+
+def to_chunks(x: torch.Tensor, chunk_size: int) -> torch.Tensor:
+    """``[N, L, H, *rest]`` -> ``[N, H, L / C, C, *rest]``."""
+    N, L, H = x.shape[:3]
+    return x.reshape(N, L // chunk_size, chunk_size, H, *x.shape[3:]).movedim(3, 1)

@@ -107,3 +107,8 @@ def check_op_inputs(q, k, v, alpha, eta, theta, cu_seqlens=None) -> OpShape:
         raise ValueError(f"head dims and head count must be positive, got H = {H}, K = {K}, V = {v.shape[-1]}")
     N = B if cu_seqlens is None else check_cu_seqlens(cu_seqlens, B, T, q.device)
     return OpShape(B=B, T=T, H=H, K=K, V=v.shape[-1], N=N)
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """Accumulation dtype of the PyTorch ops: float64 for float64 inputs, else float32."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32

@@ -30,24 +30,11 @@ from __future__ import annotations
 
 import torch
 
-from titans_layers.ops.common.layout import (from_padded, make_layout, segment_products, sequence_lengths,
-                                             to_padded)
+from titans_layers.ops.common.chunk_gates import chunk_gates
+from titans_layers.ops.common.layout import from_padded, make_layout, pad_op_inputs, sequence_lengths, to_chunks
 from titans_layers.ops.common.state_io import at_boundary
-from titans_layers.ops.common.validation import check_chunk_size, check_op_inputs
+from titans_layers.ops.common.validation import check_chunk_size, check_op_inputs, compute_dtype
 from titans_layers.ops.momentum_delta_rule.state import MomentumDeltaRuleState, resolve_initial_state
-
-# Values that leave the memory untouched: used to pad sequences to whole chunks.
-IDENTITY_FILL = {"q": 0.0, "k": 0.0, "v": 0.0, "alpha": 0.0, "eta": 1.0, "theta": 0.0}
-
-
-def _compute_dtype(q: torch.Tensor) -> torch.dtype:
-    return torch.float64 if q.dtype == torch.float64 else torch.float32
-
-
-def _pad_all(tensors: dict, layout, dtype) -> dict:
-    """Every input in the padded per-sequence layout, in the compute dtype."""
-    return {name: to_padded(x.to(dtype), layout, IDENTITY_FILL[name]) for name, x in tensors.items()}
-
 
 def _final_anchor(M, anchor, offset_final):
     """The anchor to hand on: M itself when the sequence ends on a chunk boundary."""
@@ -71,10 +58,10 @@ def naive_recurrent_momentum_delta_rule(q, k, v, alpha, eta, theta, *, chunk_siz
     """
     shape = check_op_inputs(q, k, v, alpha, eta, theta, cu_seqlens)
     C = check_chunk_size(chunk_size)
-    dtype = _compute_dtype(q)
+    dtype = compute_dtype(q)
     init = resolve_initial_state(initial_state, shape, C, q.device, dtype)
     layout = make_layout(shape.B, shape.T, cu_seqlens, [0] * shape.N, 1, q.device)
-    x = _pad_all(dict(q=q, k=k, v=v, alpha=alpha, eta=eta, theta=theta), layout, dtype)
+    x = pad_op_inputs(dict(q=q, k=k, v=v, alpha=alpha, eta=eta, theta=theta), layout, dtype)
     valid = layout.valid if layout.valid is not None else torch.ones(shape.N, layout.L, dtype=torch.bool,
                                                                      device=q.device)
     M, S, anchor, offset = init.M, init.S, init.anchor, init.offset.clone()
@@ -107,25 +94,19 @@ def naive_chunk_momentum_delta_rule(q, k, v, alpha, eta, theta, *, chunk_size: i
     """
     shape = check_op_inputs(q, k, v, alpha, eta, theta, cu_seqlens)
     C = check_chunk_size(chunk_size)
-    dtype = _compute_dtype(q)
+    dtype = compute_dtype(q)
     init = resolve_initial_state(initial_state, shape, C, q.device, dtype)
     layout = make_layout(shape.B, shape.T, cu_seqlens, init.offsets, C, q.device)
     N, L, H = shape.N, layout.L, shape.H
     NC = L // C
-    x = _pad_all(dict(q=q, k=k, v=v, alpha=alpha, eta=eta, theta=theta), layout, dtype)
+    x = pad_op_inputs(dict(q=q, k=k, v=v, alpha=alpha, eta=eta, theta=theta), layout, dtype)
 
-    def chunks(t):  # [N, L, H, *] -> [N, H, NC, C, *]
-        return t.reshape(N, NC, C, H, *t.shape[3:]).movedim(3, 1)
-
-    Q, Kc, Vc = chunks(x["q"]), chunks(x["k"]), chunks(x["v"])  # [N, H, NC, C, K|V]
-    a, e, th = chunks(1 - x["alpha"]), chunks(x["eta"]), chunks(x["theta"])  # [N, H, NC, C]
-    m = chunks(layout.valid_mask(q.device).unsqueeze(-1).expand(N, L, H).to(dtype))  # [N, H, NC, C]
-    D_a, D_e = segment_products(a), segment_products(e)  # [N, H, NC, C, C]
-    Gamma = D_a @ (m.unsqueeze(-1) * D_e)
-    A, E = torch.cumprod(a, -1), torch.cumprod(e, -1)  # [N, H, NC, C]
-    Bv = (D_a @ (m * E).unsqueeze(-1)).squeeze(-1)
+    Q, Kc, Vc = (to_chunks(x[n], C) for n in ("q", "k", "v"))  # [N, H, NC, C, K|V]
+    th = to_chunks(x["theta"], C)  # [N, H, NC, C]
+    m = to_chunks(layout.valid_mask(q.device).unsqueeze(-1).expand(N, L, H).to(dtype), C)  # [N, H, NC, C]
+    gates = chunk_gates(to_chunks(x["alpha"], C), to_chunks(x["eta"], C), m)
+    A, Bv, E, Gamma, g, h = gates.A, gates.B, gates.E, gates.Gamma, gates.g, gates.h
     P = (Q @ Kc.transpose(-1, -2)) * Gamma  # [N, H, NC, C, C]
-    g, h = Gamma[..., -1, :, None], D_e[..., -1, :, None]  # [N, H, NC, C, 1]
 
     M, S, anchor = init.M, init.S, init.anchor
     lengths = sequence_lengths(shape.B, shape.T, cu_seqlens)

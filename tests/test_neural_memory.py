@@ -1,0 +1,143 @@
+"""NeuralMemory: fla's layer interface, padding, packing, cached decoding, dispatch, gradients, errors."""
+
+import pytest
+import torch
+from fla.models.utils import Cache
+
+from titans_layers.modules import NeuralMemory
+from titans_layers.testing import assert_close
+
+MEMORIES = ["linear", "mlp"]
+D, H = 32, 2
+
+
+def make_layer(memory, **kw):
+    torch.manual_seed(0)
+    args = dict(memory=memory, chunk_size=4, layer_idx=0)
+    args.update(kw)
+    return NeuralMemory(D, H, **args)
+
+
+def inputs(B=2, T=13, seed=1):
+    return torch.randn(B, T, D, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("use_short_conv", [True, False])
+@pytest.mark.parametrize("memory", MEMORIES)
+def test_left_padding_equals_unpadded_sequences(memory, use_short_conv):
+    layer = make_layer(memory, use_short_conv=use_short_conv)
+    x = inputs(B=3)
+    mask = torch.ones(3, 13, dtype=torch.long)
+    mask[1, :4] = 0
+    mask[2, :11] = 0
+    o, attn, _ = layer(x, attention_mask=mask)
+    assert attn is None
+    for b, start in enumerate([0, 4, 11]):
+        alone, _, _ = layer(x[b:b + 1, start:])
+        assert_close(f"row {b}", o[b:b + 1, start:], alone, 1e-5)
+
+
+@pytest.mark.parametrize("memory", MEMORIES)
+def test_packed_sequences_equal_separate_runs(memory):
+    layer = make_layer(memory)
+    x = inputs(B=1, T=20)
+    cu = torch.tensor([0, 3, 3, 12, 20])
+    o, _, _ = layer(x, cu_seqlens=cu)
+    for bos, eos in zip(cu[:-1].tolist(), cu[1:].tolist()):
+        if eos > bos:
+            alone, _, _ = layer(x[:, bos:eos])
+            assert_close(f"sequence [{bos}, {eos})", o[:, bos:eos], alone, 1e-5)
+
+
+@pytest.mark.parametrize("prefill", [1, 6, 8])
+@pytest.mark.parametrize("memory", MEMORIES)
+def test_cached_decoding_equals_full_forward(memory, prefill):
+    """Prefill (mid-chunk or on a boundary) then one token per call through fla's Cache."""
+    layer = make_layer(memory).eval()
+    x = inputs()
+    with torch.no_grad():
+        full, _, _ = layer(x)
+        cache = Cache()
+        o, _, cache = layer(x[:, :prefill], past_key_values=cache, use_cache=True)
+        outs = [o]
+        for t in range(prefill, x.shape[1]):
+            o, _, cache = layer(x[:, t:t + 1], past_key_values=cache, use_cache=True)
+            outs.append(o)
+    assert_close("decoded", torch.cat(outs, dim=1), full, 1e-5)
+    assert cache.get_seq_length(0) == x.shape[1]
+
+
+def test_cached_decoding_with_left_padding():
+    layer = make_layer("linear").eval()
+    x = inputs(B=2, T=10)
+    mask = torch.ones(2, 10, dtype=torch.long)
+    mask[0, :3] = 0
+    with torch.no_grad():
+        full, _, _ = layer(x, attention_mask=mask)
+        cache = Cache()
+        o, _, cache = layer(x[:, :7], attention_mask=mask[:, :7], past_key_values=cache, use_cache=True)
+        outs = [o]
+        for t in range(7, 10):
+            o, _, cache = layer(x[:, t:t + 1], attention_mask=mask[:, :t + 1], past_key_values=cache,
+                                use_cache=True)
+            outs.append(o)
+    got = torch.cat(outs, dim=1)
+    assert_close("decoded, row 0", got[0, 3:], full[0, 3:], 1e-5)
+    assert_close("decoded, row 1", got[1], full[1], 1e-5)
+
+
+def test_triton_dispatch_equals_pytorch_path():
+    """The Triton ops (natively on CUDA, interpreted on CPU) give the PyTorch path's results."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    ref = make_layer("linear", chunk_size=16, backend="torch").to(device)
+    tri = make_layer("linear", chunk_size=16, backend="triton").to(device)
+    tri.load_state_dict(ref.state_dict())
+    x = inputs(T=37).to(device)
+    outs, grads = [], []
+    for layer in (ref, tri):
+        o, _, _ = layer(x)
+        o.square().mean().backward()
+        outs.append(o.detach())
+        grads.append({n: p.grad for n, p in layer.named_parameters()})
+    tol = 2e-3 if device == "cuda" else 1e-5
+    assert_close("output", outs[1], outs[0], tol)
+    for name in grads[0]:
+        assert_close(f"grad of {name}", grads[1][name], grads[0][name], 10 * tol)
+
+
+@pytest.mark.parametrize("memory", MEMORIES)
+def test_every_parameter_gets_a_gradient(memory):
+    layer = make_layer(memory)
+    o, _, _ = layer(inputs())
+    o.square().mean().backward()
+    missing = [n for n, p in layer.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert not missing, f"no gradient reached {missing}"
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(memory="attention"), "`memory`"),
+    (dict(num_heads=3), "divisible by `num_heads`"),
+    (dict(num_heads=0), "`num_heads`"),
+    (dict(chunk_size=0), "`chunk_size`"),
+    (dict(activation="relu"), "`activation`"),
+    (dict(max_step_size=0.0), "`max_step_size`"),
+    (dict(backend="cuda"), "`backend`"),
+    (dict(memory="mlp", backend="triton"), "`backend='triton'`"),
+    (dict(conv_size=0), "`conv_size`"),
+    (dict(memory="mlp", mlp_expansion=0), "`mlp_expansion`"),
+])
+def test_bad_constructor_arguments_name_the_argument(kwargs, match):
+    args = dict(hidden_size=D, num_heads=H)
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=match):
+        NeuralMemory(**args)
+
+
+def test_bad_inputs_name_the_argument():
+    layer = make_layer("linear")
+    with pytest.raises(ValueError, match="`hidden_states`"):
+        layer(torch.randn(2, 5, D + 1))
+    with pytest.raises(ValueError, match="`attention_mask`"):
+        layer(torch.randn(2, 5, D), attention_mask=torch.ones(2, 4))
+    with pytest.raises(ValueError, match="`attention_mask`"):
+        layer(torch.randn(2, 5, D), attention_mask=torch.ones(2, 5, 5))

@@ -1,0 +1,187 @@
+"""``NeuralMemory``: the Titans long-term memory as a layer with fla's interface."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from fla.layers.utils import get_layer_cache, repad_hidden_states, unpad_hidden_states, update_layer_cache
+
+from titans_layers.modules.short_conv import ShortConvolution
+from titans_layers.ops import (chunk_momentum_delta_rule, fused_recurrent_momentum_delta_rule,
+                               naive_chunk_mlp_memory, naive_chunk_momentum_delta_rule)
+from titans_layers.ops.mlp_memory.naive import ACTIVATIONS
+
+MEMORIES = ("linear", "mlp")
+BACKENDS = ("auto", "triton", "torch")
+
+
+def _positive_int(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"`{name}` must be a positive int, got {value!r}")
+    return value
+
+
+def _inverse_sigmoid(p: float) -> float:
+    return math.log(p / (1 - p))
+
+
+class NeuralMemory(nn.Module):
+    """Titans neural long-term memory layer (SPEC §2), a drop-in for fla's token mixers.
+
+    Per token and head: ``q, k, v`` projections with an optional causal depthwise short
+    convolution + SiLU, L2-normalised ``q`` and ``k``, and data-dependent gates
+    ``alpha = sigmoid(.)`` (forget), ``eta = sigmoid(.)`` (momentum) and
+    ``theta = max_step_size * sigmoid(.)`` (step size, bounded so the memory stays stable). The
+    memory is written with the gated momentum-delta update and read with ``q`` (SPEC §1), starting
+    from a learned initial memory per head; the read goes through an optional per-head RMSNorm and
+    output gate, then ``o_proj``.
+
+    Args:
+        hidden_size: model width D.
+        num_heads: H.
+        memory: "linear" (``f(x) = x @ M``) or "mlp" (``f(x) = act(x @ W1) @ W2``, deep memory).
+        head_dim: K = V per head (default ``hidden_size // num_heads``).
+        chunk_size: tokens per chunk; gradients within a chunk are taken at its start weights.
+        mlp_expansion: Dh = ``mlp_expansion * head_dim`` for the MLP memory.
+        activation: "silu" or "gelu" (MLP memory).
+        mlp_residual: MLP memory computes ``x + act(x @ W1) @ W2``.
+        use_short_conv, conv_size: the short convolution on q, k, v and its width.
+        max_step_size: upper bound of theta.
+        use_output_gate, use_output_norm, norm_eps: output gate (sigmoid), per-head RMSNorm.
+        backend: "auto" (Triton ops on CUDA where the memory has them, PyTorch elsewhere),
+            "triton" or "torch". Both give the same results.
+        layer_idx: index of the layer in a model, for the cache.
+
+    ``forward(hidden_states [B, T, D], attention_mask=None, past_key_values=None, use_cache=False,
+    output_attentions=False, **kwargs) -> (o [B, T, D], None, past_key_values)``: a 2-D
+    ``attention_mask`` [B, T_total] (0 = padding, left padding when decoding; its last T columns
+    belong to this call) or ``cu_seqlens`` in
+    kwargs (packed sequences, B = 1); the memory state and the conv state live in fla's ``Cache``.
+    """
+
+    def __init__(self, hidden_size: int, num_heads: int, memory: str = "linear", head_dim: int | None = None,
+                 chunk_size: int = 16, mlp_expansion: int = 2, activation: str = "silu", mlp_residual: bool = False,
+                 use_short_conv: bool = True, conv_size: int = 4, max_step_size: float = 0.1,
+                 use_output_gate: bool = True, use_output_norm: bool = True, norm_eps: float = 1e-5,
+                 backend: str = "auto", layer_idx: int | None = None):
+        super().__init__()
+        self.hidden_size = _positive_int("hidden_size", hidden_size)
+        self.num_heads = _positive_int("num_heads", num_heads)
+        if memory not in MEMORIES:
+            raise ValueError(f"`memory` must be one of {MEMORIES}, got {memory!r}")
+        if head_dim is None:
+            if hidden_size % num_heads:
+                raise ValueError(f"`hidden_size` ({hidden_size}) must be divisible by `num_heads` ({num_heads}) "
+                                 f"when `head_dim` is not given")
+            head_dim = hidden_size // num_heads
+        self.head_dim = _positive_int("head_dim", head_dim)
+        self.chunk_size = _positive_int("chunk_size", chunk_size)
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"`activation` must be one of {ACTIVATIONS}, got {activation!r}")
+        if not (isinstance(max_step_size, (int, float)) and max_step_size > 0):
+            raise ValueError(f"`max_step_size` must be a positive number, got {max_step_size!r}")
+        if backend not in BACKENDS:
+            raise ValueError(f"`backend` must be one of {BACKENDS}, got {backend!r}")
+        if backend == "triton" and memory != "linear":
+            raise ValueError("`backend='triton'` needs `memory='linear'`: the MLP memory's Triton kernels "
+                             "are not written yet")
+        self.memory, self.activation, self.mlp_residual = memory, activation, mlp_residual
+        self.max_step_size, self.backend, self.layer_idx = float(max_step_size), backend, layer_idx
+        self.use_short_conv, self.use_output_gate, self.use_output_norm = use_short_conv, use_output_gate, \
+            use_output_norm
+        H, Dk = self.num_heads, self.head_dim
+        inner = H * Dk
+        self.q_proj = nn.Linear(hidden_size, inner, bias=False)
+        self.k_proj = nn.Linear(hidden_size, inner, bias=False)
+        self.v_proj = nn.Linear(hidden_size, inner, bias=False)
+        if use_short_conv:
+            self.q_conv = ShortConvolution(inner, _positive_int("conv_size", conv_size))
+            self.k_conv = ShortConvolution(inner, conv_size)
+            self.v_conv = ShortConvolution(inner, conv_size)
+        # gates: forget ~ 0.01, momentum ~ 0.9, step ~ max_step_size / 2 at initialisation
+        self.alpha_proj = nn.Linear(hidden_size, H)
+        self.eta_proj = nn.Linear(hidden_size, H)
+        self.theta_proj = nn.Linear(hidden_size, H)
+        for proj, p in ((self.alpha_proj, 0.01), (self.eta_proj, 0.9), (self.theta_proj, 0.5)):
+            nn.init.normal_(proj.weight, std=0.02)
+            nn.init.constant_(proj.bias, _inverse_sigmoid(p))
+        if memory == "linear":
+            self.init_M = nn.Parameter(torch.zeros(1, H, Dk, Dk))  # [1, H, K, V] learned initial memory
+        else:
+            Dh = _positive_int("mlp_expansion", mlp_expansion) * Dk
+            self.init_W1 = nn.Parameter(torch.randn(1, H, Dk, Dh) / math.sqrt(Dk))  # [1, H, K, Dh]
+            self.init_W2 = nn.Parameter(torch.randn(1, H, Dh, Dk) * 0.1 / math.sqrt(Dh))  # [1, H, Dh, V]
+        if use_output_norm:
+            self.o_norm = nn.RMSNorm(Dk, eps=norm_eps)
+        if use_output_gate:
+            self.g_proj = nn.Linear(hidden_size, inner, bias=False)
+        self.o_proj = nn.Linear(inner, hidden_size, bias=False)
+
+    def initial_state(self) -> tuple[torch.Tensor, ...]:
+        """The learned initial memory, ``(M,)`` or ``(W1, W2)`` with a leading dim of 1."""
+        return (self.init_M,) if self.memory == "linear" else (self.init_W1, self.init_W2)
+
+    def _memory_op(self, device: torch.device, n_tokens: int):
+        use_triton = self.backend == "triton" or (self.backend == "auto" and device.type == "cuda"
+                                                  and self.memory == "linear")
+        if self.memory == "mlp":
+            return naive_chunk_mlp_memory
+        if not use_triton:
+            return naive_chunk_momentum_delta_rule
+        if n_tokens <= 64 and not torch.is_grad_enabled():
+            return fused_recurrent_momentum_delta_rule
+        return chunk_momentum_delta_rule
+
+    def _project(self, x, proj, conv, conv_state, use_cache, cu_seqlens):
+        y = proj(x)
+        if not self.use_short_conv:
+            return F.silu(y), None
+        return conv(y, cache=conv_state, output_final_state=use_cache, cu_seqlens=cu_seqlens)
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                past_key_values=None, use_cache: bool | None = False, output_attentions: bool | None = False,
+                **kwargs):
+        if hidden_states.ndim != 3 or hidden_states.shape[-1] != self.hidden_size:
+            raise ValueError(f"`hidden_states` must have shape [B, T, {self.hidden_size}], "
+                             f"got {list(hidden_states.shape)}")
+        if attention_mask is not None and (attention_mask.ndim != 2 or attention_mask.shape[0] != hidden_states.shape[0]
+                                           or attention_mask.shape[1] < hidden_states.shape[1]):
+            raise ValueError("`attention_mask` must be a 0/1 padding mask [B, T_total] with T_total >= T (past and "
+                             f"new tokens when decoding), B = {hidden_states.shape[0]}, T = {hidden_states.shape[1]}; "
+                             f"got {list(attention_mask.shape)}")
+        B, T, _ = hidden_states.shape
+        H, Dk = self.num_heads, self.head_dim
+        last_state = get_layer_cache(self, past_key_values)
+        x, indices, cu_seqlens = unpad_hidden_states(hidden_states, kwargs.get("cu_seqlens"), attention_mask, T)
+
+        conv_states = last_state["conv_state"] if last_state is not None and self.use_short_conv else (None,) * 3
+        q, cq = self._project(x, self.q_proj, getattr(self, "q_conv", None), conv_states[0], use_cache, cu_seqlens)
+        k, ck = self._project(x, self.k_proj, getattr(self, "k_conv", None), conv_states[1], use_cache, cu_seqlens)
+        v, cv = self._project(x, self.v_proj, getattr(self, "v_conv", None), conv_states[2], use_cache, cu_seqlens)
+        q = F.normalize(q.unflatten(-1, (H, Dk)), dim=-1)  # [b, t, H, K]
+        k = F.normalize(k.unflatten(-1, (H, Dk)), dim=-1)
+        v = v.unflatten(-1, (H, Dk))  # [b, t, H, V]
+        alpha = torch.sigmoid(self.alpha_proj(x).float())  # [b, t, H]
+        eta = torch.sigmoid(self.eta_proj(x).float())
+        theta = self.max_step_size * torch.sigmoid(self.theta_proj(x).float())
+
+        state = last_state["recurrent_state"] if last_state is not None else None
+        if state is None:
+            state = self.initial_state()
+        op = self._memory_op(x.device, x.shape[1])
+        extra = dict(activation=self.activation, residual=self.mlp_residual) if self.memory == "mlp" else {}
+        o, state = op(q, k, v, alpha.to(q.dtype), eta.to(q.dtype), theta.to(q.dtype), chunk_size=self.chunk_size,
+                      initial_state=state, output_final_state=bool(use_cache), cu_seqlens=cu_seqlens, **extra)
+
+        update_layer_cache(self, past_key_values, recurrent_state=state,
+                           conv_state=(cq, ck, cv) if self.use_short_conv else None, offset=T)
+        if self.use_output_norm:
+            o = self.o_norm(o)
+        if self.use_output_gate:
+            o = o * torch.sigmoid(self.g_proj(x)).unflatten(-1, (H, Dk))
+        o = self.o_proj(o.flatten(-2))
+        o = repad_hidden_states(o, indices, B, T)
+        return o, None, past_key_values

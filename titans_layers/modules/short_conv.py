@@ -1,0 +1,68 @@
+"""Causal depthwise short convolution in PyTorch: packed sequences, a decode cache, any device."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def sequence_starts(cu_seqlens: torch.Tensor, n_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """For packed tokens ``[n_tokens]``: the sequence each belongs to and its position in it."""
+    seq = torch.searchsorted(cu_seqlens[1:], torch.arange(n_tokens, device=cu_seqlens.device), right=True)
+    pos = torch.arange(n_tokens, device=cu_seqlens.device) - cu_seqlens[seq]
+    return seq, pos
+
+
+class ShortConvolution(nn.Module):
+    """Causal depthwise 1-D convolution over time followed by SiLU, as in fla's layers.
+
+    ``forward(x [1, T, D] packed or [B, T, D], cache=None, output_final_state=False,
+    cu_seqlens=None) -> (y [same shape], cache [N, kernel_size - 1, D] or None)``: each sequence
+    (a row, or a ``cu_seqlens`` segment) sees only its own past, or the ``cache`` of its last
+    ``kernel_size - 1`` inputs from a previous call.
+    """
+
+    def __init__(self, channels: int, kernel_size: int = 4, bias: bool = False, activation: bool = True):
+        super().__init__()
+        if not isinstance(kernel_size, int) or kernel_size < 1:
+            raise ValueError(f"`kernel_size` must be an int >= 1, got {kernel_size!r}")
+        self.channels, self.kernel_size, self.activation = channels, kernel_size, activation
+        self.weight = nn.Parameter(torch.empty(channels, kernel_size))  # [D, W], tap W-1 is the current token
+        self.bias = nn.Parameter(torch.zeros(channels)) if bias else None
+        nn.init.kaiming_uniform_(self.weight, a=5 ** 0.5)
+
+    def forward(self, x: torch.Tensor, cache: torch.Tensor | None = None, output_final_state: bool = False,
+                cu_seqlens: torch.Tensor | None = None):
+        B, T, D = x.shape
+        W = self.kernel_size
+        if cu_seqlens is None:
+            cu_seqlens = torch.arange(0, (B + 1) * T, T, device=x.device)
+        N = cu_seqlens.numel() - 1
+        flat = x.reshape(B * T, D)
+        if cache is None:
+            cache = x.new_zeros(N, W - 1, D)
+        elif cache.shape != (N, W - 1, D):
+            raise ValueError(f"`cache` must have shape [N, kernel_size - 1, D] = [{N}, {W - 1}, {D}], "
+                             f"got {list(cache.shape)}")
+        # one buffer holding the tokens, then every sequence's cached history
+        src = torch.cat([flat, cache.reshape(N * (W - 1), D).to(flat.dtype)], dim=0)  # [B*T + N*(W-1), D]
+        seq, pos = sequence_starts(cu_seqlens, B * T)
+        lag = torch.arange(W - 1, -1, -1, device=x.device)  # tap j looks back W-1-j tokens
+        rel = pos[:, None] - lag[None, :]  # [B*T, W] position of the input within its sequence
+        from_cache = B * T + seq[:, None] * (W - 1) + (W - 1 + rel).clamp(min=0)
+        idx = torch.where(rel >= 0, torch.arange(B * T, device=x.device)[:, None] - lag[None, :], from_cache)
+        y = (src[idx] * self.weight.t().to(flat.dtype)[None]).sum(1)  # [B*T, D]
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        if self.activation:
+            y = F.silu(y)
+        new_cache = None
+        if output_final_state:
+            lengths = cu_seqlens[1:] - cu_seqlens[:-1]  # [N]
+            back = torch.arange(W - 1, 0, -1, device=x.device)  # the last W-1 positions
+            rel_end = lengths[:, None] - back[None, :]  # [N, W-1]
+            tok = cu_seqlens[:-1, None] + rel_end
+            hist = B * T + torch.arange(N, device=x.device)[:, None] * (W - 1) + (W - 1 + rel_end).clamp(min=0)
+            new_cache = src[torch.where(rel_end >= 0, tok, hist)]  # [N, W-1, D]
+        return y.reshape(B, T, D), new_cache

@@ -1,0 +1,138 @@
+"""SlidingWindowAttention against a dense softmax reference; PersistentMemory; MemoryGate."""
+
+import math
+
+import pytest
+import torch
+from fla.models.utils import Cache
+
+from titans_layers.modules import MemoryGate, PersistentMemory, SlidingWindowAttention
+from titans_layers.modules.sliding_window_attention import rotary
+from titans_layers.testing import assert_close
+
+D, H, HK = 32, 4, 2
+
+
+def dense_reference(layer, x, prefix=None, prefix_positions=None):
+    """Softmax attention with an explicit [T, T] window mask (and prefix keys)."""
+    B, T, _ = x.shape
+    d, W, groups = layer.head_dim, layer.window_size, layer.num_heads // layer.num_kv_heads
+    positions = torch.arange(T).expand(B, T)
+    q = rotary(layer.q_proj(x).unflatten(-1, (layer.num_heads, d)), positions, layer.rope_base)
+    k = rotary(layer.k_proj(x).unflatten(-1, (layer.num_kv_heads, d)), positions, layer.rope_base)
+    v = layer.v_proj(x).unflatten(-1, (layer.num_kv_heads, d))
+    k, v = k.repeat_interleave(groups, 2), v.repeat_interleave(groups, 2)
+    t = torch.arange(T)
+    mask = (t[None, :] <= t[:, None]) & (t[None, :] > t[:, None] - W)  # [T, T]
+    if prefix is not None:
+        pk = layer.k_proj(prefix).unflatten(-1, (layer.num_kv_heads, d)).repeat_interleave(groups, 2)
+        pv = layer.v_proj(prefix).unflatten(-1, (layer.num_kv_heads, d)).repeat_interleave(groups, 2)
+        k, v = torch.cat([pk.expand(B, -1, -1, -1), k], 1), torch.cat([pv.expand(B, -1, -1, -1), v], 1)
+        mask = torch.cat([prefix_positions[None, :] <= t[:, None], mask], dim=1)
+    scores = torch.einsum("bthd,bshd->bhts", q, k) / math.sqrt(d)
+    attn = scores.masked_fill(~mask, float("-inf")).softmax(-1)
+    return layer.o_proj(torch.einsum("bhts,bshd->bthd", attn, v).flatten(-2))
+
+
+def make(window=5, **kw):
+    torch.manual_seed(0)
+    return SlidingWindowAttention(D, H, window, num_kv_heads=HK, layer_idx=0, **kw)
+
+
+def x_(B=2, T=13, seed=1):
+    return torch.randn(B, T, D, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("window", [1, 3, 5, 40])
+def test_matches_dense_reference(window):
+    layer = make(window)
+    x = x_()
+    o, attn, _ = layer(x)
+    assert attn is None
+    assert_close("output", o, dense_reference(layer, x), 1e-5)
+
+
+def test_prefix_tokens_follow_their_positions():
+    """Persistent tokens (-1) are visible everywhere, retrieved token i only from position i on."""
+    layer = make(3)
+    x, prefix = x_(), torch.randn(1, 4, D)
+    positions = torch.tensor([-1, -1, 2, 7])
+    o, _, _ = layer(x, prefix_states=prefix, prefix_positions=positions)
+    assert_close("output", o, dense_reference(layer, x, prefix, positions), 1e-5)
+
+
+@pytest.mark.parametrize("prefill", [1, 4, 9])
+def test_cached_decoding_equals_full_forward(prefill):
+    layer = make(4).eval()
+    x = x_()
+    with torch.no_grad():
+        full, _, _ = layer(x)
+        cache = Cache()
+        o, _, cache = layer(x[:, :prefill], past_key_values=cache, use_cache=True)
+        outs = [o]
+        for t in range(prefill, x.shape[1]):
+            o, _, cache = layer(x[:, t:t + 1], past_key_values=cache, use_cache=True)
+            outs.append(o)
+    assert_close("decoded", torch.cat(outs, dim=1), full, 1e-5)
+    state = cache[0]["recurrent_state"]
+    assert state.k.shape == (2, 3, HK, layer.head_dim), "the KV cache keeps only the window"
+
+
+def test_padding_and_packing_equal_separate_sequences():
+    layer = make(4)
+    x = x_(B=2, T=13)
+    mask = torch.ones(2, 13, dtype=torch.long)
+    mask[1, :6] = 0
+    o, _, _ = layer(x, attention_mask=mask)
+    alone, _, _ = layer(x[1:, 6:])
+    assert_close("left-padded row", o[1:, 6:], alone, 1e-5)
+    cu = torch.tensor([0, 4, 4, 13])
+    packed, _, _ = layer(x[:1], cu_seqlens=cu)
+    a, _, _ = layer(x[:1, :4])
+    b, _, _ = layer(x[:1, 4:])
+    assert_close("packed", packed, torch.cat([a, b], dim=1), 1e-5)
+    o.square().sum().backward()
+    assert all(torch.isfinite(p.grad).all() for p in layer.parameters())
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(window_size=0), "`window_size`"), (dict(num_kv_heads=3), "`num_kv_heads`"),
+    (dict(num_heads=5), "divisible by `num_heads`"),
+])
+def test_bad_arguments_name_the_argument(kwargs, match):
+    args = dict(hidden_size=D, num_heads=H, window_size=4)
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=match):
+        SlidingWindowAttention(**args)
+    layer = make(4)
+    with pytest.raises(ValueError, match="`prefix_states`"):
+        layer(x_(), prefix_states=torch.randn(3, 2, D))
+    with pytest.raises(ValueError, match="`prefix_positions`"):
+        layer(x_(), prefix_states=torch.randn(1, 2, D), prefix_positions=torch.zeros(3, dtype=torch.long))
+
+
+def test_persistent_memory_prepends_and_strips():
+    pm = PersistentMemory(3, D)
+    x = x_()
+    y = pm.prepend(x)
+    assert y.shape == (2, 16, D) and torch.equal(y[:, :3], pm.tokens.expand(2, -1, -1))
+    assert torch.equal(pm.strip(y), x)
+    assert pm.prefix().shape == (1, 3, D)
+    with pytest.raises(ValueError, match="`num_tokens`"):
+        PersistentMemory(0, D)
+    with pytest.raises(ValueError, match="`x`"):
+        pm.prepend(torch.randn(2, 4, D + 1))
+
+
+def test_memory_gate_normalises_both_branches():
+    gate = MemoryGate(D)
+    a, m = x_(), x_(seed=2)
+    out = gate(a, m)
+    expected = a * torch.rsqrt(a.pow(2).mean(-1, keepdim=True) + 1e-5) * torch.sigmoid(
+        m * torch.rsqrt(m.pow(2).mean(-1, keepdim=True) + 1e-5))
+    assert_close("gate", out, expected, 1e-6)
+    assert_close("scale-free in a", gate(10 * a, m), out, 1e-5)
+    with pytest.raises(ValueError, match="`activation`"):
+        MemoryGate(D, activation="relu")
+    with pytest.raises(ValueError, match="one shape"):
+        gate(a, m[:, :3])

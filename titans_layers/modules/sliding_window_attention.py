@@ -1,0 +1,178 @@
+"""``SlidingWindowAttention``: causal softmax attention over a window, with prefix tokens, rotary
+positions, grouped KV heads and a KV cache that keeps only the window. Pure PyTorch (SDPA), so it
+runs on any device; on CUDA, SDPA dispatches to its fused kernels."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from fla.layers.utils import get_layer_cache, repad_hidden_states, unpad_hidden_states, update_layer_cache
+
+from titans_layers.modules.short_conv import sequence_starts
+
+
+class WindowKVCache(NamedTuple):
+    """Per-sequence KV cache of a sliding window: the last ``window - 1`` keys and values
+    (right-aligned; rotary already applied to keys) and how many tokens each sequence has seen."""
+
+    k: torch.Tensor  # [N, window - 1, H_kv, d]
+    v: torch.Tensor  # [N, window - 1, H_kv, d]
+    seen: torch.Tensor  # [N] int64
+
+
+def rotary(x: torch.Tensor, positions: torch.Tensor, base: float) -> torch.Tensor:
+    """Rotary position embedding (rotate-half form) of ``x`` ``[..., T, H, d]`` at integer
+    ``positions`` ``[..., T]``."""
+    d = x.shape[-1]
+    inv_freq = 1.0 / (base ** (torch.arange(0, d // 2 * 2, 2, device=x.device, dtype=torch.float32) / d))
+    angles = positions.to(torch.float32)[..., None] * inv_freq  # [..., T, d/2]
+    cos, sin = angles.cos()[..., None, :], angles.sin()[..., None, :]  # [..., T, 1, d/2]
+    x1, x2 = x[..., : d // 2].float(), x[..., d // 2: d // 2 * 2].float()
+    out = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+    if d % 2:
+        out = torch.cat([out, x[..., -1:].float()], dim=-1)
+    return out.to(x.dtype)
+
+
+class SlidingWindowAttention(nn.Module):
+    """Causal softmax attention where position t sees positions ``t - window + 1 .. t`` of its own
+    sequence, plus prefix tokens (persistent or retrieved memory) given per call.
+
+    Args:
+        hidden_size: D. num_heads: query heads. num_kv_heads: key/value heads (grouped-query
+        attention; default num_heads). head_dim: default ``hidden_size // num_heads``.
+        window_size: W, tokens each position sees (itself included).
+        rope_base: rotary base (prefix tokens get no rotary: they have no position).
+        layer_idx: index of the layer in a model, for the cache.
+
+    ``forward(hidden_states [B, T, D], attention_mask=None, past_key_values=None, use_cache=False,
+    output_attentions=False, prefix_states=None, prefix_positions=None, **kwargs)
+    -> (o [B, T, D], None, past_key_values)``. ``prefix_states`` ``[N, P, D]`` (N sequences:
+    B, or ``len(cu_seqlens) - 1``; or ``[1, P, D]`` shared) are extra keys/values; prefix token p
+    is visible to the call's token t when ``prefix_positions[p] <= t`` (``[P]`` int, -1 = always:
+    MAC's rule that position j sees retrieved token i only when i <= j).
+    """
+
+    def __init__(self, hidden_size: int, num_heads: int, window_size: int, num_kv_heads: int | None = None,
+                 head_dim: int | None = None, rope_base: float = 10000.0, layer_idx: int | None = None):
+        super().__init__()
+        num_kv_heads = num_kv_heads or num_heads
+        for name, value in (("hidden_size", hidden_size), ("num_heads", num_heads), ("window_size", window_size),
+                            ("num_kv_heads", num_kv_heads)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"`{name}` must be a positive int, got {value!r}")
+        if num_heads % num_kv_heads:
+            raise ValueError(f"`num_heads` ({num_heads}) must be a multiple of `num_kv_heads` ({num_kv_heads})")
+        if head_dim is None:
+            if hidden_size % num_heads:
+                raise ValueError(f"`hidden_size` ({hidden_size}) must be divisible by `num_heads` ({num_heads}) "
+                                 f"when `head_dim` is not given")
+            head_dim = hidden_size // num_heads
+        self.hidden_size, self.num_heads, self.num_kv_heads, self.head_dim = hidden_size, num_heads, num_kv_heads, \
+            head_dim
+        self.window_size, self.rope_base, self.layer_idx = window_size, rope_base, layer_idx
+        self.q_proj = nn.Linear(hidden_size, num_heads * head_dim, bias=False)
+        self.k_proj = nn.Linear(hidden_size, num_kv_heads * head_dim, bias=False)
+        self.v_proj = nn.Linear(hidden_size, num_kv_heads * head_dim, bias=False)
+        self.o_proj = nn.Linear(num_heads * head_dim, hidden_size, bias=False)
+
+    def _heads(self, x: torch.Tensor, proj: nn.Linear, heads: int) -> torch.Tensor:
+        return proj(x).unflatten(-1, (heads, self.head_dim))
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, past_key_values=None,
+                use_cache: bool | None = False, output_attentions: bool | None = False,
+                prefix_states: torch.Tensor | None = None, prefix_positions: torch.Tensor | None = None, **kwargs):
+        if hidden_states.ndim != 3 or hidden_states.shape[-1] != self.hidden_size:
+            raise ValueError(f"`hidden_states` must have shape [B, T, {self.hidden_size}], "
+                             f"got {list(hidden_states.shape)}")
+        B, T, _ = hidden_states.shape
+        x, indices, cu_seqlens = unpad_hidden_states(hidden_states, kwargs.get("cu_seqlens"), attention_mask, T)
+        flat = x.reshape(-1, self.hidden_size)  # [n_tokens, D]
+        n_tokens = flat.shape[0]
+        if cu_seqlens is None:
+            cu_seqlens = torch.arange(0, (B + 1) * T, T, device=x.device)
+        N = cu_seqlens.numel() - 1
+        W, Hq, Hk, d = self.window_size, self.num_heads, self.num_kv_heads, self.head_dim
+
+        last = get_layer_cache(self, past_key_values)
+        cache: WindowKVCache | None = last["recurrent_state"] if last is not None else None
+        if cache is None:
+            cache = WindowKVCache(k=flat.new_zeros(N, W - 1, Hk, d), v=flat.new_zeros(N, W - 1, Hk, d),
+                                  seen=torch.zeros(N, dtype=torch.long, device=x.device))
+        seq, pos = sequence_starts(cu_seqlens, n_tokens)  # [n_tokens]
+        lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
+        L = max(lengths, default=0)
+        q = rotary(self._heads(flat, self.q_proj, Hq), cache.seen[seq] + pos, self.rope_base)  # [n, Hq, d]
+        k = rotary(self._heads(flat, self.k_proj, Hk), cache.seen[seq] + pos, self.rope_base)  # [n, Hk, d]
+        v = self._heads(flat, self.v_proj, Hk)
+
+        # per-sequence layout: queries [N, L], keys [N, P + (W - 1) + L] = prefix, cached window, new
+        def padded(t):
+            out = t.new_zeros(N, L, *t.shape[1:])
+            out[seq, pos] = t
+            return out
+
+        qp, kp, vp = padded(q), padded(k), padded(v)
+        P = 0
+        keys, values = [cache.k.to(k.dtype), kp], [cache.v.to(v.dtype), vp]
+        if prefix_states is not None:
+            if prefix_states.ndim != 3 or prefix_states.shape[0] not in (1, N) or \
+                    prefix_states.shape[-1] != self.hidden_size:
+                raise ValueError(f"`prefix_states` must have shape [N or 1, P, {self.hidden_size}] with N = {N}, "
+                                 f"got {list(prefix_states.shape)}")
+            P = prefix_states.shape[1]
+            pk = self._heads(prefix_states, self.k_proj, Hk).expand(N, -1, -1, -1)
+            pv = self._heads(prefix_states, self.v_proj, Hk).expand(N, -1, -1, -1)
+            keys, values = [pk] + keys, [pv] + values
+        if prefix_positions is None:
+            prefix_positions = torch.full((P,), -1, dtype=torch.long, device=x.device)
+        elif prefix_positions.shape != (P,):
+            raise ValueError(f"`prefix_positions` must have shape [P] = [{P}], got {list(prefix_positions.shape)}")
+        K_all, V_all = torch.cat(keys, dim=1), torch.cat(values, dim=1)  # [N, P + W - 1 + L, Hk, d]
+
+        # what each key is: its position relative to the call's first token, and whether it exists
+        seen = cache.seen[:, None]  # [N, 1]
+        cache_rel = torch.arange(-(W - 1), 0, device=x.device)[None, :].expand(N, -1)  # [N, W - 1]
+        cache_ok = (seen + cache_rel) >= 0
+        new_rel = torch.arange(L, device=x.device)[None, :].expand(N, -1)
+        lens = torch.tensor(lengths, device=x.device)  # [N]
+        new_ok = new_rel < lens[:, None]
+        key_rel = torch.cat([cache_rel, new_rel], dim=1)  # [N, W - 1 + L]
+        key_ok = torch.cat([cache_ok, new_ok], dim=1)
+
+        out = qp.new_zeros(N, L, Hq, d)
+        block = W
+        for t0 in range(0, L, block):
+            t1 = min(L, t0 + block)
+            k0 = t0  # window keys for queries t0..t1-1: relative positions t0-W+1 .. t1-1 -> slots t0 .. t1+W-2
+            k1 = t1 + W - 1
+            kb = torch.cat([K_all[:, :P], K_all[:, P + k0:P + k1]], dim=1)  # [N, P + span, Hk, d]
+            vb = torch.cat([V_all[:, :P], V_all[:, P + k0:P + k1]], dim=1)
+            tq = torch.arange(t0, t1, device=x.device)  # [bq]
+            rel = key_rel[:, k0:k1]  # [N, span]
+            visible = key_ok[:, None, k0:k1] & (rel[:, None, :] <= tq[None, :, None]) & \
+                (rel[:, None, :] > tq[None, :, None] - W)  # [N, bq, span]
+            pre = (prefix_positions[None, None, :] <= tq[None, :, None]).expand(N, -1, -1)  # [N, bq, P]
+            mask = torch.cat([pre, visible], dim=-1)  # [N, bq, P + span]
+            # padding query slots (past a sequence's end) see everything: finite, and discarded
+            is_pad = tq[None, :] >= lens[:, None]  # [N, bq]
+            mask = (mask | is_pad[:, :, None])[:, None]  # [N, 1, bq, P + span]
+            qb = qp[:, t0:t1].transpose(1, 2)  # [N, Hq, bq, d]
+            kbh = kb.transpose(1, 2).repeat_interleave(Hq // Hk, dim=1)  # [N, Hq, P + span, d]
+            vbh = vb.transpose(1, 2).repeat_interleave(Hq // Hk, dim=1)
+            ob = F.scaled_dot_product_attention(qb, kbh, vbh, attn_mask=mask)  # [N, Hq, bq, d]
+            out[:, t0:t1] = ob.transpose(1, 2)
+        o = self.o_proj(out[seq, pos].flatten(-2))  # [n_tokens, D]
+
+        if use_cache:
+            total = torch.cat([cache.k.to(k.dtype), kp], dim=1), torch.cat([cache.v.to(v.dtype), vp], dim=1)
+            take = (W - 1 + lens)[:, None] - torch.arange(W - 1, 0, -1, device=x.device)[None, :]  # [N, W - 1]
+            rows = torch.arange(N, device=x.device)[:, None]
+            new_cache = WindowKVCache(k=total[0][rows, take], v=total[1][rows, take], seen=cache.seen + lens)
+            update_layer_cache(self, past_key_values, recurrent_state=new_cache, offset=T)
+        o = repad_hidden_states(o.reshape(1, n_tokens, -1) if indices is not None else o.reshape(B, T, -1),
+                                indices, B, T)
+        return o, None, past_key_values

@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from fla.models.utils import Cache
+from layer_helpers import decode_token_by_token
 
 from titans_layers.modules import MemoryGate, PersistentMemory, SlidingWindowAttention
 from titans_layers.modules.sliding_window_attention import rotary
@@ -67,13 +67,8 @@ def test_cached_decoding_equals_full_forward(prefill):
     x = x_()
     with torch.no_grad():
         full, _, _ = layer(x)
-        cache = Cache()
-        o, _, cache = layer(x[:, :prefill], past_key_values=cache, use_cache=True)
-        outs = [o]
-        for t in range(prefill, x.shape[1]):
-            o, _, cache = layer(x[:, t:t + 1], past_key_values=cache, use_cache=True)
-            outs.append(o)
-    assert_close("decoded", torch.cat(outs, dim=1), full, 1e-5)
+    decoded, cache = decode_token_by_token(layer, x, prefill)
+    assert_close("decoded", decoded, full, 1e-5)
     state = cache[0]["recurrent_state"]
     assert state.k.shape == (2, 3, HK, layer.head_dim), "the KV cache keeps only the window"
 

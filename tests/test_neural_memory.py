@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from fla.models.utils import Cache
+from layer_helpers import decode_token_by_token
 
 from titans_layers.modules import NeuralMemory
 from titans_layers.testing import assert_close
@@ -57,13 +57,8 @@ def test_cached_decoding_equals_full_forward(memory, prefill):
     x = inputs()
     with torch.no_grad():
         full, _, _ = layer(x)
-        cache = Cache()
-        o, _, cache = layer(x[:, :prefill], past_key_values=cache, use_cache=True)
-        outs = [o]
-        for t in range(prefill, x.shape[1]):
-            o, _, cache = layer(x[:, t:t + 1], past_key_values=cache, use_cache=True)
-            outs.append(o)
-    assert_close("decoded", torch.cat(outs, dim=1), full, 1e-5)
+    decoded, cache = decode_token_by_token(layer, x, prefill)
+    assert_close("decoded", decoded, full, 1e-5)
     assert cache.get_seq_length(0) == x.shape[1]
 
 
@@ -74,14 +69,7 @@ def test_cached_decoding_with_left_padding():
     mask[0, :3] = 0
     with torch.no_grad():
         full, _, _ = layer(x, attention_mask=mask)
-        cache = Cache()
-        o, _, cache = layer(x[:, :7], attention_mask=mask[:, :7], past_key_values=cache, use_cache=True)
-        outs = [o]
-        for t in range(7, 10):
-            o, _, cache = layer(x[:, t:t + 1], attention_mask=mask[:, :t + 1], past_key_values=cache,
-                                use_cache=True)
-            outs.append(o)
-    got = torch.cat(outs, dim=1)
+    got, _ = decode_token_by_token(layer, x, 7, attention_mask=mask)
     assert_close("decoded, row 0", got[0, 3:], full[0, 3:], 1e-5)
     assert_close("decoded, row 1", got[1], full[1], 1e-5)
 

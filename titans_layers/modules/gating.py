@@ -6,6 +6,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from titans_layers.modules.checks import positive_int
+
 GATE_ACTIVATIONS = {"sigmoid": torch.sigmoid, "silu": F.silu}
 
 
@@ -19,8 +21,7 @@ class MemoryGate(nn.Module):
 
     def __init__(self, hidden_size: int, activation: str = "sigmoid", norm_eps: float = 1e-5):
         super().__init__()
-        if isinstance(hidden_size, bool) or not isinstance(hidden_size, int) or hidden_size < 1:
-            raise ValueError(f"`hidden_size` must be a positive int, got {hidden_size!r}")
+        positive_int("hidden_size", hidden_size)
         if activation not in GATE_ACTIVATIONS:
             raise ValueError(f"`activation` must be one of {tuple(GATE_ACTIVATIONS)}, got {activation!r}")
         self.norm_a = nn.RMSNorm(hidden_size, eps=norm_eps)

@@ -9,6 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from fla.layers.utils import get_layer_cache, repad_hidden_states, unpad_hidden_states, update_layer_cache
 
+from titans_layers.modules.checks import positive_int
 from titans_layers.modules.short_conv import ShortConvolution
 from titans_layers.ops import (chunk_momentum_delta_rule, fused_recurrent_momentum_delta_rule,
                                naive_chunk_mlp_memory, naive_chunk_momentum_delta_rule)
@@ -16,12 +17,6 @@ from titans_layers.ops.mlp_memory.naive import ACTIVATIONS
 
 MEMORIES = ("linear", "mlp")
 BACKENDS = ("auto", "triton", "torch")
-
-
-def _positive_int(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"`{name}` must be a positive int, got {value!r}")
-    return value
 
 
 def _inverse_sigmoid(p: float) -> float:
@@ -68,8 +63,8 @@ class NeuralMemory(nn.Module):
                  use_output_gate: bool = True, use_output_norm: bool = True, norm_eps: float = 1e-5,
                  backend: str = "auto", layer_idx: int | None = None):
         super().__init__()
-        self.hidden_size = _positive_int("hidden_size", hidden_size)
-        self.num_heads = _positive_int("num_heads", num_heads)
+        self.hidden_size = positive_int("hidden_size", hidden_size)
+        self.num_heads = positive_int("num_heads", num_heads)
         if memory not in MEMORIES:
             raise ValueError(f"`memory` must be one of {MEMORIES}, got {memory!r}")
         if head_dim is None:
@@ -77,8 +72,8 @@ class NeuralMemory(nn.Module):
                 raise ValueError(f"`hidden_size` ({hidden_size}) must be divisible by `num_heads` ({num_heads}) "
                                  f"when `head_dim` is not given")
             head_dim = hidden_size // num_heads
-        self.head_dim = _positive_int("head_dim", head_dim)
-        self.chunk_size = _positive_int("chunk_size", chunk_size)
+        self.head_dim = positive_int("head_dim", head_dim)
+        self.chunk_size = positive_int("chunk_size", chunk_size)
         if activation not in ACTIVATIONS:
             raise ValueError(f"`activation` must be one of {ACTIVATIONS}, got {activation!r}")
         if not (isinstance(max_step_size, (int, float)) and max_step_size > 0):
@@ -98,7 +93,7 @@ class NeuralMemory(nn.Module):
         self.k_proj = nn.Linear(hidden_size, inner, bias=False)
         self.v_proj = nn.Linear(hidden_size, inner, bias=False)
         if use_short_conv:
-            self.q_conv = ShortConvolution(inner, _positive_int("conv_size", conv_size))
+            self.q_conv = ShortConvolution(inner, positive_int("conv_size", conv_size))
             self.k_conv = ShortConvolution(inner, conv_size)
             self.v_conv = ShortConvolution(inner, conv_size)
         # gates: forget ~ 0.01, momentum ~ 0.9, step ~ max_step_size / 2 at initialisation
@@ -111,7 +106,7 @@ class NeuralMemory(nn.Module):
         if memory == "linear":
             self.init_M = nn.Parameter(torch.zeros(1, H, Dk, Dk))  # [1, H, K, V] learned initial memory
         else:
-            Dh = _positive_int("mlp_expansion", mlp_expansion) * Dk
+            Dh = positive_int("mlp_expansion", mlp_expansion) * Dk
             self.init_W1 = nn.Parameter(torch.randn(1, H, Dk, Dh) / math.sqrt(Dk))  # [1, H, K, Dh]
             self.init_W2 = nn.Parameter(torch.randn(1, H, Dh, Dk) * 0.1 / math.sqrt(Dh))  # [1, H, Dh, V]
         if use_output_norm:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from titans_layers.modules.checks import positive_int
+
 
 class PersistentMemory(nn.Module):
     """N_p learned tokens ``[N_p, D]`` (the paper's persistent memory: task knowledge that does
@@ -24,9 +26,8 @@ class PersistentMemory(nn.Module):
 
     def __init__(self, num_tokens: int, hidden_size: int, init_std: float = 0.02):
         super().__init__()
-        for name, value in (("num_tokens", num_tokens), ("hidden_size", hidden_size)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"`{name}` must be a positive int, got {value!r}")
+        positive_int("num_tokens", num_tokens)
+        positive_int("hidden_size", hidden_size)
         self.num_tokens = num_tokens
         self.tokens = nn.Parameter(torch.randn(num_tokens, hidden_size) * init_std)  # [N_p, D]
 

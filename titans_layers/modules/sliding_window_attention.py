@@ -11,6 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from fla.layers.utils import get_layer_cache, repad_hidden_states, unpad_hidden_states, update_layer_cache
 
+from titans_layers.modules.checks import positive_int
 from titans_layers.modules.short_conv import sequence_starts
 
 
@@ -62,8 +63,7 @@ class SlidingWindowAttention(nn.Module):
         num_kv_heads = num_kv_heads or num_heads
         for name, value in (("hidden_size", hidden_size), ("num_heads", num_heads), ("window_size", window_size),
                             ("num_kv_heads", num_kv_heads)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"`{name}` must be a positive int, got {value!r}")
+            positive_int(name, value)
         if num_heads % num_kv_heads:
             raise ValueError(f"`num_heads` ({num_heads}) must be a multiple of `num_kv_heads` ({num_kv_heads})")
         if head_dim is None:

@@ -33,6 +33,8 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
 
+from titans_layers.ops.common.triton_utils import is_interpreting
+
 # Quantiles asked from do_bench, in the order its answer comes back.
 QUANTILES = (0.5, 0.2, 0.8)
 
@@ -42,11 +44,6 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # --------------------------------------------------------------------------------------------
 # Device and environment
 # --------------------------------------------------------------------------------------------
-
-def is_interpreting() -> bool:
-    """True when Triton runs kernels with its CPU interpreter (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
 
 def default_device() -> torch.device:
     """The first CUDA device when there is one, else the CPU."""

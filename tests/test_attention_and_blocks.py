@@ -92,7 +92,7 @@ def test_padding_and_packing_equal_separate_sequences():
 
 @pytest.mark.parametrize("kwargs, match", [
     (dict(window_size=0), "`window_size`"), (dict(num_kv_heads=3), "`num_kv_heads`"),
-    (dict(num_heads=5), "divisible by `num_heads`"),
+    (dict(num_heads=5), "divisible by `num_heads`"), (dict(head_dim=0), "`head_dim`"),
 ])
 def test_bad_arguments_name_the_argument(kwargs, match):
     args = dict(hidden_size=D, num_heads=H, window_size=4)

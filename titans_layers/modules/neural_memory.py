@@ -9,7 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from fla.layers.utils import get_layer_cache, repad_hidden_states, unpad_hidden_states, update_layer_cache
 
-from titans_layers.modules.checks import positive_int
+from titans_layers.modules.checks import head_dim_for, positive_int
 from titans_layers.modules.short_conv import ShortConvolution
 from titans_layers.ops import (chunk_momentum_delta_rule, fused_recurrent_momentum_delta_rule,
                                naive_chunk_mlp_memory, naive_chunk_momentum_delta_rule)
@@ -67,12 +67,7 @@ class NeuralMemory(nn.Module):
         self.num_heads = positive_int("num_heads", num_heads)
         if memory not in MEMORIES:
             raise ValueError(f"`memory` must be one of {MEMORIES}, got {memory!r}")
-        if head_dim is None:
-            if hidden_size % num_heads:
-                raise ValueError(f"`hidden_size` ({hidden_size}) must be divisible by `num_heads` ({num_heads}) "
-                                 f"when `head_dim` is not given")
-            head_dim = hidden_size // num_heads
-        self.head_dim = positive_int("head_dim", head_dim)
+        self.head_dim = head_dim_for(hidden_size, num_heads, head_dim)
         self.chunk_size = positive_int("chunk_size", chunk_size)
         if activation not in ACTIVATIONS:
             raise ValueError(f"`activation` must be one of {ACTIVATIONS}, got {activation!r}")
@@ -120,11 +115,9 @@ class NeuralMemory(nn.Module):
         return (self.init_M,) if self.memory == "linear" else (self.init_W1, self.init_W2)
 
     def _memory_op(self, device: torch.device, n_tokens: int):
-        use_triton = self.backend == "triton" or (self.backend == "auto" and device.type == "cuda"
-                                                  and self.memory == "linear")
         if self.memory == "mlp":
             return naive_chunk_mlp_memory
-        if not use_triton:
+        if self.backend == "torch" or (self.backend == "auto" and device.type != "cuda"):
             return naive_chunk_momentum_delta_rule
         if n_tokens <= 64 and not torch.is_grad_enabled():
             return fused_recurrent_momentum_delta_rule

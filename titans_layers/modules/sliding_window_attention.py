@@ -11,7 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from fla.layers.utils import get_layer_cache, repad_hidden_states, unpad_hidden_states, update_layer_cache
 
-from titans_layers.modules.checks import positive_int
+from titans_layers.modules.checks import head_dim_for, positive_int
 from titans_layers.modules.short_conv import sequence_starts
 
 
@@ -66,11 +66,7 @@ class SlidingWindowAttention(nn.Module):
             positive_int(name, value)
         if num_heads % num_kv_heads:
             raise ValueError(f"`num_heads` ({num_heads}) must be a multiple of `num_kv_heads` ({num_kv_heads})")
-        if head_dim is None:
-            if hidden_size % num_heads:
-                raise ValueError(f"`hidden_size` ({hidden_size}) must be divisible by `num_heads` ({num_heads}) "
-                                 f"when `head_dim` is not given")
-            head_dim = hidden_size // num_heads
+        head_dim = head_dim_for(hidden_size, num_heads, head_dim)
         self.hidden_size, self.num_heads, self.num_kv_heads, self.head_dim = hidden_size, num_heads, num_kv_heads, \
             head_dim
         self.window_size, self.rope_base, self.layer_idx = window_size, rope_base, layer_idx

@@ -50,10 +50,6 @@ class ResolvedMLPState(NamedTuple):
     offset: torch.Tensor  # [N] int64
     offsets: list[int]  # the same on the host
 
-    @property
-    def hidden(self) -> int:
-        return self.W1.shape[-1]
-
 
 def hidden_size(initial_state) -> int:
     """Dh, read from the first-layer weights of ``initial_state`` (an MLP memory needs them)."""

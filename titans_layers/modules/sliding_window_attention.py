@@ -75,6 +75,16 @@ class SlidingWindowAttention(nn.Module):
         self.v_proj = nn.Linear(hidden_size, num_kv_heads * head_dim, bias=False)
         self.o_proj = nn.Linear(num_heads * head_dim, hidden_size, bias=False)
 
+    @staticmethod
+    def _max_length(x: torch.Tensor, lens: torch.Tensor, packed: bool) -> int:
+        """Query slots per sequence: the longest sequence, read on the host; under ``torch.compile``
+        (no host reads) all packed tokens, an upper bound that keeps the shapes static."""
+        if not packed:
+            return x.shape[1]
+        if torch.compiler.is_compiling():
+            return x.shape[1]
+        return int(lens.max().item()) if lens.numel() else 0
+
     def _heads(self, x: torch.Tensor, proj: nn.Linear, heads: int) -> torch.Tensor:
         return proj(x).unflatten(-1, (heads, self.head_dim))
 
@@ -99,8 +109,8 @@ class SlidingWindowAttention(nn.Module):
             cache = WindowKVCache(k=flat.new_zeros(N, W - 1, Hk, d), v=flat.new_zeros(N, W - 1, Hk, d),
                                   seen=torch.zeros(N, dtype=torch.long, device=x.device))
         seq, pos = sequence_starts(cu_seqlens, n_tokens)  # [n_tokens]
-        lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
-        L = max(lengths, default=0)
+        lens = cu_seqlens[1:] - cu_seqlens[:-1]  # [N]
+        L = self._max_length(x, lens, packed=indices is not None or kwargs.get("cu_seqlens") is not None)
         q = rotary(self._heads(flat, self.q_proj, Hq), cache.seen[seq] + pos, self.rope_base)  # [n, Hq, d]
         k = rotary(self._heads(flat, self.k_proj, Hk), cache.seen[seq] + pos, self.rope_base)  # [n, Hk, d]
         v = self._heads(flat, self.v_proj, Hk)
@@ -134,7 +144,6 @@ class SlidingWindowAttention(nn.Module):
         cache_rel = torch.arange(-(W - 1), 0, device=x.device)[None, :].expand(N, -1)  # [N, W - 1]
         cache_ok = (seen + cache_rel) >= 0
         new_rel = torch.arange(L, device=x.device)[None, :].expand(N, -1)
-        lens = torch.tensor(lengths, device=x.device)  # [N]
         new_ok = new_rel < lens[:, None]
         key_rel = torch.cat([cache_rel, new_rel], dim=1)  # [N, W - 1 + L]
         key_ok = torch.cat([cache_ok, new_ok], dim=1)

@@ -31,6 +31,7 @@ from titans_layers.ops.common.chunk_gates import chunk_gates
 from titans_layers.ops.common.layout import from_padded, make_layout, pad_op_inputs, sequence_lengths, to_chunks
 from titans_layers.ops.common.state_io import at_boundary
 from titans_layers.ops.common.validation import check_chunk_size, check_op_inputs, compute_dtype
+from titans_layers.ops.common.traceable import traceable
 from titans_layers.ops.mlp_memory.state import MLPMemoryState, resolve_mlp_state
 
 ACTIVATIONS = ("silu", "gelu")
@@ -132,6 +133,7 @@ def naive_recurrent_mlp_memory(q, k, v, alpha, eta, theta, *, chunk_size: int = 
     return o, (_final_state(W1, W2, S1, S2, a1, a2, offset, C) if output_final_state else None)
 
 
+@traceable("mlp_memory", "naive_chunk")
 def naive_chunk_mlp_memory(q, k, v, alpha, eta, theta, *, chunk_size: int = 16, initial_state=None,
                            output_final_state: bool = False, cu_seqlens=None, activation: str = "silu",
                            residual: bool = False):

@@ -10,6 +10,7 @@ import triton
 from titans_layers.ops.common.layout import sequence_lengths
 from titans_layers.ops.common.triton_utils import block_sizes, check_head_dims, check_triton_device, dot_precision
 from titans_layers.ops.common.validation import OpShape, check_chunk_size, check_op_inputs
+from titans_layers.ops.common.traceable import traceable
 from titans_layers.ops.momentum_delta_rule.chunk_kernels import (chunk_momentum_delta_rule_bwd_kernel,
                                                                  chunk_momentum_delta_rule_fwd_kernel)
 from titans_layers.ops.momentum_delta_rule.state import MomentumDeltaRuleState, resolve_initial_state
@@ -107,24 +108,36 @@ def chunk_bwd(q, k, v, alpha, eta, theta, W0, offset, cu_seqlens, plan: ChunkPla
 
 class ChunkMomentumDeltaRuleFunction(torch.autograd.Function):
     """Forward and backward through the Triton chunk kernels; the backward recomputes each tile
-    from the tile-start states the forward stored."""
+    from the tile-start states the forward stored (only when ``store_tiles``: a gradient is needed).
+    Written with ``setup_context`` so ``torch.func`` transforms (used under ``torch.compile``) work."""
 
     @staticmethod
-    def forward(ctx, q, k, v, alpha, eta, theta, M0, S0, W0, offset, cu_seqlens, plan):
-        store = any(ctx.needs_input_grad)
-        o, MT, ST, WT, tile_M, tile_S = chunk_fwd(q, k, v, alpha, eta, theta, M0, S0, W0, offset, cu_seqlens,
-                                                  plan, store_tiles=store)
-        if store:
+    def forward(q, k, v, alpha, eta, theta, M0, S0, W0, offset, cu_seqlens, plan, store_tiles):
+        return chunk_fwd(q, k, v, alpha, eta, theta, M0, S0, W0, offset, cu_seqlens, plan, store_tiles=store_tiles)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        q, k, v, alpha, eta, theta, M0, S0, W0, offset, cu_seqlens, plan, store_tiles = inputs
+        *_, tile_M, tile_S = output
+        if store_tiles:
             ctx.save_for_backward(q, k, v, alpha, eta, theta, W0, offset, cu_seqlens, tile_M, tile_S)
-            ctx.plan = plan
-        return o, MT, ST, WT
+        ctx.plan, ctx.store_tiles = plan, store_tiles
+        ctx.mark_non_differentiable(*(t for t in (tile_M, tile_S) if t is not None))
 
     @staticmethod
-    def backward(ctx, do, dMT, dST, dWT):
+    def backward(ctx, do, dMT, dST, dWT, *_):
+        if not ctx.store_tiles:
+            raise RuntimeError("chunk_momentum_delta_rule ran without keeping its tile states (no input needed a "
+                               "gradient at call time), so it cannot be differentiated")
         q, k, v, alpha, eta, theta, W0, offset, cu_seqlens, tile_M, tile_S = ctx.saved_tensors
         grads = chunk_bwd(q, k, v, alpha, eta, theta, W0, offset, cu_seqlens, ctx.plan, tile_M, tile_S,
                           do, dMT, dST, dWT)
-        return (*grads, None, None, None)
+        return (*grads, None, None, None, None)
+
+
+def needs_grad(*tensors) -> bool:
+    """Whether autograd will want gradients of any of ``tensors`` from this call."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
 def prepare_kernel_call(op_name, q, k, v, alpha, eta, theta, chunk_size, initial_state, cu_seqlens,
@@ -148,6 +161,7 @@ def pack_final_state(MT, ST, WT, plan: ChunkPlan, device) -> MomentumDeltaRuleSt
     return MomentumDeltaRuleState(M=MT, S=ST, anchor=WT, offset=offset, chunk_size=plan.chunk_size)
 
 
+@traceable("momentum_delta_rule", "chunk")
 def chunk_momentum_delta_rule(q, k, v, alpha, eta, theta, *, chunk_size: int = 16, initial_state=None,
                               output_final_state: bool = False, cu_seqlens=None):
     """Gated momentum-delta update (linear memory) with Triton chunkwise kernels, differentiable.
@@ -167,5 +181,6 @@ def chunk_momentum_delta_rule(q, k, v, alpha, eta, theta, *, chunk_size: int = 1
     """
     inputs, states, offset, plan = prepare_kernel_call("chunk_momentum_delta_rule", q, k, v, alpha, eta, theta,
                                                        chunk_size, initial_state, cu_seqlens, KERNEL_CHUNK_SIZES)
-    o, MT, ST, WT = ChunkMomentumDeltaRuleFunction.apply(*inputs, *states, offset, cu_seqlens, plan)
+    o, MT, ST, WT, _, _ = ChunkMomentumDeltaRuleFunction.apply(*inputs, *states, offset, cu_seqlens, plan,
+                                                               needs_grad(*inputs, *states))
     return o, (pack_final_state(MT, ST, WT, plan, q.device) if output_final_state else None)

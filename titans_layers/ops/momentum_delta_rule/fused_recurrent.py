@@ -16,6 +16,7 @@ import triton
 import triton.language as tl
 
 from titans_layers.ops.common.triton_utils import block_sizes, sequence_range
+from titans_layers.ops.common.traceable import traceable
 from titans_layers.ops.momentum_delta_rule.chunk import (KERNEL_CHUNK_SIZES, ChunkPlan, chunk_bwd, chunk_fwd,
                                                          pack_final_state, prepare_kernel_call)
 from titans_layers.ops.momentum_delta_rule.naive import naive_chunk_momentum_delta_rule
@@ -75,15 +76,18 @@ def fused_recurrent_fwd(q, k, v, alpha, eta, theta, M0, S0, W0, offset, cu_seqle
 
 
 class FusedRecurrentMomentumDeltaRuleFunction(torch.autograd.Function):
-    """Decode kernel forward; chunkwise (or naive_chunk) backward."""
+    """Decode kernel forward; chunkwise (or naive_chunk) backward. ``setup_context`` style, so
+    ``torch.func`` transforms work."""
 
     @staticmethod
-    def forward(ctx, q, k, v, alpha, eta, theta, M0, S0, W0, offset, cu_seqlens, plan):
-        o, MT, ST, WT = fused_recurrent_fwd(q, k, v, alpha, eta, theta, M0, S0, W0, offset, cu_seqlens, plan)
-        if any(ctx.needs_input_grad):
-            ctx.save_for_backward(q, k, v, alpha, eta, theta, M0, S0, W0, offset, cu_seqlens)
-            ctx.plan = plan
-        return o, MT, ST, WT
+    def forward(q, k, v, alpha, eta, theta, M0, S0, W0, offset, cu_seqlens, plan):
+        return fused_recurrent_fwd(q, k, v, alpha, eta, theta, M0, S0, W0, offset, cu_seqlens, plan)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        *tensors, plan = inputs
+        ctx.save_for_backward(*tensors)
+        ctx.plan = plan
 
     @staticmethod
     def backward(ctx, do, dMT, dST, dWT):
@@ -111,6 +115,7 @@ class FusedRecurrentMomentumDeltaRuleFunction(torch.autograd.Function):
         return (*grads, None, None, None)
 
 
+@traceable("momentum_delta_rule", "fused_recurrent")
 def fused_recurrent_momentum_delta_rule(q, k, v, alpha, eta, theta, *, chunk_size: int = 16, initial_state=None,
                                         output_final_state: bool = False, cu_seqlens=None):
     """Gated momentum-delta update (linear memory), one token at a time in a Triton kernel.

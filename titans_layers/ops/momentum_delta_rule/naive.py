@@ -34,6 +34,7 @@ from titans_layers.ops.common.chunk_gates import chunk_gates
 from titans_layers.ops.common.layout import from_padded, make_layout, pad_op_inputs, sequence_lengths, to_chunks
 from titans_layers.ops.common.state_io import at_boundary
 from titans_layers.ops.common.validation import check_chunk_size, check_op_inputs, compute_dtype
+from titans_layers.ops.common.traceable import traceable
 from titans_layers.ops.momentum_delta_rule.state import MomentumDeltaRuleState, resolve_initial_state
 
 def _final_anchor(M, anchor, offset_final):
@@ -84,6 +85,7 @@ def naive_recurrent_momentum_delta_rule(q, k, v, alpha, eta, theta, *, chunk_siz
     return o, MomentumDeltaRuleState(M=M, S=S, anchor=_final_anchor(M, anchor, offset), offset=offset, chunk_size=C)
 
 
+@traceable("momentum_delta_rule", "naive_chunk")
 def naive_chunk_momentum_delta_rule(q, k, v, alpha, eta, theta, *, chunk_size: int = 16, initial_state=None,
                                     output_final_state: bool = False, cu_seqlens=None):
     """Chunked (dual) form of the gated momentum-delta update in vectorised PyTorch.

@@ -11,6 +11,7 @@ from fla.layers.utils import get_layer_cache, repad_hidden_states, unpad_hidden_
 
 from titans_layers.modules.checks import head_dim_for, positive_int
 from titans_layers.modules.short_conv import ShortConvolution
+from titans_layers.ops.common.clipping import check_max_update_norm
 from titans_layers.ops import (chunk_momentum_delta_rule, fused_recurrent_momentum_delta_rule,
                                naive_chunk_mlp_memory, naive_chunk_momentum_delta_rule)
 from titans_layers.ops.mlp_memory.naive import ACTIVATIONS
@@ -45,6 +46,15 @@ class NeuralMemory(nn.Module):
         mlp_residual: MLP memory computes ``x + act(x @ W1) @ W2``.
         use_short_conv, conv_size: the short convolution on q, k, v and its width.
         max_step_size: upper bound of theta.
+        max_update_norm: None (default) or a bound ``c`` on each token's write to the memory,
+            ``||theta_t G_t||_F <= c`` (the step size is scaled down where the write would exceed
+            it; :mod:`titans_layers.ops.common.clipping`). Off by default: it changes the update
+            from the paper's (a Huber-type loss instead of the squared error), and with L2-normalised
+            keys and ``theta <= max_step_size`` a linear memory already takes bounded steps. Turn it
+            on for deep (MLP) memories, whose gradient is not bounded by the key norm, and for long
+            streams of untrusted input: a run of high-norm tokens then moves the memory by at most
+            ``c`` per token instead of by its error. Runs on the PyTorch ops (the Triton kernels
+            do not clip yet).
         use_output_gate, use_output_norm, norm_eps: output gate (sigmoid), per-head RMSNorm.
         backend: "auto" (Triton ops on CUDA where the memory has them, PyTorch elsewhere),
             "triton" or "torch". Both give the same results.
@@ -60,7 +70,7 @@ class NeuralMemory(nn.Module):
     def __init__(self, hidden_size: int, num_heads: int, memory: str = "linear", head_dim: int | None = None,
                  chunk_size: int = 16, mlp_expansion: int = 2, activation: str = "silu", mlp_residual: bool = False,
                  use_short_conv: bool = True, conv_size: int = 4, max_step_size: float = 0.1,
-                 use_output_gate: bool = True, use_output_norm: bool = True, norm_eps: float = 1e-5,
+                 max_update_norm: float | None = None, use_output_gate: bool = True, use_output_norm: bool = True, norm_eps: float = 1e-5,
                  backend: str = "auto", layer_idx: int | None = None):
         super().__init__()
         self.hidden_size = positive_int("hidden_size", hidden_size)
@@ -78,6 +88,10 @@ class NeuralMemory(nn.Module):
         if backend == "triton" and memory != "linear":
             raise ValueError("`backend='triton'` needs `memory='linear'`: the MLP memory's Triton kernels "
                              "are not written yet")
+        self.max_update_norm = check_max_update_norm(max_update_norm)
+        if backend == "triton" and max_update_norm is not None:
+            raise ValueError("`backend='triton'` cannot take `max_update_norm`: the Triton kernels do not clip "
+                             "updates yet; use backend='auto' or 'torch'")
         self.memory, self.activation, self.mlp_residual = memory, activation, mlp_residual
         self.max_step_size, self.backend, self.layer_idx = float(max_step_size), backend, layer_idx
         self.use_short_conv, self.use_output_gate, self.use_output_norm = use_short_conv, use_output_gate, \
@@ -117,7 +131,8 @@ class NeuralMemory(nn.Module):
     def _memory_op(self, device: torch.device, n_tokens: int):
         if self.memory == "mlp":
             return naive_chunk_mlp_memory
-        if self.backend == "torch" or (self.backend == "auto" and device.type != "cuda"):
+        if self.backend == "torch" or (self.backend == "auto" and device.type != "cuda") \
+                or self.max_update_norm is not None:
             return naive_chunk_momentum_delta_rule
         if n_tokens <= 64 and not torch.is_grad_enabled():
             return fused_recurrent_momentum_delta_rule
@@ -161,6 +176,8 @@ class NeuralMemory(nn.Module):
             state = self.initial_state()
         op = self._memory_op(x.device, x.shape[1])
         extra = dict(activation=self.activation, residual=self.mlp_residual) if self.memory == "mlp" else {}
+        if self.max_update_norm is not None:
+            extra["max_update_norm"] = self.max_update_norm
         o, state = op(q, k, v, alpha.to(q.dtype), eta.to(q.dtype), theta.to(q.dtype), chunk_size=self.chunk_size,
                       initial_state=state, output_final_state=bool(use_cache), cu_seqlens=cu_seqlens, **extra)
 

@@ -68,9 +68,11 @@ def _full_state(family: str, initial_state, q, v, N: int, chunk_size: int):
 
 
 def _run(q, k, v, alpha, eta, theta, weights, offset, cu_seqlens, family, impl, chunk_size, state_chunk_size,
-         activation, residual):
+         activation, residual, max_update_norm):
     cls, _ = FAMILIES[family]
     extra = dict(activation=activation, residual=residual) if family == "mlp_memory" else {}
+    if max_update_norm is not None:
+        extra["max_update_norm"] = max_update_norm
     state = cls(*weights, offset, state_chunk_size)
     o, final = _op(family, impl)(q, k, v, alpha, eta, theta, chunk_size=chunk_size, initial_state=state,
                                  output_final_state=True, cu_seqlens=cu_seqlens, **extra)
@@ -115,17 +117,18 @@ def _autograd_on():
 def memory_update(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, alpha: torch.Tensor, eta: torch.Tensor,
                   theta: torch.Tensor, weights: list[torch.Tensor], offset: torch.Tensor,
                   cu_seqlens: Optional[torch.Tensor], family: str, impl: str, chunk_size: int,
-                  state_chunk_size: int, activation: str, residual: bool) -> list[torch.Tensor]:
+                  state_chunk_size: int, activation: str, residual: bool,
+                  max_update_norm: Optional[float]) -> list[torch.Tensor]:
     """One memory update as an opaque op: returns ``[o, *final weights, final offset]``."""
     outputs = _run(q, k, v, alpha, eta, theta, weights, offset, cu_seqlens, family, impl, chunk_size,
-                   state_chunk_size, activation, residual)
+                   state_chunk_size, activation, residual, max_update_norm)
     outputs = [x.contiguous() for x in outputs]  # the fake implementation promises contiguous outputs
     return _no_alias(outputs, [q, k, v, alpha, eta, theta, *weights, offset, cu_seqlens])
 
 
 @memory_update.register_fake
 def _(q, k, v, alpha, eta, theta, weights, offset, cu_seqlens, family, impl, chunk_size, state_chunk_size,
-      activation, residual):
+      activation, residual, max_update_norm):
     N = _num_sequences(q, cu_seqlens)
     o = q.new_empty(*v.shape)  # [B, T, H, V] in q's dtype
     finals = [w.new_empty(N, *w.shape[1:], dtype=_state_dtype(q)) for w in weights]  # [N, H, ...]
@@ -137,13 +140,13 @@ def memory_update_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, al
                            eta: torch.Tensor, theta: torch.Tensor, weights: list[torch.Tensor],
                            offset: torch.Tensor, cu_seqlens: Optional[torch.Tensor], family: str, impl: str,
                            chunk_size: int, state_chunk_size: int, activation: str, residual: bool,
-                           grad_outputs: list[torch.Tensor]) -> list[torch.Tensor]:
+                           max_update_norm: Optional[float], grad_outputs: list[torch.Tensor]) -> list[torch.Tensor]:
     """Gradients of :func:`memory_update`'s differentiable outputs (o and the final weights) with
     respect to q, k, v, alpha, eta, theta and the initial weights, by re-running it under autograd."""
     inputs = [x.detach().requires_grad_() for x in (q, k, v, alpha, eta, theta, *weights)]
     with _autograd_on():
         outputs = _run(*inputs[:N_INPUTS], inputs[N_INPUTS:], offset, cu_seqlens, family, impl, chunk_size,
-                       state_chunk_size, activation, residual)[:-1]  # o and the final weights
+                       state_chunk_size, activation, residual, max_update_norm)[:-1]  # o and the final weights
         grads = torch.autograd.grad(outputs, inputs, grad_outputs, allow_unused=True)
     grads = [torch.zeros_like(x) if g is None else g.contiguous() for g, x in zip(grads, inputs)]
     return _no_alias(grads, [q, k, v, alpha, eta, theta, *weights, *grad_outputs])
@@ -151,7 +154,7 @@ def memory_update_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, al
 
 @memory_update_backward.register_fake
 def _(q, k, v, alpha, eta, theta, weights, offset, cu_seqlens, family, impl, chunk_size, state_chunk_size,
-      activation, residual, grad_outputs):
+      activation, residual, max_update_norm, grad_outputs):
     return [torch.empty_like(x) for x in (q, k, v, alpha, eta, theta, *weights)]
 
 
@@ -170,7 +173,7 @@ def _backward(ctx, grads):
                   for g, (shape, dtype) in zip(grads, shapes)]
     dx = memory_update_backward(q, k, v, alpha, eta, theta, weights, offset, ctx.cu_seqlens, *ctx.options,
                                 cotangents)
-    return (*dx[:N_INPUTS], dx[N_INPUTS:], None, None, None, None, None, None, None, None)
+    return (*dx[:N_INPUTS], dx[N_INPUTS:], None, None, None, None, None, None, None, None, None)
 
 
 memory_update.register_autograd(_backward, setup_context=_setup_context)
@@ -178,17 +181,20 @@ memory_update.register_autograd(_backward, setup_context=_setup_context)
 
 def traceable_update(family: str, impl: str, q, k, v, alpha, eta, theta, *, chunk_size: int = 16,
                      initial_state=None, output_final_state: bool = False, cu_seqlens=None,
-                     activation: str = "silu", residual: bool = False):
+                     activation: str = "silu", residual: bool = False, max_update_norm: float | None = None):
     """Run ``{impl}_{family}`` through the custom op (what the public ops do under ``torch.compile``).
     Same arguments and returns as the op."""
     full = _full_state(family, initial_state, q, v, _num_sequences(q, cu_seqlens), chunk_size)
     if full is None:  # malformed: the eager op raises the documented error
         extra = dict(activation=activation, residual=residual) if family == "mlp_memory" else {}
+        if max_update_norm is not None:
+            extra["max_update_norm"] = max_update_norm
         return _op(family, impl)(q, k, v, alpha, eta, theta, chunk_size=chunk_size, initial_state=initial_state,
                                  output_final_state=output_final_state, cu_seqlens=cu_seqlens, **extra)
     weights, offset, state_chunk_size = full
     o, *finals, final_offset = memory_update(q, k, v, alpha, eta, theta, list(weights), offset, cu_seqlens, family,
-                                             impl, chunk_size, state_chunk_size, activation, residual)
+                                             impl, chunk_size, state_chunk_size, activation, residual,
+                                             max_update_norm)
     if not output_final_state:
         return o, None
     cls, _ = FAMILIES[family]

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from titans_layers.ops.common.chunk_gates import chunk_gates
+from titans_layers.ops.common.clipping import check_max_update_norm, clipped_step
 from titans_layers.ops.common.layout import from_padded, make_layout, pad_op_inputs, sequence_lengths, to_chunks
 from titans_layers.ops.common.state_io import at_boundary
 from titans_layers.ops.common.validation import check_chunk_size, check_op_inputs, compute_dtype
@@ -67,10 +68,11 @@ def mlp_forward(x, W1, W2, activation: str, residual: bool):
 
 
 def _prepare(q, k, v, alpha, eta, theta, chunk_size, initial_state, cu_seqlens, activation, residual,
-             layout_chunk):
+             max_update_norm, layout_chunk):
     shape = check_op_inputs(q, k, v, alpha, eta, theta, cu_seqlens)
     C = check_chunk_size(chunk_size)
     check_mlp_options(activation, residual, shape.K, shape.V)
+    check_max_update_norm(max_update_norm)
     dtype = compute_dtype(q)
     init = resolve_mlp_state(initial_state, shape, C, q.device, dtype)
     layout = make_layout(shape.B, shape.T, cu_seqlens, init.offsets if layout_chunk > 1 else [0] * shape.N,
@@ -87,7 +89,7 @@ def _final_state(W1, W2, S1, S2, a1, a2, offset, C) -> MLPMemoryState:
 
 def naive_recurrent_mlp_memory(q, k, v, alpha, eta, theta, *, chunk_size: int = 16, initial_state=None,
                                output_final_state: bool = False, cu_seqlens=None, activation: str = "silu",
-                               residual: bool = False):
+                               residual: bool = False, max_update_norm: float | None = None):
     """Token-by-token reference of the MLP-memory update.
 
     Each token's gradients come from autograd of its loss (``torch.func.grad``), independently of
@@ -98,14 +100,15 @@ def naive_recurrent_mlp_memory(q, k, v, alpha, eta, theta, *, chunk_size: int = 
         initial_state: ``(W1, W2)``, ``(W1, W2, S1, S2)`` or an :class:`MLPMemoryState`; required
             (an MLP memory needs its initial weights). W1 ``[N or 1, H, K, Dh]``, W2 ``[N or 1, H, Dh, V]``.
         activation: "silu" or "gelu" (exact). residual: add the input to the memory's output (K == V).
-        chunk_size, output_final_state, cu_seqlens: as for the linear memory.
+        chunk_size, output_final_state, cu_seqlens, max_update_norm: as for the linear memory
+            (the write norm is over both layers' gradients, ``sqrt(||G1||^2 + ||G2||^2)``).
 
     Returns:
         ``(o, final_state)``: o ``[B, T, H, V]`` in q's dtype; an :class:`MLPMemoryState`
         (float64 when q is float64, else float32) or None.
     """
     shape, C, init, layout, x = _prepare(q, k, v, alpha, eta, theta, chunk_size, initial_state, cu_seqlens,
-                                         activation, residual, layout_chunk=1)
+                                         activation, residual, max_update_norm, layout_chunk=1)
 
     def loss(W1, W2, k_t, v_t):  # summed over rows and heads, whose weights are independent
         y = mlp_forward(k_t.unsqueeze(-2), W1, W2, activation, residual).squeeze(-2)
@@ -120,7 +123,9 @@ def naive_recurrent_mlp_memory(q, k, v, alpha, eta, theta, *, chunk_size: int = 
         boundary = at_boundary(offset)
         a1, a2 = torch.where(boundary, W1, a1), torch.where(boundary, W2, a2)
         G1, G2 = grad(a1, a2, x["k"][:, t], x["v"][:, t])
-        e, th, a = (x[n][:, t, :, None, None] for n in ("eta", "theta", "alpha"))
+        write_norm = torch.cat([G1.flatten(-2), G2.flatten(-2)], dim=-1).norm(dim=-1)  # [N, H]
+        th = clipped_step(x["theta"][:, t], write_norm, max_update_norm)[..., None, None]
+        e, a = (x[n][:, t, :, None, None] for n in ("eta", "alpha"))
         S1n, S2n = e * S1 - th * G1, e * S2 - th * G2
         W1n, W2n = (1 - a) * W1 + S1n, (1 - a) * W2 + S2n
         outs.append(mlp_forward(x["q"][:, t].unsqueeze(-2), W1n, W2n, activation, residual).squeeze(-2))
@@ -136,7 +141,7 @@ def naive_recurrent_mlp_memory(q, k, v, alpha, eta, theta, *, chunk_size: int = 
 @traceable("mlp_memory", "naive_chunk")
 def naive_chunk_mlp_memory(q, k, v, alpha, eta, theta, *, chunk_size: int = 16, initial_state=None,
                            output_final_state: bool = False, cu_seqlens=None, activation: str = "silu",
-                           residual: bool = False):
+                           residual: bool = False, max_update_norm: float | None = None):
     """Dual (chunked) form of the MLP-memory update in vectorised PyTorch.
 
     Same arguments, returns and results as :func:`naive_recurrent_mlp_memory`; each chunk is a
@@ -144,7 +149,7 @@ def naive_chunk_mlp_memory(q, k, v, alpha, eta, theta, *, chunk_size: int = 16, 
     from the gates (module docstring). Differentiable by autograd; the CPU execution path.
     """
     shape, C, init, layout, x = _prepare(q, k, v, alpha, eta, theta, chunk_size, initial_state, cu_seqlens,
-                                         activation, residual, layout_chunk=chunk_size)
+                                         activation, residual, max_update_norm, layout_chunk=chunk_size)
     N, L, H = shape.N, layout.L, shape.H
     NC = L // C
     Q, Kc, Vc = (to_chunks(x[n], C) for n in ("q", "k", "v"))  # [N, H, NC, C, K|V]
@@ -169,7 +174,11 @@ def naive_chunk_mlp_memory(q, k, v, alpha, eta, theta, *, chunk_size: int = 16, 
         Hk = act(Z, activation)
         Err = Hk @ a2 + (Kn if residual else 0) - Vc[:, :, n]  # [N, H, C, V]
         Delta = (Err @ a2.transpose(-1, -2)) * act_grad(Z, activation)  # [N, H, C, Dh]
-        X1, X2 = th[:, :, n] * Delta, th[:, :, n] * Err
+        # ||G_t||^2 = |k|^2 |delta|^2 + |h|^2 |err|^2 (rank-one gradients of both layers)
+        write_norm = torch.stack([Kn.norm(dim=-1) * Delta.norm(dim=-1), Hk.norm(dim=-1) * Err.norm(dim=-1)],
+                                 dim=-1).norm(dim=-1)  # [N, H, C]
+        step = clipped_step(th[:, :, n, :, 0], write_norm, max_update_norm)[..., None]  # [N, H, C, 1]
+        X1, X2 = step * Delta, step * Err
         Gam = gates.Gamma[:, :, n]
         Zq = A[:, :, n] * (Qn @ W1) + Bv[:, :, n] * (Qn @ S1) - P1[:, :, n] @ X1
         Hq = act(Zq, activation)

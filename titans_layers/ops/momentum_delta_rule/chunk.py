@@ -8,6 +8,7 @@ import torch
 import triton
 
 from titans_layers.ops.common.layout import sequence_lengths
+from titans_layers.ops.common.clipping import reject_clipping
 from titans_layers.ops.common.triton_utils import block_sizes, check_head_dims, check_triton_device, dot_precision
 from titans_layers.ops.common.validation import OpShape, check_chunk_size, check_op_inputs
 from titans_layers.ops.common.traceable import traceable
@@ -163,7 +164,8 @@ def pack_final_state(MT, ST, WT, plan: ChunkPlan, device) -> MomentumDeltaRuleSt
 
 @traceable("momentum_delta_rule", "chunk")
 def chunk_momentum_delta_rule(q, k, v, alpha, eta, theta, *, chunk_size: int = 16, initial_state=None,
-                              output_final_state: bool = False, cu_seqlens=None):
+                              output_final_state: bool = False, cu_seqlens=None,
+                              max_update_norm: float | None = None):
     """Gated momentum-delta update (linear memory) with Triton chunkwise kernels, differentiable.
 
     Args:
@@ -174,11 +176,13 @@ def chunk_momentum_delta_rule(q, k, v, alpha, eta, theta, *, chunk_size: int = 1
             (weights ``[N or 1, H, K, V]``); receives gradients.
         output_final_state: also return the state after the last token.
         cu_seqlens: ``[N + 1]`` offsets of packed sequences (B == 1), or None.
+        max_update_norm: must be None: update clipping is not in the kernels yet (ValueError).
 
     Returns:
         ``(o, final_state)``: o ``[B, T, H, V]`` in q's dtype; final_state a float32
         :class:`MomentumDeltaRuleState` or None. Runs on CUDA, or on CPU under ``TRITON_INTERPRET=1``.
     """
+    reject_clipping(max_update_norm, "chunk_momentum_delta_rule")
     inputs, states, offset, plan = prepare_kernel_call("chunk_momentum_delta_rule", q, k, v, alpha, eta, theta,
                                                        chunk_size, initial_state, cu_seqlens, KERNEL_CHUNK_SIZES)
     o, MT, ST, WT, _, _ = ChunkMomentumDeltaRuleFunction.apply(*inputs, *states, offset, cu_seqlens, plan,

@@ -15,6 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
+from titans_layers.ops.common.clipping import reject_clipping
 from titans_layers.ops.common.triton_utils import block_sizes, sequence_range
 from titans_layers.ops.common.traceable import traceable
 from titans_layers.ops.momentum_delta_rule.chunk import (KERNEL_CHUNK_SIZES, ChunkPlan, chunk_bwd, chunk_fwd,
@@ -117,7 +118,8 @@ class FusedRecurrentMomentumDeltaRuleFunction(torch.autograd.Function):
 
 @traceable("momentum_delta_rule", "fused_recurrent")
 def fused_recurrent_momentum_delta_rule(q, k, v, alpha, eta, theta, *, chunk_size: int = 16, initial_state=None,
-                                        output_final_state: bool = False, cu_seqlens=None):
+                                        output_final_state: bool = False, cu_seqlens=None,
+                                        max_update_norm: float | None = None):
     """Gated momentum-delta update (linear memory), one token at a time in a Triton kernel.
 
     Meant for decoding one or a few tokens per call with ``initial_state`` from a previous call;
@@ -128,6 +130,7 @@ def fused_recurrent_momentum_delta_rule(q, k, v, alpha, eta, theta, *, chunk_siz
     Shapes: q, k ``[B, T, H, K]``; v ``[B, T, H, V]``; alpha, eta, theta ``[B, T, H]``;
     returns o ``[B, T, H, V]`` and optionally a :class:`MomentumDeltaRuleState`.
     """
+    reject_clipping(max_update_norm, "fused_recurrent_momentum_delta_rule")
     inputs, states, offset, plan = prepare_kernel_call("fused_recurrent_momentum_delta_rule", q, k, v, alpha, eta,
                                                        theta, chunk_size, initial_state, cu_seqlens, None)
     o, MT, ST, WT = FusedRecurrentMomentumDeltaRuleFunction.apply(*inputs, *states, offset, cu_seqlens, plan)

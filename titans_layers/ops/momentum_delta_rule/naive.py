@@ -31,6 +31,7 @@ from __future__ import annotations
 import torch
 
 from titans_layers.ops.common.chunk_gates import chunk_gates
+from titans_layers.ops.common.clipping import check_max_update_norm, clipped_step
 from titans_layers.ops.common.layout import from_padded, make_layout, pad_op_inputs, sequence_lengths, to_chunks
 from titans_layers.ops.common.state_io import at_boundary
 from titans_layers.ops.common.validation import check_chunk_size, check_op_inputs, compute_dtype
@@ -43,7 +44,8 @@ def _final_anchor(M, anchor, offset_final):
 
 
 def naive_recurrent_momentum_delta_rule(q, k, v, alpha, eta, theta, *, chunk_size: int = 16, initial_state=None,
-                                        output_final_state: bool = False, cu_seqlens=None):
+                                        output_final_state: bool = False, cu_seqlens=None,
+                                        max_update_norm: float | None = None):
     """Token-by-token reference of the gated momentum-delta update (linear memory).
 
     Args:
@@ -52,6 +54,8 @@ def naive_recurrent_momentum_delta_rule(q, k, v, alpha, eta, theta, *, chunk_siz
         initial_state: None, ``(M,)``, ``(M, S)`` or a :class:`MomentumDeltaRuleState`.
         output_final_state: also return the state after the last token.
         cu_seqlens: ``[N + 1]`` offsets of packed sequences (B == 1), or None.
+        max_update_norm: None, or a bound on each token's write ``||theta_t G_t||_F``
+            (:mod:`titans_layers.ops.common.clipping`).
 
     Returns:
         ``(o, final_state)``: o ``[B, T, H, V]`` in q's dtype; final_state a
@@ -59,6 +63,7 @@ def naive_recurrent_momentum_delta_rule(q, k, v, alpha, eta, theta, *, chunk_siz
     """
     shape = check_op_inputs(q, k, v, alpha, eta, theta, cu_seqlens)
     C = check_chunk_size(chunk_size)
+    clip = check_max_update_norm(max_update_norm)
     dtype = compute_dtype(q)
     init = resolve_initial_state(initial_state, shape, C, q.device, dtype)
     layout = make_layout(shape.B, shape.T, cu_seqlens, [0] * shape.N, 1, q.device)
@@ -72,7 +77,8 @@ def naive_recurrent_momentum_delta_rule(q, k, v, alpha, eta, theta, *, chunk_siz
         k_t, v_t, q_t = x["k"][:, t], x["v"][:, t], x["q"][:, t]  # [N, H, K], [N, H, V], [N, H, K]
         u = torch.einsum("nhk,nhkv->nhv", k_t, anchor) - v_t  # [N, H, V]
         G = k_t.unsqueeze(-1) * u.unsqueeze(-2)  # [N, H, K, V]
-        S_new = x["eta"][:, t, :, None, None] * S - x["theta"][:, t, :, None, None] * G
+        step = clipped_step(x["theta"][:, t], G.flatten(-2).norm(dim=-1), clip)  # [N, H]
+        S_new = x["eta"][:, t, :, None, None] * S - step[:, :, None, None] * G
         M_new = (1 - x["alpha"][:, t, :, None, None]) * M + S_new
         outs.append(torch.einsum("nhk,nhkv->nhv", q_t, M_new))
         keep = valid[:, t].view(-1, 1, 1, 1)
@@ -87,7 +93,8 @@ def naive_recurrent_momentum_delta_rule(q, k, v, alpha, eta, theta, *, chunk_siz
 
 @traceable("momentum_delta_rule", "naive_chunk")
 def naive_chunk_momentum_delta_rule(q, k, v, alpha, eta, theta, *, chunk_size: int = 16, initial_state=None,
-                                    output_final_state: bool = False, cu_seqlens=None):
+                                    output_final_state: bool = False, cu_seqlens=None,
+                                    max_update_norm: float | None = None):
     """Chunked (dual) form of the gated momentum-delta update in vectorised PyTorch.
 
     Same arguments, returns and results as :func:`naive_recurrent_momentum_delta_rule`; all
@@ -96,6 +103,7 @@ def naive_chunk_momentum_delta_rule(q, k, v, alpha, eta, theta, *, chunk_size: i
     """
     shape = check_op_inputs(q, k, v, alpha, eta, theta, cu_seqlens)
     C = check_chunk_size(chunk_size)
+    clip = check_max_update_norm(max_update_norm)
     dtype = compute_dtype(q)
     init = resolve_initial_state(initial_state, shape, C, q.device, dtype)
     layout = make_layout(shape.B, shape.T, cu_seqlens, init.offsets, C, q.device)
@@ -120,7 +128,9 @@ def naive_chunk_momentum_delta_rule(q, k, v, alpha, eta, theta, *, chunk_size: i
         if n > 0:
             anchor = M
         final_anchor = torch.where(last_chunk == n, anchor, final_anchor)
-        X = th[:, :, n, :, None] * (Kc[:, :, n] @ anchor - Vc[:, :, n])  # [N, H, C, V]
+        U = Kc[:, :, n] @ anchor - Vc[:, :, n]  # [N, H, C, V] errors at the anchor
+        step = clipped_step(th[:, :, n], Kc[:, :, n].norm(dim=-1) * U.norm(dim=-1), clip)  # ||G_t|| = |k| |u|
+        X = step[..., None] * U
         outs.append(A[:, :, n, :, None] * (Q[:, :, n] @ M) + Bv[:, :, n, :, None] * (Q[:, :, n] @ S)
                     - P[:, :, n] @ X)
         Kt = Kc[:, :, n].transpose(-1, -2)  # [N, H, K, C]

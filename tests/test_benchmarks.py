@@ -1,0 +1,30 @@
+"""The benchmark scripts run end to end (tiny sizes, CPU interpreter off CUDA) and write JSON and
+Markdown whose entries for our providers carry timings, not errors."""
+
+import json
+
+import pytest
+
+from benchmarks.layers import benchmark_layers
+from benchmarks.ops import benchmark_momentum_delta_rule
+
+SCRIPTS = {
+    "ops": (benchmark_momentum_delta_rule, ["--quick", "--seqlens", "40", "--heads", "1", "--head-dims", "16",
+                                           "--chunk-sizes", "16", "--dtype", "fp32"], "momentum_delta_rule"),
+    "layers": (benchmark_layers, ["--quick", "--seqlens", "40", "--hidden", "32", "--head-dims", "16",
+                                  "--dtype", "fp32"], "titans"),
+}
+
+
+@pytest.mark.parametrize("name", list(SCRIPTS))
+def test_benchmark_script_writes_results(name, tmp_path):
+    module, argv, ours = SCRIPTS[name]
+    module.main([*argv, "--out", str(tmp_path)])
+    (json_path,) = tmp_path.glob("*.json")
+    (md_path,) = tmp_path.glob("*.md")
+    result = json.loads(json_path.read_text())
+    assert {"device", "versions"} <= set(result["environment"])
+    mine = [e for e in result["entries"] if e["provider"].startswith(ours)]
+    assert mine and all(e["error"] is None and e["median_ms"] > 0 for e in mine), mine
+    assert {e["mode"] for e in mine} == {"fwd", "fwdbwd"}
+    assert "Forward + backward" in md_path.read_text()

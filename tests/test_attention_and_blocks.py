@@ -7,8 +7,8 @@ import torch
 from layer_helpers import decode_token_by_token
 
 from titans_layers.modules import MemoryGate, PersistentMemory, SlidingWindowAttention
-from titans_layers.modules.sliding_window_attention import rotary
-from titans_layers.testing import assert_close
+from titans_layers.modules.sliding_window_attention import flash_attn_varlen_func, rotary
+from titans_layers.testing import assert_close, relative_error
 
 D, H, HK = 32, 4, 2
 
@@ -131,3 +131,27 @@ def test_memory_gate_normalises_both_branches():
         MemoryGate(D, activation="relu")
     with pytest.raises(ValueError, match="one shape"):
         gate(a, m[:, :3])
+
+
+def test_attention_backend_is_checked():
+    with pytest.raises(ValueError, match="attn_backend"):
+        SlidingWindowAttention(32, 4, window_size=4, attn_backend="flash3")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or flash_attn_varlen_func is None,
+                    reason="flash-attn's sliding-window path needs CUDA and flash-attn installed")
+@pytest.mark.parametrize("packed", [False, True])
+def test_flash_attention_path_equals_sdpa(packed):
+    torch.manual_seed(0)
+    layer = SlidingWindowAttention(256, 4, window_size=37, num_kv_heads=2).cuda().bfloat16()
+    x = torch.randn(1 if packed else 2, 300, 256, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    kwargs = dict(cu_seqlens=torch.tensor([0, 100, 101, 300], device="cuda")) if packed else {}
+    outputs, grads = [], []
+    for backend in ("auto", "torch"):
+        layer.attn_backend = backend
+        o = layer(x, **kwargs)[0]
+        (g,) = torch.autograd.grad(o.float().square().sum(), x)
+        outputs.append(o.float())
+        grads.append(g.float())
+    assert relative_error(outputs[0], outputs[1]) < 2e-2
+    assert relative_error(grads[0], grads[1]) < 5e-2

@@ -1,6 +1,7 @@
 """``SlidingWindowAttention``: causal softmax attention over a window, with prefix tokens, rotary
 positions, grouped KV heads and a KV cache that keeps only the window. Pure PyTorch (SDPA), so it
-runs on any device; on CUDA, SDPA dispatches to its fused kernels."""
+runs on any device; on CUDA with flash-attn installed, calls without prefix tokens or a cached
+window (training, prefill) run flash-attn's sliding-window varlen kernel instead."""
 
 from __future__ import annotations
 
@@ -13,6 +14,13 @@ from fla.layers.utils import get_layer_cache, repad_hidden_states, unpad_hidden_
 
 from titans_layers.modules.checks import head_dim_for, positive_int
 from titans_layers.modules.short_conv import sequence_starts
+
+try:  # the fast GPU path, where flash-attn is installed
+    from flash_attn import flash_attn_varlen_func
+except ImportError:
+    flash_attn_varlen_func = None
+
+ATTN_BACKENDS = ("auto", "torch")
 
 
 class WindowKVCache(NamedTuple):
@@ -47,6 +55,9 @@ class SlidingWindowAttention(nn.Module):
         attention; default num_heads). head_dim: default ``hidden_size // num_heads``.
         window_size: W, tokens each position sees (itself included).
         rope_base: rotary base (prefix tokens get no rotary: they have no position).
+        attn_backend: "auto" (flash-attn's sliding-window kernel where it applies: CUDA, fp16/bf16,
+            flash-attn installed, no prefix tokens, no cached window; SDPA otherwise) or "torch"
+            (always SDPA). Both compute the same attention.
         layer_idx: index of the layer in a model, for the cache.
 
     ``forward(hidden_states [B, T, D], attention_mask=None, past_key_values=None, use_cache=False,
@@ -58,8 +69,12 @@ class SlidingWindowAttention(nn.Module):
     """
 
     def __init__(self, hidden_size: int, num_heads: int, window_size: int, num_kv_heads: int | None = None,
-                 head_dim: int | None = None, rope_base: float = 10000.0, layer_idx: int | None = None):
+                 head_dim: int | None = None, rope_base: float = 10000.0, attn_backend: str = "auto",
+                 layer_idx: int | None = None):
         super().__init__()
+        if attn_backend not in ATTN_BACKENDS:
+            raise ValueError(f"`attn_backend` must be one of {ATTN_BACKENDS}, got {attn_backend!r}")
+        self.attn_backend = attn_backend
         num_kv_heads = num_kv_heads or num_heads
         for name, value in (("hidden_size", hidden_size), ("num_heads", num_heads), ("window_size", window_size),
                             ("num_kv_heads", num_kv_heads)):
@@ -88,6 +103,72 @@ class SlidingWindowAttention(nn.Module):
     def _heads(self, x: torch.Tensor, proj: nn.Linear, heads: int) -> torch.Tensor:
         return proj(x).unflatten(-1, (heads, self.head_dim))
 
+    def _flash_applies(self, q: torch.Tensor) -> bool:
+        return (self.attn_backend == "auto" and flash_attn_varlen_func is not None and q.is_cuda
+                and q.dtype in (torch.float16, torch.bfloat16) and not torch.compiler.is_compiling())
+
+    def _attend_flash(self, q, k, v, cu_seqlens, L: int) -> torch.Tensor:
+        """flash-attn's causal sliding window over packed tokens: q ``[n, Hq, d]``, k, v
+        ``[n, Hk, d]`` -> ``[n, Hq, d]``."""
+        cu = cu_seqlens.to(torch.int32)
+        return flash_attn_varlen_func(q, k, v, cu, cu, L, L, causal=True, window_size=(self.window_size - 1, 0))
+
+    def _attend_sdpa(self, qp, kp, vp, cache: WindowKVCache, lens, L: int, prefix_states, prefix_positions):
+        """SDPA in query blocks of W over ``[prefix || cached window || new]`` keys, per sequence:
+        qp ``[N, L, Hq, d]``, kp, vp ``[N, L, Hk, d]`` -> ``[N, L, Hq, d]``."""
+        N = qp.shape[0]
+        W, Hq, Hk, d = self.window_size, self.num_heads, self.num_kv_heads, self.head_dim
+        # per-sequence layout: queries [N, L], keys [N, P + (W - 1) + L] = prefix, cached window, new
+        P = 0
+        keys, values = [cache.k.to(kp.dtype), kp], [cache.v.to(vp.dtype), vp]
+        if prefix_states is not None:
+            if prefix_states.ndim != 3 or prefix_states.shape[0] not in (1, N) or \
+                    prefix_states.shape[-1] != self.hidden_size:
+                raise ValueError(f"`prefix_states` must have shape [N or 1, P, {self.hidden_size}] with N = {N}, "
+                                 f"got {list(prefix_states.shape)}")
+            P = prefix_states.shape[1]
+            pk = self._heads(prefix_states, self.k_proj, Hk).expand(N, -1, -1, -1)
+            pv = self._heads(prefix_states, self.v_proj, Hk).expand(N, -1, -1, -1)
+            keys, values = [pk] + keys, [pv] + values
+        if prefix_positions is None:
+            prefix_positions = torch.full((P,), -1, dtype=torch.long, device=qp.device)
+        elif prefix_positions.shape != (P,):
+            raise ValueError(f"`prefix_positions` must have shape [P] = [{P}], got {list(prefix_positions.shape)}")
+        K_all, V_all = torch.cat(keys, dim=1), torch.cat(values, dim=1)  # [N, P + W - 1 + L, Hk, d]
+
+        # what each key is: its position relative to the call's first token, and whether it exists
+        seen = cache.seen[:, None]  # [N, 1]
+        cache_rel = torch.arange(-(W - 1), 0, device=qp.device)[None, :].expand(N, -1)  # [N, W - 1]
+        cache_ok = (seen + cache_rel) >= 0
+        new_rel = torch.arange(L, device=qp.device)[None, :].expand(N, -1)
+        new_ok = new_rel < lens[:, None]
+        key_rel = torch.cat([cache_rel, new_rel], dim=1)  # [N, W - 1 + L]
+        key_ok = torch.cat([cache_ok, new_ok], dim=1)
+
+        out = qp.new_zeros(N, L, Hq, d)
+        block = W
+        for t0 in range(0, L, block):
+            t1 = min(L, t0 + block)
+            k0 = t0  # window keys for queries t0..t1-1: relative positions t0-W+1 .. t1-1 -> slots t0 .. t1+W-2
+            k1 = t1 + W - 1
+            kb = torch.cat([K_all[:, :P], K_all[:, P + k0:P + k1]], dim=1)  # [N, P + span, Hk, d]
+            vb = torch.cat([V_all[:, :P], V_all[:, P + k0:P + k1]], dim=1)
+            tq = torch.arange(t0, t1, device=qp.device)  # [bq]
+            rel = key_rel[:, k0:k1]  # [N, span]
+            visible = key_ok[:, None, k0:k1] & (rel[:, None, :] <= tq[None, :, None]) & \
+                (rel[:, None, :] > tq[None, :, None] - W)  # [N, bq, span]
+            pre = (prefix_positions[None, None, :] <= tq[None, :, None]).expand(N, -1, -1)  # [N, bq, P]
+            mask = torch.cat([pre, visible], dim=-1)  # [N, bq, P + span]
+            # padding query slots (past a sequence's end) see everything: finite, and discarded
+            is_pad = tq[None, :] >= lens[:, None]  # [N, bq]
+            mask = (mask | is_pad[:, :, None])[:, None]  # [N, 1, bq, P + span]
+            qb = qp[:, t0:t1].transpose(1, 2)  # [N, Hq, bq, d]
+            kbh = kb.transpose(1, 2).repeat_interleave(Hq // Hk, dim=1)  # [N, Hq, P + span, d]
+            vbh = vb.transpose(1, 2).repeat_interleave(Hq // Hk, dim=1)
+            ob = F.scaled_dot_product_attention(qb, kbh, vbh, attn_mask=mask)  # [N, Hq, bq, d]
+            out[:, t0:t1] = ob.transpose(1, 2)
+        return out
+
     def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, past_key_values=None,
                 use_cache: bool | None = False, output_attentions: bool | None = False,
                 prefix_states: torch.Tensor | None = None, prefix_positions: torch.Tensor | None = None, **kwargs):
@@ -115,62 +196,19 @@ class SlidingWindowAttention(nn.Module):
         k = rotary(self._heads(flat, self.k_proj, Hk), cache.seen[seq] + pos, self.rope_base)  # [n, Hk, d]
         v = self._heads(flat, self.v_proj, Hk)
 
-        # per-sequence layout: queries [N, L], keys [N, P + (W - 1) + L] = prefix, cached window, new
-        def padded(t):
+        def padded(t):  # [n_tokens, ...] -> [N, L, ...], sequence by sequence
             out = t.new_zeros(N, L, *t.shape[1:])
             out[seq, pos] = t
             return out
 
-        qp, kp, vp = padded(q), padded(k), padded(v)
-        P = 0
-        keys, values = [cache.k.to(k.dtype), kp], [cache.v.to(v.dtype), vp]
-        if prefix_states is not None:
-            if prefix_states.ndim != 3 or prefix_states.shape[0] not in (1, N) or \
-                    prefix_states.shape[-1] != self.hidden_size:
-                raise ValueError(f"`prefix_states` must have shape [N or 1, P, {self.hidden_size}] with N = {N}, "
-                                 f"got {list(prefix_states.shape)}")
-            P = prefix_states.shape[1]
-            pk = self._heads(prefix_states, self.k_proj, Hk).expand(N, -1, -1, -1)
-            pv = self._heads(prefix_states, self.v_proj, Hk).expand(N, -1, -1, -1)
-            keys, values = [pk] + keys, [pv] + values
-        if prefix_positions is None:
-            prefix_positions = torch.full((P,), -1, dtype=torch.long, device=x.device)
-        elif prefix_positions.shape != (P,):
-            raise ValueError(f"`prefix_positions` must have shape [P] = [{P}], got {list(prefix_positions.shape)}")
-        K_all, V_all = torch.cat(keys, dim=1), torch.cat(values, dim=1)  # [N, P + W - 1 + L, Hk, d]
-
-        # what each key is: its position relative to the call's first token, and whether it exists
-        seen = cache.seen[:, None]  # [N, 1]
-        cache_rel = torch.arange(-(W - 1), 0, device=x.device)[None, :].expand(N, -1)  # [N, W - 1]
-        cache_ok = (seen + cache_rel) >= 0
-        new_rel = torch.arange(L, device=x.device)[None, :].expand(N, -1)
-        new_ok = new_rel < lens[:, None]
-        key_rel = torch.cat([cache_rel, new_rel], dim=1)  # [N, W - 1 + L]
-        key_ok = torch.cat([cache_ok, new_ok], dim=1)
-
-        out = qp.new_zeros(N, L, Hq, d)
-        block = W
-        for t0 in range(0, L, block):
-            t1 = min(L, t0 + block)
-            k0 = t0  # window keys for queries t0..t1-1: relative positions t0-W+1 .. t1-1 -> slots t0 .. t1+W-2
-            k1 = t1 + W - 1
-            kb = torch.cat([K_all[:, :P], K_all[:, P + k0:P + k1]], dim=1)  # [N, P + span, Hk, d]
-            vb = torch.cat([V_all[:, :P], V_all[:, P + k0:P + k1]], dim=1)
-            tq = torch.arange(t0, t1, device=x.device)  # [bq]
-            rel = key_rel[:, k0:k1]  # [N, span]
-            visible = key_ok[:, None, k0:k1] & (rel[:, None, :] <= tq[None, :, None]) & \
-                (rel[:, None, :] > tq[None, :, None] - W)  # [N, bq, span]
-            pre = (prefix_positions[None, None, :] <= tq[None, :, None]).expand(N, -1, -1)  # [N, bq, P]
-            mask = torch.cat([pre, visible], dim=-1)  # [N, bq, P + span]
-            # padding query slots (past a sequence's end) see everything: finite, and discarded
-            is_pad = tq[None, :] >= lens[:, None]  # [N, bq]
-            mask = (mask | is_pad[:, :, None])[:, None]  # [N, 1, bq, P + span]
-            qb = qp[:, t0:t1].transpose(1, 2)  # [N, Hq, bq, d]
-            kbh = kb.transpose(1, 2).repeat_interleave(Hq // Hk, dim=1)  # [N, Hq, P + span, d]
-            vbh = vb.transpose(1, 2).repeat_interleave(Hq // Hk, dim=1)
-            ob = F.scaled_dot_product_attention(qb, kbh, vbh, attn_mask=mask)  # [N, Hq, bq, d]
-            out[:, t0:t1] = ob.transpose(1, 2)
-        o = self.o_proj(out[seq, pos].flatten(-2))  # [n_tokens, D]
+        fresh = last is None or last["recurrent_state"] is None
+        if prefix_states is None and fresh and self._flash_applies(q):
+            out = self._attend_flash(q, k, v, cu_seqlens, L)  # [n_tokens, Hq, d]
+            kp, vp = (padded(k), padded(v)) if use_cache else (None, None)
+        else:
+            qp, kp, vp = padded(q), padded(k), padded(v)
+            out = self._attend_sdpa(qp, kp, vp, cache, lens, L, prefix_states, prefix_positions)[seq, pos]
+        o = self.o_proj(out.flatten(-2))  # [n_tokens, D]
 
         if use_cache:
             total = torch.cat([cache.k.to(k.dtype), kp], dim=1), torch.cat([cache.v.to(v.dtype), vp], dim=1)

@@ -9,7 +9,10 @@ calls it (``layer(x)[0]`` on ``x`` ``[B, T, D]``), timed forward only and forwar
   the MLP kernels land);
 - ``fla_mamba2``: ``fla.layers.Mamba2`` (expand 2, state 128, heads of 64);
 - ``fla_deltanet``: ``fla.layers.DeltaNet`` (heads of ``head_dim``);
-- ``fla_gated_deltanet``: ``fla.layers.GatedDeltaNet`` (heads of ``head_dim``, expand_v 1).
+- ``fla_gated_deltanet``: ``fla.layers.GatedDeltaNet`` (heads of ``head_dim``, expand_v 1);
+- ``titans_pytorch_mlp``: titans-pytorch's ``NeuralMemory`` (lucidrains, 0.5.x) with the same heads,
+  chunk size and a two-layer ``MemoryMLP`` of the same hidden width (its default layer-norm and
+  residual wrapper of the memory model stay on), called as ``memory(x)[0]``.
 
 Reported: median ms, tokens per second (B * T / median) and peak memory; ratios ours / fla.
 
@@ -35,13 +38,16 @@ import torch
 
 from benchmarks import common
 
-PROVIDERS = ("titans_linear", "titans_mlp", "fla_mamba2", "fla_deltanet", "fla_gated_deltanet")
+PROVIDERS = ("titans_linear", "titans_mlp", "fla_mamba2", "fla_deltanet", "fla_gated_deltanet",
+             "titans_pytorch_mlp")
 MODES = ("fwd", "fwdbwd")
 LABELS = {"titans_linear": "linear (ms)", "titans_mlp": "mlp (ms)", "fla_mamba2": "Mamba2 (ms)",
-          "fla_deltanet": "DeltaNet (ms)", "fla_gated_deltanet": "GatedDeltaNet (ms)"}
+          "fla_deltanet": "DeltaNet (ms)", "fla_gated_deltanet": "GatedDeltaNet (ms)",
+          "titans_pytorch_mlp": "titans-pytorch (ms)"}
 RATIOS = (("titans_linear", "fla_mamba2", "linear / Mamba2"), ("titans_linear", "fla_gated_deltanet",
                                                                 "linear / GDN"),
-          ("titans_mlp", "fla_gated_deltanet", "mlp / GDN"))
+          ("titans_mlp", "fla_gated_deltanet", "mlp / GDN"),
+          ("titans_mlp", "titans_pytorch_mlp", "mlp / titans-pytorch"))
 ROW_KEYS = ("B", "T", "D", "head_dim")
 
 FULL = dict(batch=1, seqlens=[2048, 4096, 8192, 16384], hidden=[2048], head_dims=[128], warmup_ms=25, rep_ms=100,
@@ -78,6 +84,11 @@ def build_layer(provider: str, D: int, head_dim: int) -> torch.nn.Module:
     if provider == "titans_mlp":
         from titans_layers.modules import NeuralMemory
         return NeuralMemory(D, H, memory="mlp", head_dim=head_dim, chunk_size=64, mlp_expansion=2)
+    if provider == "titans_pytorch_mlp":
+        from titans_pytorch import MemoryMLP
+        from titans_pytorch import NeuralMemory as TitansPytorchMemory
+        return TitansPytorchMemory(D, chunk_size=64, dim_head=head_dim, heads=H,
+                                   model=MemoryMLP(head_dim, depth=2, expansion_factor=2.0))
     import fla.layers
     if provider == "fla_mamba2":
         return fla.layers.Mamba2(num_heads=2 * D // 64, head_dim=64, hidden_size=D, state_size=128, expand=2)
@@ -90,6 +101,8 @@ def build_layer(provider: str, D: int, head_dim: int) -> torch.nn.Module:
 
 def skip_reason(provider: str, device: torch.device) -> str | None:
     """Why ``provider`` cannot run here (None when it can)."""
+    if provider == "titans_pytorch_mlp":
+        return None if importlib.util.find_spec("titans_pytorch") else "titans-pytorch is not installed"
     if provider.startswith("titans"):
         return None
     if importlib.util.find_spec("fla") is None:

@@ -174,10 +174,11 @@ def naive_chunk_mlp_memory(q, k, v, alpha, eta, theta, *, chunk_size: int = 16, 
         Hk = act(Z, activation)
         Err = Hk @ a2 + (Kn if residual else 0) - Vc[:, :, n]  # [N, H, C, V]
         Delta = (Err @ a2.transpose(-1, -2)) * act_grad(Z, activation)  # [N, H, C, Dh]
-        # ||G_t||^2 = |k|^2 |delta|^2 + |h|^2 |err|^2 (rank-one gradients of both layers)
-        write_norm = torch.stack([Kn.norm(dim=-1) * Delta.norm(dim=-1), Hk.norm(dim=-1) * Err.norm(dim=-1)],
-                                 dim=-1).norm(dim=-1)  # [N, H, C]
-        step = clipped_step(th[:, :, n, :, 0], write_norm, max_update_norm)[..., None]  # [N, H, C, 1]
+        step = th[:, :, n]  # [N, H, C, 1]
+        if max_update_norm is not None:  # ||G_t||^2 = |k|^2 |delta|^2 + |h|^2 |err|^2 (rank-one gradients)
+            write_norm = torch.stack([Kn.norm(dim=-1) * Delta.norm(dim=-1), Hk.norm(dim=-1) * Err.norm(dim=-1)],
+                                     dim=-1).norm(dim=-1)  # [N, H, C]
+            step = clipped_step(step[..., 0], write_norm, max_update_norm)[..., None]
         X1, X2 = step * Delta, step * Err
         Gam = gates.Gamma[:, :, n]
         Zq = A[:, :, n] * (Qn @ W1) + Bv[:, :, n] * (Qn @ S1) - P1[:, :, n] @ X1

@@ -129,7 +129,9 @@ def naive_chunk_momentum_delta_rule(q, k, v, alpha, eta, theta, *, chunk_size: i
             anchor = M
         final_anchor = torch.where(last_chunk == n, anchor, final_anchor)
         U = Kc[:, :, n] @ anchor - Vc[:, :, n]  # [N, H, C, V] errors at the anchor
-        step = clipped_step(th[:, :, n], Kc[:, :, n].norm(dim=-1) * U.norm(dim=-1), clip)  # ||G_t|| = |k| |u|
+        step = th[:, :, n]  # [N, H, C]
+        if clip is not None:  # ||G_t|| = |k| |u|
+            step = clipped_step(step, Kc[:, :, n].norm(dim=-1) * U.norm(dim=-1), clip)
         X = step[..., None] * U
         outs.append(A[:, :, n, :, None] * (Q[:, :, n] @ M) + Bv[:, :, n, :, None] * (Q[:, :, n] @ S)
                     - P[:, :, n] @ X)

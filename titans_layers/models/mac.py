@@ -14,11 +14,17 @@ the sequence's first token). For segment s with tokens x (SPEC §3):
 4. **gate**: ``o = MemoryGate(y, m) = norm(y) * act(norm(m))``.
 
 How it runs. The memory state at every segment start is needed before the segment can attend,
-so the mixer loops over segments in Python (``ceil(T / S)`` steps per call), continuing the state
-from one step to the next. Every step runs on packed tokens (``cu_seqlens``, one row per
-sequence), so padded and packed batches, where sequences have different lengths, work the same
-way. The sublayers keep their state in fla's ``Cache`` between steps; without a cache the mixer
-uses a private one, so the training forward and cached decoding are one code path:
+so the mixer loops over segments in Python (``ceil(T / S)`` steps per call), continuing the
+memory state from one step to the next. Two paths:
+
+- **whole sequences** (no cache, no padding, no packing: training and plain forwards): segment k
+  is ``x[:, kS:(k+1)S]`` for every row; the attention is a fresh call per segment and the memory
+  state passes between segments in a private :class:`LayerStates`. Static shapes, no host syncs
+  of its own.
+- **general** (a cache, a padding mask or packed ``cu_seqlens``): every step runs on packed
+  tokens (one row per sequence) and each sequence may be at its own place in its segment (left
+  padding, a prefill that stops mid-segment). The sublayers keep their state in fla's ``Cache``
+  (or a private :class:`LayerStates`) between steps:
 
 - the memory (a :class:`~titans_layers.modules.NeuralMemory`, its own cache index) holds the
   current weights and the convolution state of the stream it writes (y);
@@ -29,6 +35,9 @@ uses a private one, so the training forward and cached decoding are one code pat
 - :class:`MACState` (the mixer's own cache index) holds the weights at the current segment's
   start, the segment's retrieved tokens so far, how far into its segment each sequence is, and
   the convolution state of the retrieval queries (they read the block input x, another stream).
+
+The two paths compute the same thing; the tests hold cached decoding and packed input (general
+path) to the whole-sequence forward.
 
 Cost: the retrieval of a decoded token reads one slot, but its attention re-projects the
 segment's S retrieved tokens as keys and values (O(S D^2) per token and layer).
@@ -42,12 +51,32 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from fla.layers.utils import get_layer_cache, repad_hidden_states, unpad_hidden_states, update_layer_cache
-from fla.models.utils import Cache
 
 from titans_layers.models.builders import make_attention, make_memory, make_persistent
 from titans_layers.models.configuration_titans import TitansConfig
 from titans_layers.modules import MemoryGate
 from titans_layers.modules.short_conv import sequence_starts
+
+
+class LayerStates:
+    """A minimal stand-in for fla's ``Cache`` that a mixer keeps to itself: what fla's layer helpers
+    call (``len``, ``[idx]`` -> the layer's state dict or None, ``update(layer_idx=..., **states)``)
+    and nothing else, so it stays cheap and traceable by ``torch.compile``."""
+
+    def __init__(self):
+        self.states: dict[int, dict] = {}
+
+    def __len__(self) -> int:
+        return max(self.states) + 1 if self.states else 0
+
+    def __getitem__(self, layer_idx: int) -> dict | None:
+        return self.states.get(layer_idx)
+
+    def update(self, layer_idx: int, offset: int = 0, cache_kwargs=None, **states) -> dict:
+        entry = self.states.setdefault(layer_idx, dict(recurrent_state=None, attn_state=None, conv_state=None,
+                                                       ffn_state=None))
+        entry.update({k: v for k, v in states.items() if v is not None})
+        return entry
 
 
 @dataclass
@@ -92,6 +121,8 @@ class MACMixer(nn.Module):
         if hidden_states.ndim != 3 or hidden_states.shape[-1] != self.hidden_size:
             raise ValueError(f"`hidden_states` must have shape [B, T, {self.hidden_size}], "
                              f"got {list(hidden_states.shape)}")
+        if past_key_values is None and attention_mask is None and kwargs.get("cu_seqlens") is None:
+            return self._forward_whole(hidden_states), None, None
         B, T, D = hidden_states.shape
         S = self.segment_size
         x, indices, cu_seqlens = unpad_hidden_states(hidden_states, kwargs.get("cu_seqlens"), attention_mask, T)
@@ -147,14 +178,33 @@ class MACMixer(nn.Module):
         o = repad_hidden_states(o[None], indices, B, T) if indices is not None else o.reshape(B, T, D)
         return o, None, past_key_values
 
-    def _private_cache(self, past_key_values) -> Cache:
-        """A cache for the sublayers' state between segments when the caller keeps none; seeded
-        (read only) from ``past_key_values`` when one is given with ``use_cache=False``."""
-        work = Cache()
+    def _forward_whole(self, x: torch.Tensor) -> torch.Tensor:
+        """The whole-sequence path: ``x`` ``[B, T, D]``, every row starting a sequence -> ``[B, T, D]``."""
+        B, T, D = x.shape
+        S = self.segment_size
+        q, _ = self.memory.query(x)  # [B, T, H, K]
+        states = LayerStates()  # the memory's state between segments
+        outs = []
+        for s0 in range(0, T, S):
+            xs, qs = x[:, s0:s0 + S], q[:, s0:s0 + S]  # [B, L, D], [B, L, H, K]
+            entry = states[self.memory.layer_idx]
+            weights = self.memory.memory_weights(entry["recurrent_state"] if entry is not None else None)
+            h = self.memory.retrieve(qs, xs, weights)  # [B, L, D] read at the segment start
+            first = torch.zeros(B, dtype=torch.long, device=x.device)
+            prefix, positions = self._prefix(h, first)
+            y, _, _ = self.attention(xs, prefix_states=prefix, prefix_positions=positions)  # [B, L, D]
+            m, _, _ = self.memory(y, past_key_values=states, use_cache=True)  # [B, L, D]
+            outs.append(self.gate(y, m))
+        return torch.cat(outs, dim=1) if outs else x.new_zeros(B, 0, D)
+
+    def _private_cache(self, past_key_values) -> LayerStates:
+        """State between segments when the caller keeps none; seeded (read only) from
+        ``past_key_values`` when one is given with ``use_cache=False``."""
+        work = LayerStates()
         if past_key_values is not None:
             for idx in (self.layer_idx, self.memory.layer_idx, self.attention.layer_idx):
                 if len(past_key_values) > idx and past_key_values[idx] is not None:
-                    work.update(layer_idx=idx, offset=0, **past_key_values[idx])
+                    work.states[idx] = dict(past_key_values[idx])
         return work
 
     def _segment_start(self, work, start, begins: torch.Tensor, N: int) -> tuple[torch.Tensor, ...]:

@@ -8,8 +8,8 @@ from model_helpers import (MEMORIES, VARIANTS, causality_violations, decode_logi
                            token_ids)
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
-from titans_layers.models import (MACMixer, MACState, TitansConfig, TitansForCausalLM, TitansModel, cache_slots,
-                                  variant_block_types)
+from titans_layers.models import (MACMixer, MACState, TitansCache, TitansConfig, TitansForCausalLM, TitansModel,
+                                  cache_slots, variant_block_types)
 from titans_layers.modules import NeuralMemory
 from titans_layers.testing import assert_close
 
@@ -285,6 +285,29 @@ def test_greedy_generate_equals_argmax_of_full_forwards(variant):
         nxt = logits(model, seq, attention_mask=am)[:, -1].argmax(-1, keepdim=True)
         seq, am = torch.cat([seq, nxt], 1), torch.cat([am, torch.ones_like(nxt)], 1)
     assert torch.equal(generated, seq)
+
+
+@pytest.mark.parametrize("variant", ["mac", "mal"])
+def test_reordered_cache_decodes_the_reordered_rows(variant):
+    """Beam search reorders the cache's rows: every layer's state must keep its type and rows."""
+    model = tiny_model(variant, "mlp")
+    ids = token_ids(B=3, T=9)
+    with torch.no_grad():
+        cache = model(ids[:, :7], use_cache=True).past_key_values
+        assert isinstance(cache, TitansCache)
+        ref = model(ids[:, 7:8], past_key_values=cache, use_cache=True).logits
+        cache = model(ids[:, :7], use_cache=True).past_key_values
+        order = torch.tensor([2, 0, 1])
+        cache.reorder_cache(order)
+        got = model(ids[order, 7:8], past_key_values=cache, use_cache=True).logits
+    assert_close("decoded after reordering", got, ref[order], 1e-6)
+
+
+def test_beam_search_generate_runs():
+    model = tiny_model("mac_mal")
+    ids = token_ids(T=9)
+    out = model.generate(ids, max_new_tokens=5, num_beams=3, num_return_sequences=2, do_sample=False)
+    assert out.shape == (4, 14) and torch.equal(out[::2, :9], ids)
 
 
 def test_sampled_generate_runs_and_is_reproducible():

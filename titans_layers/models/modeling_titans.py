@@ -10,6 +10,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 from transformers.modeling_utils import PreTrainedModel
 
 from titans_layers.models.blocks import SwiGLU, TitansBlock, cache_slots
+from titans_layers.models.cache import TitansCache
 from titans_layers.models.configuration_titans import TitansConfig
 
 
@@ -65,7 +66,8 @@ class TitansModel(TitansPreTrainedModel):
     ``attention_mask`` is a 0/1 padding mask (left padding when decoding; an all-ones mask is
     dropped); ``cu_seqlens`` packs N sequences into one row (B = 1). With ``use_cache`` the state
     of every stateful sublayer lives in fla's ``Cache`` (indices from
-    :func:`~titans_layers.models.blocks.cache_slots`).
+    :func:`~titans_layers.models.blocks.cache_slots`); a call without one creates a
+    :class:`~titans_layers.models.cache.TitansCache`.
     """
 
     def __init__(self, config: TitansConfig):
@@ -110,8 +112,10 @@ class TitansModel(TitansPreTrainedModel):
             else self.config.output_hidden_states
         use_cache = use_cache if use_cache is not None else (self.config.use_cache and not self.training)
         return_dict = return_dict if return_dict is not None else self.config.return_dict
-        if use_cache and not isinstance(past_key_values, Cache):
-            past_key_values = Cache.from_legacy_cache(past_key_values)
+        if use_cache and past_key_values is None:
+            past_key_values = TitansCache()
+        elif use_cache and not isinstance(past_key_values, Cache):
+            past_key_values = TitansCache.from_legacy_cache(past_key_values)
 
         all_hidden_states = () if output_hidden_states else None
         for layer in self.layers:
@@ -137,7 +141,8 @@ class TitansForCausalLM(TitansPreTrainedModel, FLAGenerationMixin):
     ``logits_to_keep`` when it is a positive int and no labels are given); with ``labels`` the
     loss is the cross-entropy of ``logits[:, t]`` against ``labels[:, t + 1]`` (-100 ignored;
     with packed ``cu_seqlens`` mask each sequence's first label yourself). Generation goes through
-    fla's generation mixin: the cache is fla's ``Cache``, created on the first call.
+    fla's generation mixin: the cache (a :class:`~titans_layers.models.cache.TitansCache`) is
+    created on the first call; greedy, sampled and beam search work.
     """
 
     _tied_weights_keys = {"lm_head.weight": "model.embeddings.weight"}

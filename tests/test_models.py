@@ -121,6 +121,24 @@ def test_mac_general_path_equals_whole_sequence_path(memory):
     assert_close("general path", general, whole, 1e-5)
 
 
+@pytest.mark.parametrize("variant", ["mac", "mal"])
+def test_triton_memory_backend_gives_the_pytorch_logits(variant):
+    """The Triton memory ops (natively on CUDA, interpreted on CPU) in a whole model: full forward,
+    left padding, and decoding (the fused recurrent kernel) against the PyTorch path."""
+    device = "cuda" if CUDA else "cpu"
+    ref = tiny_model(variant, chunk_size=16, memory_backend="torch").to(device)
+    tri = tiny_model(variant, chunk_size=16, memory_backend="triton").to(device)
+    ids = token_ids(T=21).to(device)
+    mask = torch.ones_like(ids)
+    ids[1, :4], mask[1, :4] = 0, 0
+    tol = 2e-3 if CUDA else 1e-5
+    full = logits(ref, ids, attention_mask=mask)
+    assert_close("full forward", logits(tri, ids, attention_mask=mask), full, tol)
+    decoded, _ = decode_logits(tri, ids, 7, attention_mask=mask)
+    assert_close("decoded, row 0", decoded[:1], full[:1], tol)
+    assert_close("decoded, row 1", decoded[1:, 4:], full[1:, 4:], tol)
+
+
 # ---- the memory's read-only retrieval (used by MAC) --------------------------------------------
 
 @pytest.mark.parametrize("memory", MEMORIES)

@@ -93,7 +93,8 @@ class TitansModel(TitansPreTrainedModel):
             raise ValueError("give exactly one of `input_ids` [B, T] and `inputs_embeds` [B, T, D]")
         if input_ids is not None and input_ids.ndim != 2:
             raise ValueError(f"`input_ids` must have shape [B, T], got {list(input_ids.shape)}")
-        if inputs_embeds is not None and (inputs_embeds.ndim != 3 or inputs_embeds.shape[-1] != self.config.hidden_size):
+        D = self.config.hidden_size
+        if inputs_embeds is not None and (inputs_embeds.ndim != 3 or inputs_embeds.shape[-1] != D):
             raise ValueError(f"`inputs_embeds` must have shape [B, T, {self.config.hidden_size}], "
                              f"got {list(inputs_embeds.shape)}")
         hidden_states = self.embeddings(input_ids) if inputs_embeds is None else inputs_embeds  # [B, T, D]
@@ -187,7 +188,8 @@ class TitansForCausalLM(TitansPreTrainedModel, FLAGenerationMixin):
         loss = None
         if labels is not None:
             if labels.shape != logits.shape[:2]:
-                raise ValueError(f"`labels` must have shape [B, T] = {list(logits.shape[:2])}, got {list(labels.shape)}")
+                raise ValueError(f"`labels` must have shape [B, T] = {list(logits.shape[:2])}, "
+                                 f"got {list(labels.shape)}")
             shifted = F.pad(labels[:, 1:], (0, 1), value=-100)  # [B, T]: the next token, -100 at the end
             reduction = "mean" if num_items_in_batch is None else "sum"
             loss = F.cross_entropy(logits.flatten(0, 1).float(), shifted.flatten().to(logits.device),

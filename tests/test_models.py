@@ -41,7 +41,7 @@ def test_causality_check_catches_a_mac_that_shows_every_retrieved_token(monkeypa
     retrieval would reach earlier positions of its segment: the check must see it."""
     original = MACMixer._prefix
 
-    def leaky(self, retrieved, first):
+    def leaky(self, retrieved, first=None):
         prefix, positions = original(self, retrieved, first)
         return prefix, torch.full_like(positions, -1)
 

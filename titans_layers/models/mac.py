@@ -190,8 +190,7 @@ class MACMixer(nn.Module):
             entry = states[self.memory.layer_idx]
             weights = self.memory.memory_weights(entry["recurrent_state"] if entry is not None else None)
             h = self.memory.retrieve(qs, xs, weights)  # [B, L, D] read at the segment start
-            first = torch.zeros(B, dtype=torch.long, device=x.device)
-            prefix, positions = self._prefix(h, first)
+            prefix, positions = self._prefix(h)
             y, _, _ = self.attention(xs, prefix_states=prefix, prefix_positions=positions)  # [B, L, D]
             m, _, _ = self.memory(y, past_key_values=states, use_cache=True)  # [B, L, D]
             outs.append(self.gate(y, m))
@@ -243,14 +242,20 @@ class MACMixer(nn.Module):
         filled[rows, slots] = True
         return torch.where(filled, h.to(retrieved.dtype), retrieved)
 
-    def _prefix(self, retrieved: torch.Tensor, first: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _prefix(self, retrieved: torch.Tensor, first: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Attention prefix ``[N, N_p + S, D]`` = persistent then retrieved tokens, and when each
-        is visible ``[N, N_p + S]`` counted from the call's first token of each sequence: always
-        (-1) for persistent tokens, from its own position on for retrieved token i."""
+        is visible, counted from the call's first token of each sequence: always (-1) for
+        persistent tokens, from its own in-segment position on for retrieved token i.
+
+        ``first`` ``[N]``: in-segment position of each sequence's first token in the call; the
+        positions are then ``[N, N_p + S]``. None: every sequence starts its segment, positions ``[N_p + S]``.
+        """
         N, S, _ = retrieved.shape
-        positions = torch.arange(S, device=retrieved.device)[None, :] - first[:, None]  # [N, S]
+        positions = torch.arange(S, device=retrieved.device)  # [S]
+        if first is not None:
+            positions = positions[None, :] - first[:, None]  # [N, S]
         if self.persistent is None:
             return retrieved, positions
         P = self.persistent.num_tokens
         prefix = torch.cat([self.persistent.prefix().to(retrieved.dtype).expand(N, -1, -1), retrieved], dim=1)
-        return prefix, torch.cat([positions.new_full((N, P), -1), positions], dim=1)
+        return prefix, torch.cat([positions.new_full((*positions.shape[:-1], P), -1), positions], dim=-1)

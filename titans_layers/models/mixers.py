@@ -40,7 +40,7 @@ class MemoryMixer(nn.Module):
 
 
 class AttentionMixer(nn.Module):
-    """"swa": plain sliding-window attention over ``window_size`` tokens (no persistent tokens),
+    """The "swa" block: plain sliding-window attention over ``window_size`` tokens (no persistent tokens),
     the attention layer of a hybrid stack. One cache index."""
 
     def __init__(self, config: TitansConfig, cache_indices: list[int]):

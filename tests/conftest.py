@@ -22,6 +22,10 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
+# Test tensors are tiny: intra-op threads only add synchronisation (on a busy 2-core CPU,
+# milliseconds per small matmul instead of microseconds).
+torch.set_num_threads(1)
+
 
 def _poisoned(factory):
     def make(*args, **kwargs):

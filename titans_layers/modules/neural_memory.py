@@ -190,3 +190,76 @@ class NeuralMemory(nn.Module):
         o = self.o_proj(o.flatten(-2))
         o = repad_hidden_states(o, indices, B, T)
         return o, None, past_key_values
+
+    # ---- read-only retrieval (MAC): the memory's query path without a write --------------------
+
+    def query(self, hidden_states: torch.Tensor, conv_state: torch.Tensor | None = None,
+              output_conv_state: bool = False, cu_seqlens: torch.Tensor | None = None):
+        """The memory's queries for ``hidden_states``, without writing anything (MAC's retrieval).
+
+        Same projection, short convolution (+ SiLU) and L2 normalisation as in :meth:`forward`. The
+        convolution runs over ``hidden_states`` with its own cache, so a caller that feeds this path
+        another stream than :meth:`forward` (MAC reads with the block input and writes the attention
+        output) keeps the two convolution states apart.
+
+        Args:
+            hidden_states: ``[B, T, D]``, or ``[1, n, D]`` packed with ``cu_seqlens`` ``[N + 1]``.
+            conv_state: the q convolution's cache ``[N, conv_size - 1, H * K]`` from a previous call,
+                None at the start of the sequences.
+            output_conv_state: also return the updated cache.
+
+        Returns:
+            ``(q [B, T, H, K], conv_state [N, conv_size - 1, H * K] or None)``.
+        """
+        if hidden_states.ndim != 3 or hidden_states.shape[-1] != self.hidden_size:
+            raise ValueError(f"`hidden_states` must have shape [B, T, {self.hidden_size}], "
+                             f"got {list(hidden_states.shape)}")
+        q, cq = self._project(hidden_states, self.q_proj, getattr(self, "q_conv", None), conv_state,
+                              output_conv_state, cu_seqlens)
+        return F.normalize(q.unflatten(-1, (self.num_heads, self.head_dim)), dim=-1), cq  # [B, T, H, K]
+
+    def memory_weights(self, state=None) -> tuple[torch.Tensor, ...]:
+        """The memory weights as they stand in ``state``: ``(M,)`` ``[N or 1, H, K, V]`` for the linear
+        memory, ``(W1, W2)`` ``[N or 1, H, K, Dh]``, ``[N or 1, H, Dh, V]`` for the MLP memory.
+
+        ``state`` is None (the learned initial memory, leading dim 1), a state NamedTuple from the ops
+        (its current weights, not the chunk anchor) or a tuple ``(M, ...)`` / ``(W1, W2, ...)``."""
+        if state is None:
+            return self.initial_state()
+        if hasattr(state, "M"):
+            return (state.M,)
+        if hasattr(state, "W1"):
+            return (state.W1, state.W2)
+        if isinstance(state, (tuple, list)) and len(state) >= (1 if self.memory == "linear" else 2):
+            return (state[0],) if self.memory == "linear" else (state[0], state[1])
+        raise TypeError(f"`state` must be None, a memory state or a tuple of weights, got {type(state).__name__}")
+
+    def retrieve(self, q: torch.Tensor, hidden_states: torch.Tensor, weights: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """Read ``f(q; W)`` with fixed weights (no write) and map it to the model width through the
+        layer's output path (per-head norm, output gate, ``o_proj``), as :meth:`forward` does with
+        its reads.
+
+        Args:
+            q: ``[N, L, H, K]`` queries from :meth:`query`.
+            hidden_states: ``[N, L, D]``, the tokens the queries came from (for the output gate).
+            weights: from :meth:`memory_weights`, leading dim N or 1.
+
+        Returns:
+            ``[N, L, D]`` in ``q``'s dtype.
+        """
+        N, L, H, K = q.shape
+        if (H, K) != (self.num_heads, self.head_dim) or hidden_states.shape != (N, L, self.hidden_size):
+            raise ValueError(f"`q` must be [N, L, {self.num_heads}, {self.head_dim}] and `hidden_states` "
+                             f"[N, L, {self.hidden_size}], got {list(q.shape)} and {list(hidden_states.shape)}")
+        qh = q.transpose(1, 2).to(weights[0].dtype)  # [N, H, L, K]
+        if self.memory == "linear":
+            o = qh @ weights[0]  # [N, H, L, V]
+        else:
+            from titans_layers.ops.mlp_memory.naive import mlp_forward
+            o = mlp_forward(qh, weights[0], weights[1], self.activation, self.mlp_residual)  # [N, H, L, V]
+        o = o.transpose(1, 2).to(q.dtype)  # [N, L, H, V]
+        if self.use_output_norm:
+            o = self.o_norm(o)
+        if self.use_output_gate:
+            o = o * torch.sigmoid(self.g_proj(hidden_states)).unflatten(-1, (H, K))
+        return self.o_proj(o.flatten(-2))  # [N, L, D]

@@ -64,8 +64,9 @@ class SlidingWindowAttention(nn.Module):
     output_attentions=False, prefix_states=None, prefix_positions=None, **kwargs)
     -> (o [B, T, D], None, past_key_values)``. ``prefix_states`` ``[N, P, D]`` (N sequences:
     B, or ``len(cu_seqlens) - 1``; or ``[1, P, D]`` shared) are extra keys/values; prefix token p
-    is visible to the call's token t when ``prefix_positions[p] <= t`` (``[P]`` int, -1 = always:
-    MAC's rule that position j sees retrieved token i only when i <= j).
+    is visible to the call's token t when ``prefix_positions[p] <= t`` (``[P]`` int, or ``[N, P]``
+    one row per sequence; -1 = always: MAC's rule that position j sees retrieved token i only when
+    i <= j; t counts from the call's first token of each sequence).
     """
 
     def __init__(self, hidden_size: int, num_heads: int, window_size: int, num_kv_heads: int | None = None,
@@ -132,8 +133,11 @@ class SlidingWindowAttention(nn.Module):
             keys, values = [pk] + keys, [pv] + values
         if prefix_positions is None:
             prefix_positions = torch.full((P,), -1, dtype=torch.long, device=qp.device)
-        elif prefix_positions.shape != (P,):
-            raise ValueError(f"`prefix_positions` must have shape [P] = [{P}], got {list(prefix_positions.shape)}")
+        elif prefix_positions.shape not in ((P,), (N, P)):
+            raise ValueError(f"`prefix_positions` must have shape [P] = [{P}] or [N, P] = [{N}, {P}], "
+                             f"got {list(prefix_positions.shape)}")
+        if prefix_positions.ndim == 1:
+            prefix_positions = prefix_positions[None]  # [1 or N, P]
         K_all, V_all = torch.cat(keys, dim=1), torch.cat(values, dim=1)  # [N, P + W - 1 + L, Hk, d]
 
         # what each key is: its position relative to the call's first token, and whether it exists
@@ -157,7 +161,7 @@ class SlidingWindowAttention(nn.Module):
             rel = key_rel[:, k0:k1]  # [N, span]
             visible = key_ok[:, None, k0:k1] & (rel[:, None, :] <= tq[None, :, None]) & \
                 (rel[:, None, :] > tq[None, :, None] - W)  # [N, bq, span]
-            pre = (prefix_positions[None, None, :] <= tq[None, :, None]).expand(N, -1, -1)  # [N, bq, P]
+            pre = (prefix_positions[:, None, :] <= tq[None, :, None]).expand(N, -1, -1)  # [N, bq, P]
             mask = torch.cat([pre, visible], dim=-1)  # [N, bq, P + span]
             # padding query slots (past a sequence's end) see everything: finite, and discarded
             is_pad = tq[None, :] >= lens[:, None]  # [N, bq]

@@ -1,0 +1,414 @@
+"""Titans models (SPEC §3): causality, cached decoding, packing and padding, save/load, gradient
+checkpointing, torch.compile, training, generation, config checks, the MAC pieces and fla mixers."""
+
+import pytest
+import torch
+from fla.models.utils import Cache
+from model_helpers import (MEMORIES, VARIANTS, causality_violations, decode_logits, logits, tiny_config, tiny_model,
+                           token_ids)
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+from titans_layers.models import (MACMixer, MACState, TitansCache, TitansConfig, TitansForCausalLM, TitansModel,
+                                  cache_slots, variant_block_types)
+from titans_layers.modules import NeuralMemory
+from titans_layers.testing import assert_close
+
+ALL = [(v, m) for v in VARIANTS for m in MEMORIES]
+CUDA = torch.cuda.is_available()
+
+
+# ---- causality --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("j", [3, 10])  # mid-segment; a segment start (segment_size 5)
+@pytest.mark.parametrize("variant, memory", ALL)
+def test_changing_token_j_moves_no_earlier_logit(variant, memory, j):
+    before, after = causality_violations(tiny_model(variant, memory), token_ids(), j)
+    assert before <= 1e-6, f"a logit before position {j} moved by {before:.2e}"
+    assert after > 1e-4, f"no logit at or after position {j} moved (max change {after:.2e})"
+
+
+def test_causality_of_a_hybrid_stack_with_plain_attention():
+    model = tiny_model(block_types=["swa", "mac", "lmm"], num_hidden_layers=3)
+    before, after = causality_violations(model, token_ids(), 7)
+    assert before <= 1e-6 and after > 1e-4
+
+
+def test_causality_check_catches_a_mac_that_shows_every_retrieved_token(monkeypatch):
+    """If every retrieved token of a segment were visible to all its positions, token j's
+    retrieval would reach earlier positions of its segment: the check must see it."""
+    original = MACMixer._prefix
+
+    def leaky(self, retrieved, first=None):
+        prefix, positions = original(self, retrieved, first)
+        return prefix, torch.full_like(positions, -1)
+
+    monkeypatch.setattr(MACMixer, "_prefix", leaky)
+    before, _ = causality_violations(tiny_model("mac"), token_ids(), 7)
+    assert before > 1e-4
+
+
+# ---- cached decoding ---------------------------------------------------------------------------
+
+DECODE_CASES = [(v, m, 7) for v, m in ALL] + [("mac", m, p) for m in MEMORIES for p in (1, 5, 10)]
+
+
+@pytest.mark.parametrize("variant, memory, prefill", DECODE_CASES)
+def test_prefill_then_token_by_token_decoding_equals_full_forward(variant, memory, prefill):
+    """Prefill on a segment boundary (5), mid-segment and mid-chunk (7: phase 2, chunk offset 3),
+    or a single token, then one token per call through fla's Cache."""
+    model = tiny_model(variant, memory)
+    ids = token_ids()
+    decoded, cache = decode_logits(model, ids, prefill)
+    assert_close("decoded logits", decoded, logits(model, ids), 1e-5)
+    assert cache.get_seq_length() == ids.shape[1]
+
+
+@pytest.mark.parametrize("variant", ["mac", "mag", "mal", "lmm"])
+def test_left_padded_batch_equals_rows_alone_full_and_decoded(variant):
+    """Rows of different lengths sit at different places in their MAC segments while decoding;
+    the last row has no token at all in the prefill."""
+    model = tiny_model(variant)
+    ids = token_ids(B=3, T=14)
+    starts = [0, 3, 10]
+    mask = torch.ones_like(ids)
+    for b, s in enumerate(starts):
+        ids[b, :s], mask[b, :s] = 0, 0
+    full = logits(model, ids, attention_mask=mask)
+    decoded, _ = decode_logits(model, ids, 9, attention_mask=mask)
+    for b, s in enumerate(starts):
+        alone = logits(model, ids[b:b + 1, s:])
+        assert_close(f"row {b}, full forward", full[b:b + 1, s:], alone, 1e-5)
+        assert_close(f"row {b}, decoded", decoded[b:b + 1, s:], alone, 1e-5)
+
+
+def test_cache_holds_every_sublayer_and_the_mac_state():
+    model = tiny_model("mac_mal")
+    assert [layer.mixer.layer_idx for layer in model.model.layers[::2]] == [0]
+    with torch.no_grad():
+        cache = model(token_ids(T=7), use_cache=True).past_key_values
+    assert len(cache) == 5 and all(cache[i]["recurrent_state"] is not None for i in range(5))
+    state = cache[0]["recurrent_state"]
+    assert isinstance(state, MACState)
+    assert state.phase.tolist() == [2, 2] and state.retrieved.shape == (2, 5, 32)
+    assert cache[1]["conv_state"] is not None and state.conv_state.shape == (2, 3, 32)
+
+
+# ---- packing, padding ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("variant, memory", [(v, "linear") for v in VARIANTS] + [("mac", "mlp"), ("mal", "mlp")])
+def test_packed_sequences_equal_separate_runs(variant, memory):
+    model = tiny_model(variant, memory)
+    ids = token_ids(B=1, T=20)
+    cu = torch.tensor([0, 3, 3, 12, 20])
+    packed = logits(model, ids, cu_seqlens=cu)
+    for bos, eos in zip(cu[:-1].tolist(), cu[1:].tolist()):
+        if eos > bos:
+            assert_close(f"sequence [{bos}, {eos})", packed[:, bos:eos], logits(model, ids[:, bos:eos]), 1e-5)
+
+
+@pytest.mark.parametrize("memory", MEMORIES)
+def test_mac_general_path_equals_whole_sequence_path(memory):
+    """The packed, cache-driven MAC path (taken here through an all-ones mask) and the plain
+    per-segment loop compute the same thing."""
+    mixer = tiny_model("mac", memory).model.layers[0].mixer
+    x = torch.randn(2, 17, 32, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        whole, _, _ = mixer(x)
+        general, _, _ = mixer(x, attention_mask=torch.ones(2, 17, dtype=torch.long))
+    assert_close("general path", general, whole, 1e-5)
+
+
+@pytest.mark.parametrize("variant", ["mac", "mal"])
+def test_triton_memory_backend_gives_the_pytorch_logits(variant):
+    """The Triton memory ops (natively on CUDA, interpreted on CPU) in a whole model: full forward,
+    left padding, and decoding (the fused recurrent kernel) against the PyTorch path."""
+    device = "cuda" if CUDA else "cpu"
+    ref = tiny_model(variant, chunk_size=16, memory_backend="torch").to(device)
+    tri = tiny_model(variant, chunk_size=16, memory_backend="triton").to(device)
+    ids = token_ids(T=21).to(device)
+    mask = torch.ones_like(ids)
+    ids[1, :4], mask[1, :4] = 0, 0
+    tol = 2e-3 if CUDA else 1e-5
+    full = logits(ref, ids, attention_mask=mask)
+    assert_close("full forward", logits(tri, ids, attention_mask=mask), full, tol)
+    decoded, _ = decode_logits(tri, ids, 7, attention_mask=mask)
+    assert_close("decoded, row 0", decoded[:1], full[:1], tol)
+    assert_close("decoded, row 1", decoded[1:, 4:], full[1:, 4:], tol)
+
+
+# ---- the memory's read-only retrieval (used by MAC) --------------------------------------------
+
+@pytest.mark.parametrize("memory", MEMORIES)
+def test_memory_retrieve_reads_like_the_forward(memory):
+    torch.manual_seed(0)
+    layer = NeuralMemory(32, 2, memory=memory, chunk_size=4, layer_idx=0).eval()
+    x = torch.randn(2, 7, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        o, _, cache = layer(x, past_key_values=Cache(), use_cache=True)
+        q, _ = layer.query(x)
+        # the forward reads o_t = f(q_t; W_t) after token t's write: the final state holds W_6
+        got = layer.retrieve(q[:, -1:], x[:, -1:], layer.memory_weights(cache[0]["recurrent_state"]))
+        assert_close("read at the final state", got, o[:, -1:], 1e-5)
+        # the query convolution continues across calls
+        q1, conv = layer.query(x[:, :4], output_conv_state=True)
+        q2, _ = layer.query(x[:, 4:], conv_state=conv)
+        assert_close("continued queries", torch.cat([q1, q2], 1), q, 1e-6)
+    with pytest.raises(ValueError, match="`q`"):
+        layer.retrieve(q[..., :8], x, layer.memory_weights())
+
+
+# ---- save / load, registration ------------------------------------------------------------------
+
+@pytest.mark.parametrize("overrides", [dict(variant="mac_mal", memory="mlp"),
+                                       dict(block_types=["swa", "mag"]),
+                                       dict(variant="lmm", tie_word_embeddings=True)])
+def test_save_pretrained_from_pretrained_round_trip_is_exact(tmp_path, overrides):
+    model = tiny_model(**overrides)
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert type(loaded) is TitansForCausalLM
+    config, expected = loaded.config.to_dict(), model.config.to_dict()
+    config.pop("_name_or_path"), expected.pop("_name_or_path")
+    assert config == expected
+    ref, got = model.state_dict(), loaded.state_dict()
+    assert ref.keys() == got.keys() and all(torch.equal(ref[k], got[k]) for k in ref)
+    if model.config.tie_word_embeddings:
+        assert loaded.lm_head.weight is loaded.model.embeddings.weight
+    # the loaded tensors live in the checkpoint's memory map, at offsets that SIMD kernels may round
+    # differently (last-bit changes); in fresh storage the loaded model computes bit for bit the same
+    for param in loaded.parameters():
+        param.data = param.data.clone()
+    ids = token_ids()
+    assert torch.equal(logits(loaded, ids), logits(model, ids))
+    if model.config.tie_word_embeddings:
+        assert loaded.lm_head.weight is loaded.model.embeddings.weight
+
+
+def test_auto_classes_know_titans():
+    args = {k: v for k, v in tiny_config().to_dict().items() if k not in ("model_type", "transformers_version")}
+    config = AutoConfig.for_model("titans", **args)
+    assert type(config) is TitansConfig
+    assert type(AutoModel.from_config(config)) is TitansModel
+    assert type(AutoModelForCausalLM.from_config(config)) is TitansForCausalLM
+
+
+# ---- training: gradient checkpointing, compile, loss --------------------------------------------
+
+def _gradients(model, ids):
+    model.zero_grad()
+    model(ids, labels=ids).loss.backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("variant, memory", [("mac_mal", "linear"), ("mag", "mlp")])
+def test_gradient_checkpointing_gives_the_same_gradients(variant, memory):
+    model = tiny_model(variant, memory).train()
+    ids = token_ids(T=13)
+    calls = []
+    model.model.layers[0].mixer.register_forward_pre_hook(lambda *_: calls.append(1))
+    plain = _gradients(model, ids)
+    getattr(model, "activation_checkpointing_enable", model.gradient_checkpointing_enable)()
+    n_before = len(calls)
+    checkpointed = _gradients(model, ids)
+    assert len(calls) - n_before == 2, "the checkpointed block was not recomputed in the backward pass"
+    assert plain.keys() == checkpointed.keys()
+    for name in plain:
+        assert_close(f"grad of {name}", checkpointed[name], plain[name], 1e-6)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_every_parameter_gets_a_gradient(variant):
+    model = tiny_model(variant).train()
+    _gradients(model, token_ids())
+    missing = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert not missing, f"no gradient reached {missing}"
+
+
+@pytest.mark.parametrize("variant, memory", [(v, "linear") for v in VARIANTS] + [("mac", "mlp")])
+def test_a_few_training_steps_drive_the_loss_down(variant, memory):
+    model = tiny_model(variant, memory, segment_size=8, window_size=8).train()
+    ids = token_ids(T=24)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(20):
+        loss = model(ids, labels=ids).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert all(torch.isfinite(torch.tensor(losses)))
+    assert losses[-1] < 0.5 * losses[0], f"loss went {losses[0]:.3f} -> {losses[-1]:.3f}"
+
+
+def test_loss_is_next_token_cross_entropy_and_logits_to_keep():
+    model = tiny_model("mag")
+    ids = token_ids()
+    labels = ids.clone()
+    labels[:, 5] = -100
+    with torch.no_grad():
+        out = model(ids, labels=labels)
+        last = model(ids, logits_to_keep=1).logits
+    expected = torch.nn.functional.cross_entropy(out.logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(),
+                                                 ignore_index=-100)
+    assert_close("loss", out.loss, expected, 1e-6)
+    assert last.shape == (2, 1, 100)
+    assert_close("last logits", last, out.logits[:, -1:], 1e-6)
+
+
+COMPILE_BACKEND = "inductor" if CUDA else "aot_eager"  # inductor's CPU codegen takes minutes here
+
+
+@pytest.mark.parametrize("variant", ["mac", "mag", "mal", "lmm", "mac_mal"])
+def test_torch_compile_fullgraph_of_a_whole_model(variant):
+    """No graph breaks: the memory update runs as a custom op (titans_layers.ops.library)."""
+    model = tiny_model(variant)
+    ids = token_ids(T=10)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend=COMPILE_BACKEND, fullgraph=True)
+    with torch.no_grad():
+        got = compiled(ids, use_cache=False).logits
+    assert_close("compiled logits", got, logits(model, ids), 1e-5)
+
+
+# ---- generation ---------------------------------------------------------------------------------
+
+def _left_padded(B=2, T=9):
+    ids = token_ids(B=B, T=T)
+    mask = torch.ones_like(ids)
+    ids[1, :3], mask[1, :3] = 0, 0
+    return ids, mask
+
+
+@pytest.mark.parametrize("variant", ["mac", "mac_mal", "mag"])
+def test_greedy_generate_equals_argmax_of_full_forwards(variant):
+    model = tiny_model(variant)
+    ids, mask = _left_padded()
+    generated = model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False)
+    seq, am = ids, mask
+    for _ in range(8):
+        nxt = logits(model, seq, attention_mask=am)[:, -1].argmax(-1, keepdim=True)
+        seq, am = torch.cat([seq, nxt], 1), torch.cat([am, torch.ones_like(nxt)], 1)
+    assert torch.equal(generated, seq)
+
+
+@pytest.mark.parametrize("variant", ["mac", "mal"])
+def test_reordered_cache_decodes_the_reordered_rows(variant):
+    """Beam search reorders the cache's rows: every layer's state must keep its type and rows."""
+    model = tiny_model(variant, "mlp")
+    ids = token_ids(B=3, T=9)
+    with torch.no_grad():
+        cache = model(ids[:, :7], use_cache=True).past_key_values
+        assert isinstance(cache, TitansCache)
+        ref = model(ids[:, 7:8], past_key_values=cache, use_cache=True).logits
+        cache = model(ids[:, :7], use_cache=True).past_key_values
+        order = torch.tensor([2, 0, 1])
+        cache.reorder_cache(order)
+        got = model(ids[order, 7:8], past_key_values=cache, use_cache=True).logits
+    assert_close("decoded after reordering", got, ref[order], 1e-6)
+
+
+def test_beam_search_generate_runs():
+    model = tiny_model("mac_mal")
+    ids = token_ids(T=9)
+    out = model.generate(ids, max_new_tokens=5, num_beams=3, num_return_sequences=2, do_sample=False)
+    assert out.shape == (4, 14) and torch.equal(out[::2, :9], ids)
+
+
+def test_sampled_generate_runs_and_is_reproducible():
+    model = tiny_model("mac", "mlp")
+    ids, mask = _left_padded()
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(7)
+        runs.append(model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=True, top_k=20))
+    assert runs[0].shape == (2, 15) and torch.equal(runs[0][:, :9], ids)
+    assert bool((runs[0] >= 0).all() and (runs[0] < 100).all())
+    assert torch.equal(runs[0], runs[1])
+
+
+# ---- config and input checks --------------------------------------------------------------------
+
+def test_variant_presets():
+    assert variant_block_types("mac_mal", 5) == ["mac", "mal", "mac", "mal", "mac"]
+    assert tiny_config("mal").block_types == ["mal", "mal"]
+    assert tiny_config("mal", block_types=["swa", "gated_deltanet"]).block_types == ["swa", "gated_deltanet"]
+    assert cache_slots(["mac", "mal", "swa", "mamba2"]) == [[0, 1, 2], [3, 4], [5], [6]]
+
+
+@pytest.mark.parametrize("overrides, match", [
+    (dict(variant="mat"), "`variant`"),
+    (dict(block_types=["mac"]), "`block_types`"),
+    (dict(block_types=["mac", "attention"]), r"`block_types\[1\]`"),
+    (dict(memory="conv"), "`memory`"),
+    (dict(vocab_size=0), "`vocab_size`"),
+    (dict(hidden_size=-32), "`hidden_size`"),
+    (dict(num_heads=3), "divisible by `num_heads`"),
+    (dict(num_kv_heads=3), "multiple of `num_kv_heads`"),
+    (dict(head_dim=0), "`head_dim`"),
+    (dict(segment_size=0), "`segment_size`"),
+    (dict(window_size=1.5), "`window_size`"),
+    (dict(chunk_size=0), "`chunk_size`"),
+    (dict(num_persistent_tokens=-1), "`num_persistent_tokens`"),
+    (dict(memory_activation="relu"), "`memory_activation`"),
+    (dict(gate_activation="tanh"), "`gate_activation`"),
+    (dict(max_step_size=0), "`max_step_size`"),
+    (dict(mlp_residual="yes"), "`mlp_residual`"),
+    (dict(memory_backend="cuda"), "`memory_backend`"),
+    (dict(memory="mlp", memory_backend="triton"), "`memory_backend='triton'`"),
+    (dict(fla_mixer_kwargs={"mamba": {}}), "`fla_mixer_kwargs`"),
+    (dict(norm_eps=0.0), "`norm_eps`"),
+    (dict(intermediate_size=0), "`intermediate_size`"),
+])
+def test_bad_config_fields_are_named(overrides, match):
+    with pytest.raises(ValueError, match=match):
+        tiny_config(**overrides)
+
+
+def test_bad_inputs_are_named():
+    model = tiny_model("mac")
+    ids = token_ids()
+    with pytest.raises(ValueError, match="exactly one of `input_ids`"):
+        model(ids, inputs_embeds=torch.randn(2, 17, 32))
+    with pytest.raises(ValueError, match="`attention_mask`"):
+        model(ids, attention_mask=torch.ones(2, 5))
+    with pytest.raises(ValueError, match="`cu_seqlens`.*batch size"):
+        model(ids, cu_seqlens=torch.tensor([0, 17]))
+    with pytest.raises(ValueError, match="`cu_seqlens` must start at 0"):
+        model(ids[:1], cu_seqlens=torch.tensor([0, 5, 16]))
+    mask = torch.ones(1, 17, dtype=torch.long)
+    mask[0, 0] = 0
+    with pytest.raises(ValueError, match="not both"):
+        model(ids[:1], attention_mask=mask, cu_seqlens=torch.tensor([0, 17]))
+    with pytest.raises(ValueError, match="`labels`"):
+        model(ids, labels=ids[:, :5])
+    cache = model(ids, use_cache=True).past_key_values
+    with pytest.raises(ValueError, match="cached MAC state has 2 sequences"):
+        model(ids[:1, :1], past_key_values=cache, use_cache=True)
+
+
+# ---- fla mixers in a hybrid stack ---------------------------------------------------------------
+
+FLA_STACK = dict(block_types=["gated_deltanet", "mac", "deltanet", "mamba2"], num_hidden_layers=4,
+                 fla_mixer_kwargs={"mamba2": {"state_size": 16}})
+
+
+def test_fla_mixers_build_in_a_hybrid_stack():
+    from fla.layers import DeltaNet, GatedDeltaNet, Mamba2
+    model = tiny_model(**FLA_STACK)
+    mixers = [layer.mixer for layer in model.model.layers]
+    assert [type(m) for m in mixers] == [GatedDeltaNet, MACMixer, DeltaNet, Mamba2]
+    assert [m.layer_idx for m in mixers] == [0, 1, 4, 5]
+    assert mixers[3].ssm_state_size == 16
+
+
+@pytest.mark.skipif(not CUDA, reason="fla's GatedDeltaNet / DeltaNet / Mamba2 run autotuned Triton kernels, and "
+                                     "Triton's CPU interpreter has no driver to autotune with")
+def test_fla_mixers_run_causally_and_decode_in_a_hybrid_stack():
+    model = tiny_model(**FLA_STACK).cuda()
+    ids = token_ids().cuda()
+    full = logits(model, ids)
+    assert torch.isfinite(full).all()
+    before, after = causality_violations(model, ids, 7)
+    assert before <= 1e-4 and after > 1e-3
+    decoded, _ = decode_logits(model, ids, 7)
+    assert_close("decoded logits", decoded, full, 5e-3)

@@ -15,6 +15,7 @@ flushed between runs) and a plain ``time.perf_counter`` loop elsewhere, e.g. on 
 
 from __future__ import annotations
 
+import argparse
 import datetime as _dt
 import gc
 import importlib
@@ -385,3 +386,53 @@ def command_line() -> str:
     spec = getattr(sys.modules.get("__main__"), "__spec__", None)
     script = ["-m", spec.name] if spec is not None else sys.argv[:1]
     return " ".join(["python", *script, *sys.argv[1:]])
+
+
+# --------------------------------------------------------------------------------------------
+# Shared command-line and run plumbing of the benchmark scripts
+# --------------------------------------------------------------------------------------------
+
+def int_list(text: str) -> list[int]:
+    """``"1,2,3"`` -> ``[1, 2, 3]`` (an argparse type)."""
+    return [int(x) for x in text.split(",") if x.strip()]
+
+
+def choice_list(choices: Sequence[str]) -> Callable[[str], list[str]]:
+    """An argparse type: a non-empty comma-separated subset of ``choices``."""
+    def parse(text: str) -> list[str]:
+        items = [x.strip() for x in text.split(",") if x.strip()]
+        if not items or any(x not in choices for x in items):
+            raise argparse.ArgumentTypeError(f"expected a comma-separated subset of {', '.join(choices)}, got {text!r}")
+        return items
+    return parse
+
+
+def apply_preset(args: argparse.Namespace, preset: Mapping[str, Any]) -> argparse.Namespace:
+    """Fill every argument left unset (None) from ``preset`` (``--quick`` or the full sweep)."""
+    for key, value in preset.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    return args
+
+
+def active_providers(providers: Sequence[str], skip_reason: Callable[[str, torch.device], str | None],
+                     device: torch.device) -> tuple[list[str], dict[str, str]]:
+    """Split ``providers`` into those that run here and ``{provider: why not}``, printing the skips."""
+    skipped = {p: r for p in providers if (r := skip_reason(p, device)) is not None}
+    for provider, reason in skipped.items():
+        print(f"skipping {provider}: {reason}")
+    return [p for p in providers if p not in skipped], skipped
+
+
+def save_results(out_dir: str | os.PathLike, stem: str, *, environment: Mapping, args: argparse.Namespace,
+                 entries: Sequence, report: str, **extra: Any) -> tuple[Path, Path]:
+    """Write ``<stem>.json`` (environment, arguments with the command line, ``extra``, entries) and
+    ``<stem>.md`` (``report``), print the report and both paths; return the paths."""
+    json_path, md_path = result_paths(out_dir, stem)
+    write_json(json_path, environment=environment, args={**vars(args), "command": command_line()}, entries=entries,
+               **extra)
+    md_path.write_text(report)
+    print()
+    print(report)
+    print(f"wrote {json_path}\nwrote {md_path}")
+    return json_path, md_path

@@ -6,6 +6,7 @@ import json
 import pytest
 
 from benchmarks.layers import benchmark_layers
+from benchmarks.models import benchmark_models
 from benchmarks.ops import benchmark_momentum_delta_rule
 
 SCRIPTS = {
@@ -13,6 +14,7 @@ SCRIPTS = {
                                            "--chunk-sizes", "16", "--dtype", "fp32"], "momentum_delta_rule"),
     "layers": (benchmark_layers, ["--quick", "--seqlens", "40", "--hidden", "32", "--head-dims", "16",
                                   "--dtype", "fp32"], "titans"),
+    "models": (benchmark_models, ["--quick", "--seqlens", "32", "--modes", "fwd,fwdbwd"], "titans"),
 }
 
 
@@ -27,4 +29,5 @@ def test_benchmark_script_writes_results(name, tmp_path):
     mine = [e for e in result["entries"] if e["provider"].startswith(ours)]
     assert mine and all(e["error"] is None and e["median_ms"] > 0 for e in mine), mine
     assert {e["mode"] for e in mine} == {"fwd", "fwdbwd"}
-    assert "Forward + backward" in md_path.read_text()
+    report = md_path.read_text()
+    assert report.startswith("# ") and "| ---" in report  # a titled report with its tables

@@ -24,8 +24,9 @@ def _compiled(fn):
     return torch.compile(fn, fullgraph=True, dynamic=False)
 
 
+@pytest.mark.parametrize("clip", [None, 0.05], ids=["free", "clipped"])
 @pytest.mark.parametrize("family", ["linear", "mlp"])
-def test_custom_op_passes_opcheck(family, device):
+def test_custom_op_passes_opcheck(family, clip, device):
     """Schema, fake implementation, autograd registration and AOT dispatch of the custom op."""
     case = make_case(seed=1, B=2, T=11, H=2, K=8, V=8, dtype=torch.float32, chunk_size=4, state="MS",
                      family=family, device=device)
@@ -36,7 +37,7 @@ def test_custom_op_passes_opcheck(family, device):
     inputs = [x.clone().requires_grad_() for x in case.inputs]
     offset = torch.zeros(2, dtype=torch.long, device=device)
     torch.library.opcheck(library.memory_update, (*inputs, weights, offset, None, name, "naive_chunk", 4, 4,
-                                                  "silu", False))
+                                                  "silu", False, clip))
 
 
 @pytest.mark.parametrize("name", list(OPS))
@@ -66,6 +67,7 @@ def _layer_grads(layer, run, x, kwargs):
 
 LAYERS = {
     "memory-linear": lambda: NeuralMemory(32, 2, memory="linear", chunk_size=8),
+    "memory-clipped": lambda: NeuralMemory(32, 2, memory="mlp", chunk_size=8, max_update_norm=0.01),
     "memory-mlp": lambda: NeuralMemory(32, 2, memory="mlp", chunk_size=8),
     "swa": lambda: SlidingWindowAttention(32, 4, window_size=6, num_kv_heads=2),
 }

@@ -159,10 +159,7 @@ def format_entry(e: Entry) -> str:
 
 
 def run(args, device) -> tuple[list[Entry], dict[str, str]]:
-    skipped = {p: r for p in args.providers if (r := skip_reason(p, device)) is not None}
-    for provider, reason in skipped.items():
-        print(f"skipping {provider}: {reason}")
-    active = [p for p in args.providers if p not in skipped]
+    active, skipped = common.active_providers(args.providers, skip_reason, device)
     entries = []
     for D, d, T in itertools.product(args.hidden, args.head_dims, args.seqlens):
         for mode in args.modes:
@@ -195,38 +192,22 @@ def markdown_report(entries: list[Entry], skipped: dict[str, str], env: dict, ar
     return "\n".join(parts)
 
 
-def _int_list(text: str) -> list[int]:
-    return [int(x) for x in text.split(",") if x.strip()]
-
-
-def _subset(choices: tuple[str, ...]) -> Callable[[str], list[str]]:
-    def parse(text: str) -> list[str]:
-        items = [x.strip() for x in text.split(",") if x.strip()]
-        if not items or any(x not in choices for x in items):
-            raise argparse.ArgumentTypeError(f"expected a comma-separated subset of {', '.join(choices)}, got {text!r}")
-        return items
-    return parse
-
-
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--batch", type=int, help=f"batch size B (default {FULL['batch']})")
-    p.add_argument("--seqlens", type=_int_list, help=f"comma-separated lengths T (default {FULL['seqlens']})")
-    p.add_argument("--hidden", type=_int_list, help=f"comma-separated hidden sizes D (default {FULL['hidden']})")
-    p.add_argument("--head-dims", type=_int_list, help=f"comma-separated head dims (default {FULL['head_dims']})")
+    p.add_argument("--seqlens", type=common.int_list, help=f"comma-separated lengths T (default {FULL['seqlens']})")
+    p.add_argument("--hidden", type=common.int_list, help=f"comma-separated hidden sizes D (default {FULL['hidden']})")
+    p.add_argument("--head-dims", type=common.int_list, help=f"comma-separated head dims (default {FULL['head_dims']})")
     p.add_argument("--dtype", choices=sorted(common.DTYPES), default="bf16", help="parameter and input dtype")
-    p.add_argument("--modes", type=_subset(MODES), default=list(MODES), help="fwd, fwdbwd or both")
-    p.add_argument("--providers", type=_subset(PROVIDERS), default=list(PROVIDERS), help="which layers to time")
+    p.add_argument("--modes", type=common.choice_list(MODES), default=list(MODES), help="fwd, fwdbwd or both")
+    p.add_argument("--providers", type=common.choice_list(PROVIDERS), default=list(PROVIDERS), help="which layers to time")
     p.add_argument("--warmup-ms", type=int, help="do_bench warm-up time, ms")
     p.add_argument("--rep-ms", type=int, help="do_bench repetition time, ms")
     p.add_argument("--host-reps", type=int, help="timed calls per entry off CUDA")
     p.add_argument("--out", default="benchmarks/results", help="directory for the JSON and Markdown results")
     p.add_argument("--quick", action="store_true", help=f"tiny smoke-test config {QUICK}; explicit flags still win")
     args = p.parse_args(argv)
-    for key, value in (QUICK if args.quick else FULL).items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
-    return args
+    return common.apply_preset(args, QUICK if args.quick else FULL)
 
 
 def main(argv=None) -> None:
@@ -235,14 +216,9 @@ def main(argv=None) -> None:
     env = common.collect_environment(device, common.package_versions())
     print(f"device: {env['device']}; modes {args.modes}; providers {args.providers}")
     entries, skipped = run(args, device)
-    json_path, md_path = common.result_paths(args.out, f"layers_{env['device_slug']}_{common.timestamp()}")
-    report = markdown_report(entries, skipped, env, args)
-    common.write_json(json_path, environment=env, args={**vars(args), "command": common.command_line()},
-                      entries=entries, skipped_providers=skipped)
-    md_path.write_text(report)
-    print()
-    print(report)
-    print(f"wrote {json_path}\nwrote {md_path}")
+    common.save_results(args.out, f"layers_{env['device_slug']}_{common.timestamp()}", environment=env, args=args,
+                        entries=entries, report=markdown_report(entries, skipped, env, args),
+                        skipped_providers=skipped)
 
 
 if __name__ == "__main__":

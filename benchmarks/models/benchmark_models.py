@@ -187,10 +187,7 @@ def format_entry(e: Entry) -> str:
 def run(args, device) -> tuple[list[Entry], dict[str, str], dict[str, tuple[int, int]]]:
     """Size every runnable provider, then measure every provider x mode x T.
     Returns (entries, skipped providers, ``{provider: (layers, params)}``)."""
-    skipped = {p: r for p in args.providers if (r := skip_reason(p, device)) is not None}
-    for provider, reason in skipped.items():
-        print(f"skipping {provider}: {reason}")
-    active = [p for p in args.providers if p not in skipped]
+    active, skipped = common.active_providers(args.providers, skip_reason, device)
     target = count_params(REFERENCE, args.num_layers, args)
     sizes = {p: fit_layers(p, target, args) for p in active}
     print(f"target size: {target / 1e6:.1f}M parameters ({REFERENCE}, {args.num_layers} layers); "
@@ -271,20 +268,6 @@ def plot(entries: list[Entry], path, mode: str = "fwdbwd") -> bool:
 # Command line
 # --------------------------------------------------------------------------------------------
 
-def _int_list(text: str) -> list[int]:
-    return [int(x) for x in text.split(",") if x.strip()]
-
-
-def _choice_list(choices: tuple[str, ...]) -> Callable[[str], list[str]]:
-    def parse(text: str) -> list[str]:
-        items = [x.strip() for x in text.split(",") if x.strip()]
-        bad = [x for x in items if x not in choices]
-        if bad or not items:
-            raise argparse.ArgumentTypeError(f"expected a comma-separated subset of {', '.join(choices)}, got {text!r}")
-        return items
-    return parse
-
-
 def parse_args(argv=None) -> argparse.Namespace:
     """Parse the command line; sizes not given come from ``--quick`` or the full defaults."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -297,22 +280,18 @@ def parse_args(argv=None) -> argparse.Namespace:
                              ("host-reps", int, "timed calls per entry off CUDA")):
         key = name.replace("-", "_")
         p.add_argument(f"--{name}", type=kind, help=f"{text} (default {FULL[key]}; --quick {QUICK[key]})")
-    p.add_argument("--seqlens", type=_int_list, help=f"comma-separated lengths T (default {FULL['seqlens']})")
+    p.add_argument("--seqlens", type=common.int_list, help=f"comma-separated lengths T (default {FULL['seqlens']})")
     p.add_argument("--dtype", choices=sorted(common.DTYPES), help="parameter dtype (default bf16; --quick fp32)")
     p.add_argument("--memory", choices=("linear", "mlp"), default="linear", help="Titans memory (default linear)")
-    p.add_argument("--modes", type=_choice_list(MODES), default=["fwdbwd"],
+    p.add_argument("--modes", type=common.choice_list(MODES), default=["fwdbwd"],
                    help="comma-separated: fwdbwd (training step), fwd (no-grad forward) (default fwdbwd)")
-    p.add_argument("--providers", type=_choice_list(PROVIDERS), default=list(PROVIDERS),
+    p.add_argument("--providers", type=common.choice_list(PROVIDERS), default=list(PROVIDERS),
                    help=f"comma-separated providers (default all: {','.join(PROVIDERS)})")
     p.add_argument("--out", default="benchmarks/results", help="result directory (default benchmarks/results)")
     p.add_argument("--quick", action="store_true",
                    help="tiny smoke-test sizes (runs on CPU under TRITON_INTERPRET=1); explicit flags still win")
     args = p.parse_args(argv)
-    preset = QUICK if args.quick else FULL
-    for key, value in preset.items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
-    return args
+    return common.apply_preset(args, QUICK if args.quick else FULL)
 
 
 def main(argv=None) -> None:
@@ -321,16 +300,11 @@ def main(argv=None) -> None:
     env = common.collect_environment(device, common.package_versions())
     print(f"device: {env['device']}; modes {args.modes}; providers {args.providers}")
     entries, skipped, sizes = run(args, device)
-    stem = f"models_{env['device_slug']}_{common.timestamp()}"
-    json_path, md_path = common.result_paths(args.out, stem)
-    report = markdown_report(entries, skipped, sizes, env, args)
-    common.write_json(json_path, environment=env, args={**vars(args), "command": common.command_line()},
-                      entries=entries, skipped_providers=skipped,
-                      sizes={p: {"layers": n, "params": c} for p, (n, c) in sizes.items()})
-    md_path.write_text(report)
-    print()
-    print(report)
-    print(f"wrote {json_path}\nwrote {md_path}")
+    _, md_path = common.save_results(args.out, f"models_{env['device_slug']}_{common.timestamp()}", environment=env,
+                                     args=args, entries=entries,
+                                     report=markdown_report(entries, skipped, sizes, env, args),
+                                     skipped_providers=skipped,
+                                     sizes={p: {"layers": n, "params": c} for p, (n, c) in sizes.items()})
     png = md_path.with_suffix(".png")
     if plot(entries, png):
         print(f"wrote {png}")

@@ -216,10 +216,7 @@ def format_entry(e: Entry) -> str:
 
 def run(args, device) -> tuple[list[Entry], dict[str, str]]:
     """Measure every provider x mode x shape that can run here. Returns (entries, skipped providers)."""
-    skipped = {p: r for p in args.providers if (r := skip_reason(p, device)) is not None}
-    for provider, reason in skipped.items():
-        print(f"skipping {provider}: {reason}")
-    active = [p for p in args.providers if p not in skipped]
+    active, skipped = common.active_providers(args.providers, skip_reason, device)
     entries = []
     for s in shapes(args):
         for mode in args.modes:
@@ -259,36 +256,22 @@ def markdown_report(entries: list[Entry], skipped: dict[str, str], env: dict, ar
 # Command line
 # --------------------------------------------------------------------------------------------
 
-def _int_list(text: str) -> list[int]:
-    return [int(x) for x in text.split(",") if x.strip()]
-
-
-def _choice_list(choices: tuple[str, ...]) -> Callable[[str], list[str]]:
-    def parse(text: str) -> list[str]:
-        items = [x.strip() for x in text.split(",") if x.strip()]
-        bad = [x for x in items if x not in choices]
-        if bad or not items:
-            raise argparse.ArgumentTypeError(f"expected a comma-separated subset of {', '.join(choices)}, got {text!r}")
-        return items
-    return parse
-
-
 def parse_args(argv=None) -> argparse.Namespace:
     """Parse the command line; sizes not given come from ``--quick`` or the full defaults."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--batch", type=int, help=f"batch size B (default {FULL['batch']})")
-    p.add_argument("--seqlens", type=_int_list, help=f"comma-separated lengths T (default {FULL['seqlens']})")
-    p.add_argument("--heads", type=_int_list, help=f"comma-separated head counts H (default {FULL['heads']})")
-    p.add_argument("--head-dims", type=_int_list,
+    p.add_argument("--seqlens", type=common.int_list, help=f"comma-separated lengths T (default {FULL['seqlens']})")
+    p.add_argument("--heads", type=common.int_list, help=f"comma-separated head counts H (default {FULL['heads']})")
+    p.add_argument("--head-dims", type=common.int_list,
                    help=f"comma-separated head dims, K = V (default {FULL['head_dims']})")
-    p.add_argument("--chunk-sizes", type=_int_list,
+    p.add_argument("--chunk-sizes", type=common.int_list,
                    help=f"comma-separated chunk sizes from 16, 32, 64, used by every provider "
                         f"(default {FULL['chunk_sizes']})")
     p.add_argument("--dtype", choices=sorted(common.DTYPES), default="bf16",
                    help="dtype of q, k, v and gates (default bf16)")
-    p.add_argument("--modes", type=_choice_list(MODES), default=list(MODES),
+    p.add_argument("--modes", type=common.choice_list(MODES), default=list(MODES),
                    help="comma-separated modes: fwd (forward only), fwdbwd (forward + backward) (default both)")
-    p.add_argument("--providers", type=_choice_list(PROVIDERS), default=list(PROVIDERS),
+    p.add_argument("--providers", type=common.choice_list(PROVIDERS), default=list(PROVIDERS),
                    help=f"comma-separated providers to run (default {','.join(PROVIDERS)})")
     p.add_argument("--warmup-ms", type=int, help=f"do_bench warm-up time, ms (default {FULL['warmup_ms']})")
     p.add_argument("--rep-ms", type=int, help=f"do_bench repetition time, ms (default {FULL['rep_ms']})")
@@ -300,11 +283,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help=f"tiny smoke-test config {QUICK} (runs on CPU under TRITON_INTERPRET=1); "
                         "explicit size flags still win")
     args = p.parse_args(argv)
-    preset = QUICK if args.quick else FULL
-    for key, value in preset.items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
-    return args
+    return common.apply_preset(args, QUICK if args.quick else FULL)
 
 
 def main(argv=None) -> None:
@@ -313,15 +292,9 @@ def main(argv=None) -> None:
     env = common.collect_environment(device, common.package_versions())
     print(f"device: {env['device']}; modes {args.modes}; providers {args.providers}")
     entries, skipped = run(args, device)
-    stem = f"ops_momentum_delta_rule_{env['device_slug']}_{common.timestamp()}"
-    json_path, md_path = common.result_paths(args.out, stem)
-    report = markdown_report(entries, skipped, env, args)
-    common.write_json(json_path, environment=env, args={**vars(args), "command": common.command_line()},
-                      entries=entries, skipped_providers=skipped)
-    md_path.write_text(report)
-    print()
-    print(report)
-    print(f"wrote {json_path}\nwrote {md_path}")
+    common.save_results(args.out, f"ops_momentum_delta_rule_{env['device_slug']}_{common.timestamp()}",
+                        environment=env, args=args, entries=entries, report=markdown_report(entries, skipped, env, args),
+                        skipped_providers=skipped)
 
 
 if __name__ == "__main__":

@@ -175,3 +175,14 @@ def test_gradients_through_a_mid_chunk_state(op, lengths, device):
         assert_close(name, x, ref, tolerance(f32, device))
     for name, x, ref in zip(names, grads, ref_grads):
         assert_close(f"d{name}", x, ref, tolerance(f32, device, "grad"))
+
+
+def test_float32_wide_heads_run_in_16_token_tiles(device):
+    """float32 inputs with K or V > 64 use 16-token tiles (four per chunk of 64) to fit shared memory:
+    that path, continuation from mid-chunk included, matches the reference too."""
+    from titans_layers.ops.mlp_memory.chunk import tile_size
+    assert tile_size(64, 72, 72, f32) == 16 and tile_size(64, 64, 64, f32) == 32 and tile_size(64, 72, 72, bf16) == 32
+    case = make_case(seed=9, B=1, T=70, H=1, K=72, V=72, dtype=f32, chunk_size=64, state="MS", family="mlp",
+                     hidden=20, split=37, residual=True, device=device)
+    check_against_reference(chunk_mlp_memory, case)
+    check_continuation(chunk_mlp_memory, case)

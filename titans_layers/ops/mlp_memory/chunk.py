@@ -6,24 +6,48 @@ from __future__ import annotations
 import torch
 import triton
 
+from titans_layers.ops.common.layout import sequence_lengths
 from titans_layers.ops.common.triton_utils import check_head_dims, check_triton_device, dot_precision
-from titans_layers.ops.common.validation import check_chunk_size, check_op_inputs
+from titans_layers.ops.common.validation import OpShape, check_chunk_size, check_op_inputs
 from titans_layers.ops.mlp_memory.chunk_kernels import chunk_mlp_memory_bwd_kernel, chunk_mlp_memory_fwd_kernel
 from titans_layers.ops.mlp_memory.naive import ACTIVATIONS, check_mlp_options
 from titans_layers.ops.mlp_memory.state import MLPMemoryState, resolve_mlp_state
-from titans_layers.ops.momentum_delta_rule.chunk import ChunkPlan, make_plan
+from titans_layers.ops.momentum_delta_rule.chunk import ChunkPlan
 
 KERNEL_CHUNK_SIZES = (16, 32, 64)
 
 
+def tile_size(chunk_size: int, K: int, V: int, dtype: torch.dtype) -> int:
+    """Tokens per kernel tile (it divides the chunk): the chunk, or 32-token pieces of it; 16 for
+    float32 inputs with K or V above 64, whose 32-bit ``tl.dot`` operands would need more shared
+    memory than an A100 block has (200 KB forward, 245 KB backward at K = V = 128, BT = 32)."""
+    if dtype == torch.float32 and max(K, V) > 64:
+        return 16
+    return min(chunk_size, 32)
+
+
+def make_plan(shape: OpShape, chunk_size: int, offsets: list[int], cu_seqlens, dtype: torch.dtype,
+              device) -> ChunkPlan:
+    """Sizes of one call; tiles are counted from the chunk start before each sequence's first token."""
+    lengths = sequence_lengths(shape.B, shape.T, cu_seqlens)
+    BT = tile_size(chunk_size, shape.K, shape.V, dtype)
+    counts = [-(-(o + n) // BT) - o // BT for o, n in zip(offsets, lengths)]
+    indptr = [0]
+    for c in counts:
+        indptr.append(indptr[-1] + c)
+    return ChunkPlan(shape, chunk_size, BT, lengths, offsets, torch.tensor(indptr, dtype=torch.long, device=device),
+                     indptr[-1])
+
+
 def block_sizes(K: int, V: int, Dh: int) -> tuple[int, int, int, int]:
     """Tile sizes ``(BK, BV, BH_fwd, BH_bwd)``: all of K and V in one tile (powers of two >= 16,
-    as ``tl.dot`` wants), Dh in blocks of 32 columns, or 16 in the backward when K or V is above
-    64 (its twelve ``[BK|BV, BH]`` state and adjoint blocks then stay within shared memory)."""
+    as ``tl.dot`` wants); Dh in blocks of 32 columns in the forward and of 16 in the backward,
+    whose twelve ``[BK|BV, BH]`` state and adjoint blocks per step then need 74 KB of shared
+    memory at K = V = 64 (102 KB with BH = 32, more than an sm_86/sm_89 block may have)."""
     BK = max(16, triton.next_power_of_2(K))
     BV = max(16, triton.next_power_of_2(V))
     BH = min(32, max(16, triton.next_power_of_2(Dh)))
-    return BK, BV, BH, (16 if max(BK, BV) > 64 else BH)
+    return BK, BV, BH, 16
 
 
 def _state_copy(x: torch.Tensor) -> torch.Tensor:
@@ -132,7 +156,7 @@ def prepare_kernel_call(op_name, q, k, v, alpha, eta, theta, chunk_size, initial
     check_head_dims(shape.K, shape.V)
     init = resolve_mlp_state(initial_state, shape, C, q.device)
     check_triton_device(op_name, q)
-    plan = make_plan(shape, C, init.offsets, cu_seqlens, q.device)
+    plan = make_plan(shape, C, init.offsets, cu_seqlens, q.dtype, q.device)
     inputs = tuple(x.contiguous() for x in (q, k, v, alpha, eta, theta))
     states = tuple(x.contiguous() for x in (init.W1, init.W2, init.S1, init.S2, init.anchor1, init.anchor2))
     return inputs, states, init.offset, plan, ACTIVATIONS.index(activation)

@@ -16,9 +16,9 @@ Design.
 
 - Grid: one program per (sequence, head). It walks its sequence tile by tile, BT tokens a
   tile (BT divides C, see Limits; a tile inside a chunk continues mid-chunk with the same
-  anchor, as in the linear kernels), padding a sequence that starts mid-chunk or ends mid-tile with tokens that write
-  nothing. Hidden units are not independent (``Err`` sums over all of them), so the program
-  holds the whole head.
+  anchor, as in the linear kernels), padding a sequence that starts mid-chunk or ends mid-tile
+  with tokens that write nothing. Hidden units are not independent (``Err`` sums over all of
+  them), so the program holds the whole head.
 - State in global memory: W1, S1 and the anchor a1 ``[K, Dh]``, W2, S2, a2 ``[Dh, V]`` (float32)
   do not fit registers at Dh = 256 (~ 390 KB at K = V = 64), so they live in float32 buffers
   (the final-state outputs, initialised with the initial state on the host; per head they stay in
@@ -43,20 +43,22 @@ Design.
   of a Dh block in every pass that rewrites the block it read (forward pass 2, backward pass C,
   decode pass 2): write-after-read; (b) at the end of every pass that stores state (forward
   anchor copy and pass 2, backward pass B before pass C's stores, pass C before the next tile's
-  loads): read-after-write across blocks and tiles. The interpreter runs threads in lockstep and
-  cannot catch a missing barrier; the placement is by construction.
+  loads): read-after-write across blocks and tiles. The interpreter runs each block-wide op at
+  once and cannot catch a missing barrier; the placement is by construction.
 - Memory the backward keeps per token and head: the inputs, plus one tile-start state
   ``(W1, S1, W2, S2)`` per tile of BT tokens, ``8 Dh (K + V) / BT`` bytes per token
-  (8 KB at K = V = 64, Dh = 256, BT = 32; 16 KB at K = V = 128). No per-token weights.
+  (8 KB at K = V = 64, Dh = 256, BT = 32; 16 KB at K = V = 128 in bf16, 32 KB in float32 with its
+  16-token tiles). No per-token weights.
 - Limits: chunk sizes 16, 32, 64 (``tl.dot`` needs every dim >= 16: BT >= 16); K, V <= 128 (one
   register tile each, padded to powers of two >= 16); any Dh (blocks of BH = 32 columns in the
   forward, 16 in the backward). Tiles: BT = min(C, 32), but 16 for float32 inputs with K or
-  V > 64 (32-bit ``tl.dot`` operands). Shared memory per program (sm_80 and sm_90 alike, checked
-  by ``tests/test_kernel_compile.py``), forward / backward: K = V = 64, Dh = 256, bf16 52 / 72 KB,
-  fp32 100 / 124 KB; K = V = 128, Dh = 256, bf16 100 / 136 KB, fp32 (BT = 16) 145 / 162 KB (sm_80
-  allows 163 KB, sm_90 227 KB; sm_86/sm_89 allow 99 KB, which only the bf16/fp16 K = V = 64
-  kernels fit). float32, bfloat16, float16 inputs; accumulation in float32; ``tl.dot`` in IEEE
-  fp32 for float32 inputs, TF32 otherwise.
+  V > 64 (32-bit ``tl.dot`` operands). Shared memory per program (sm_80; sm_90 the same but
+  156 KB for the last backward; checked by ``tests/test_kernel_compile.py``), forward / backward:
+  K = V = 64, Dh = 256, bf16 52 / 72 KB, fp32 100 / 124 KB; K = V = 128, Dh = 256, bf16
+  100 / 136 KB, fp32 (BT = 16) 145 / 162 KB. sm_80 allows 163 KB, sm_90 227 KB; sm_86/sm_89
+  allow 99 KB, which only the bf16/fp16 kernels at K = V <= 64 fit. The decode kernel: 0.5 KB.
+  float32, bfloat16, float16 inputs; accumulation in float32; ``tl.dot`` in IEEE fp32 for
+  float32 inputs, TF32 otherwise.
 - Parallelism is one program per (sequence, head): the walk over a sequence is serial, so a GPU
   is filled only when N * H is at least its SM count.
 """

@@ -42,8 +42,9 @@ def make_plan(shape: OpShape, chunk_size: int, offsets: list[int], cu_seqlens, d
 def block_sizes(K: int, V: int, Dh: int) -> tuple[int, int, int, int]:
     """Tile sizes ``(BK, BV, BH_fwd, BH_bwd)``: all of K and V in one tile (powers of two >= 16,
     as ``tl.dot`` wants); Dh in blocks of 32 columns in the forward and of 16 in the backward,
-    whose twelve ``[BK|BV, BH]`` state and adjoint blocks per step then need 72 KB of shared
-    memory at K = V = 64 (100 KB with BH = 32, more than an sm_86/sm_89 block may have)."""
+    which holds twelve ``[BK|BV, BH]`` state and adjoint blocks per step: with BH = 16 it needs
+    72 KB of shared memory at K = V = 64 in bf16 (100 KB with BH = 32, more than an sm_86/sm_89
+    block may have)."""
     BK = max(16, triton.next_power_of_2(K))
     BV = max(16, triton.next_power_of_2(V))
     BH = min(32, max(16, triton.next_power_of_2(Dh)))

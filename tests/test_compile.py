@@ -5,8 +5,9 @@ import pytest
 import torch
 
 from titans_layers.modules import NeuralMemory, SlidingWindowAttention
-from titans_layers.ops import (chunk_momentum_delta_rule, fused_recurrent_momentum_delta_rule, library,
-                               naive_chunk_mlp_memory, naive_chunk_momentum_delta_rule)
+from titans_layers.ops import (chunk_mlp_memory, chunk_momentum_delta_rule, fused_recurrent_mlp_memory,
+                               fused_recurrent_momentum_delta_rule, library, naive_chunk_mlp_memory,
+                               naive_chunk_momentum_delta_rule)
 from titans_layers.testing import assert_close, make_case
 from titans_layers.testing.contract import run_with_grads, state_fields
 
@@ -15,6 +16,8 @@ OPS = {
     "chunk_momentum_delta_rule": (chunk_momentum_delta_rule, "linear"),
     "fused_recurrent_momentum_delta_rule": (fused_recurrent_momentum_delta_rule, "linear"),
     "naive_chunk_mlp_memory": (naive_chunk_mlp_memory, "mlp"),
+    "chunk_mlp_memory": (chunk_mlp_memory, "mlp"),
+    "fused_recurrent_mlp_memory": (fused_recurrent_mlp_memory, "mlp"),
 }
 TOL = 1e-5
 

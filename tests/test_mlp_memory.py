@@ -6,9 +6,10 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from titans_layers.ops.mlp_memory import MLPMemoryState, naive_chunk_mlp_memory, naive_recurrent_mlp_memory
-from titans_layers.testing import (check_against_reference, check_continuation, check_deterministic, check_errors,
-                                   check_varlen, make_case, op_cases)
+from titans_layers.ops.mlp_memory import (MLPMemoryState, chunk_mlp_memory, fused_recurrent_mlp_memory,
+                                         naive_chunk_mlp_memory, naive_recurrent_mlp_memory)
+from titans_layers.testing import (assert_close, check_against_reference, check_continuation, check_deterministic,
+                                   check_errors, check_varlen, make_case, op_cases, tolerance)
 
 f16, bf16, f32, f64 = torch.float16, torch.bfloat16, torch.float32, torch.float64
 
@@ -17,6 +18,11 @@ IMPLS = {
                                                          max_dim=16)),
     "naive_chunk": (naive_chunk_mlp_memory, dict(dtypes=(f64, f32, bf16, f16), chunk_sizes=(1, 2, 3, 5, 16, 64),
                                                  max_T=100, max_dim=24)),
+    # the Triton kernels run under the interpreter on CPU: short cases that still cross tiles,
+    # chunks and (hidden widths up to 2 * max_dim > 16) several Dh blocks
+    "chunk": (chunk_mlp_memory, dict(dtypes=(f32, bf16, f16), chunk_sizes=(16, 32, 64), max_T=80, max_dim=16)),
+    "fused_recurrent": (fused_recurrent_mlp_memory, dict(dtypes=(f32, bf16, f16), chunk_sizes=(1, 3, 16, 64),
+                                                         max_T=30, max_dim=12)),
 }
 NAMES = list(IMPLS)
 
@@ -90,3 +96,93 @@ def test_final_state_is_named_and_float32(device):
     assert state.W1.shape == (2, 1, 4, 6) and state.W2.shape == (2, 1, 6, 3)
     assert all(getattr(state, f).dtype == f32 for f in ("W1", "W2", "S1", "S2", "anchor1", "anchor2"))
     assert state.offset.tolist() == [1, 1] and state.chunk_size == 4
+
+
+@pytest.mark.parametrize("chunk_size", [16, 64])
+def test_chunked_prefill_then_token_by_token_decode(chunk_size, device):
+    """Decoding one token per call with fused_recurrent after a chunked prefill equals one chunked call."""
+    case = make_case(seed=3, B=2, T=chunk_size + 9, H=2, K=16, V=16, dtype=f32, chunk_size=chunk_size, state="MS",
+                     family="mlp", hidden=40, activation="gelu", residual=True, device=device)
+    prefill = chunk_size // 2 + 3  # ends mid-chunk
+    kw = dict(chunk_size=chunk_size, output_final_state=True, **case.extra)
+    o_full, st_full = chunk_mlp_memory(*case.inputs, initial_state=case.initial_state, **kw)
+    o, state = chunk_mlp_memory(*(x[:, :prefill] for x in case.inputs), initial_state=case.initial_state, **kw)
+    outs = [o]
+    for t in range(prefill, case.q.shape[1]):
+        o, state = fused_recurrent_mlp_memory(*(x[:, t:t + 1] for x in case.inputs), initial_state=state, **kw)
+        outs.append(o)
+    tol = tolerance(f32, device)
+    assert_close("decoded outputs", torch.cat(outs, dim=1), o_full, tol)
+    for name in ("W1", "W2", "S1", "S2", "anchor1", "anchor2"):
+        assert_close(f"decoded final {name}", getattr(state, name), getattr(st_full, name), tol)
+    assert torch.equal(state.offset, st_full.offset)
+
+
+def test_kernels_reject_unsupported_chunk_sizes_dims_and_float64(device):
+    case = make_case(seed=0, B=1, T=8, H=1, K=4, V=4, dtype=f32, chunk_size=16, family="mlp", device=device)
+    with pytest.raises(ValueError, match="chunk_size"):
+        chunk_mlp_memory(*case.inputs, chunk_size=8, initial_state=case.initial_state)
+    big = make_case(seed=0, B=1, T=4, H=1, K=130, V=4, dtype=f32, chunk_size=16, family="mlp", hidden=4,
+                    device=device)
+    for op in (chunk_mlp_memory, fused_recurrent_mlp_memory):
+        with pytest.raises(ValueError, match="K = 130"):
+            op(*big.inputs, chunk_size=16, initial_state=big.initial_state)
+        with pytest.raises(TypeError, match="float64"):
+            op(*(x.double() for x in case.inputs), chunk_size=16, initial_state=case.initial_state)
+
+
+@pytest.mark.parametrize("op", [chunk_mlp_memory, fused_recurrent_mlp_memory], ids=["chunk", "fused_recurrent"])
+def test_kernels_leave_the_initial_state_untouched(op, device):
+    """The kernels update their state buffers in place: those must be copies, never the caller's tensors."""
+    case = make_case(seed=5, B=2, T=20, H=1, K=8, V=8, dtype=f32, chunk_size=16, state="MS", family="mlp",
+                     device=device)
+    before = [x.clone() for x in case.initial_state]
+    _, state = op(*case.inputs, chunk_size=16, initial_state=case.initial_state, output_final_state=True)
+    assert all(torch.equal(x, y) for x, y in zip(case.initial_state, before))
+    assert not torch.equal(state.W1, before[0])
+
+
+@pytest.mark.parametrize("op", [chunk_mlp_memory, fused_recurrent_mlp_memory], ids=["chunk", "fused_recurrent"])
+@pytest.mark.parametrize("lengths", [[3, 0, 40], [25, 17]], ids=["ends-mid-chunk", "ends-on-boundary"])
+def test_gradients_through_a_mid_chunk_state(op, lengths, device):
+    """Starting from a state 13 tokens into a chunk of 16: gradients of every input and of every
+    state field (weights, momenta, anchors) equal autograd through the float64 dual form."""
+    C = 16
+    case = make_case(seed=11, B=1, T=sum(lengths), H=2, K=8, V=8, dtype=f32, chunk_size=C, state="MS", family="mlp",
+                     hidden=36, lengths=lengths, activation="gelu", residual=True, device=device)
+    N = len(lengths)
+    gen = torch.Generator().manual_seed(0)
+    W1, W2, S1, S2 = (torch.randn(N, *x.shape[1:], generator=gen).to(device) * x.std() for x in case.initial_state)
+    a1, a2 = W1 + 0.1 * torch.randn(W1.shape, generator=gen).to(device), W2 + 0.1 * torch.randn(W2.shape,
+                                                                                              generator=gen).to(device)
+    fields = (W1, W2, S1, S2, a1, a2)
+    offset = torch.full((N,), C - 3, dtype=torch.long, device=device)
+
+    def run(impl, dtype):
+        leaves = [x.detach().to(dtype).requires_grad_() for x in case.inputs + fields]
+        state = MLPMemoryState(*leaves[6:], offset=offset, chunk_size=C)
+        o, final = impl(*leaves[:6], chunk_size=C, initial_state=state, output_final_state=True,
+                        cu_seqlens=case.cu_seqlens, **case.extra)
+        outs = [o] + [getattr(final, f) for f in ("W1", "W2", "S1", "S2", "anchor1", "anchor2")]
+        g = torch.Generator().manual_seed(1)
+        loss = sum((y.double() * torch.randn(y.shape, generator=g, dtype=torch.float64).to(device)).sum() for y in outs)
+        return outs, torch.autograd.grad(loss, leaves)
+
+    ref_outs, ref_grads = run(naive_chunk_mlp_memory, torch.float64)
+    outs, grads = run(op, f32)
+    names = ["q", "k", "v", "alpha", "eta", "theta", "W1", "W2", "S1", "S2", "anchor1", "anchor2"]
+    for name, x, ref in zip(["o", *names[6:]], outs, ref_outs):
+        assert_close(name, x, ref, tolerance(f32, device))
+    for name, x, ref in zip(names, grads, ref_grads):
+        assert_close(f"d{name}", x, ref, tolerance(f32, device, "grad"))
+
+
+def test_float32_wide_heads_run_in_16_token_tiles(device):
+    """float32 inputs with K or V > 64 use 16-token tiles (four per chunk of 64) to fit shared memory:
+    that path, continuation from mid-chunk included, matches the reference too."""
+    from titans_layers.ops.mlp_memory.chunk import tile_size
+    assert tile_size(64, 72, 72, f32) == 16 and tile_size(64, 64, 64, f32) == 32 and tile_size(64, 72, 72, bf16) == 32
+    case = make_case(seed=9, B=1, T=70, H=1, K=72, V=72, dtype=f32, chunk_size=64, state="MS", family="mlp",
+                     hidden=20, split=37, residual=True, device=device)
+    check_against_reference(chunk_mlp_memory, case)
+    check_continuation(chunk_mlp_memory, case)

@@ -74,11 +74,12 @@ def test_cached_decoding_with_left_padding():
     assert_close("decoded, row 1", got[1], full[1], 1e-5)
 
 
-def test_triton_dispatch_equals_pytorch_path():
+@pytest.mark.parametrize("memory", MEMORIES)
+def test_triton_dispatch_equals_pytorch_path(memory):
     """The Triton ops (natively on CUDA, interpreted on CPU) give the PyTorch path's results."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    ref = make_layer("linear", chunk_size=16, backend="torch").to(device)
-    tri = make_layer("linear", chunk_size=16, backend="triton").to(device)
+    ref = make_layer(memory, chunk_size=16, backend="torch").to(device)
+    tri = make_layer(memory, chunk_size=16, backend="triton").to(device)
     tri.load_state_dict(ref.state_dict())
     x = inputs(T=37).to(device)
     outs, grads = [], []
@@ -110,7 +111,7 @@ def test_every_parameter_gets_a_gradient(memory):
     (dict(activation="relu"), "`activation`"),
     (dict(max_step_size=0.0), "`max_step_size`"),
     (dict(backend="cuda"), "`backend`"),
-    (dict(memory="mlp", backend="triton"), "`backend='triton'`"),
+    (dict(chunk_size=8, backend="triton"), "`backend='triton'`"),
     (dict(conv_size=0), "`conv_size`"),
     (dict(memory="mlp", mlp_expansion=0), "`mlp_expansion`"),
 ])

@@ -12,11 +12,17 @@ from fla.layers.utils import get_layer_cache, repad_hidden_states, unpad_hidden_
 from titans_layers.modules.checks import head_dim_for, positive_int
 from titans_layers.modules.short_conv import ShortConvolution
 from titans_layers.ops.common.clipping import check_max_update_norm
-from titans_layers.ops import (chunk_momentum_delta_rule, fused_recurrent_momentum_delta_rule,
-                               naive_chunk_mlp_memory, naive_chunk_momentum_delta_rule)
+from titans_layers.ops import (chunk_mlp_memory, chunk_momentum_delta_rule, fused_recurrent_mlp_memory,
+                               fused_recurrent_momentum_delta_rule, naive_chunk_mlp_memory,
+                               naive_chunk_momentum_delta_rule)
+from titans_layers.ops.common.triton_utils import MAX_HEAD_DIM
 from titans_layers.ops.mlp_memory.naive import ACTIVATIONS
+from titans_layers.ops.momentum_delta_rule.chunk import KERNEL_CHUNK_SIZES
 
 MEMORIES = ("linear", "mlp")
+# memory -> (Triton chunkwise op, Triton decode op, PyTorch op)
+OPS = {"linear": (chunk_momentum_delta_rule, fused_recurrent_momentum_delta_rule, naive_chunk_momentum_delta_rule),
+       "mlp": (chunk_mlp_memory, fused_recurrent_mlp_memory, naive_chunk_mlp_memory)}
 BACKENDS = ("auto", "triton", "torch")
 
 
@@ -56,8 +62,8 @@ class NeuralMemory(nn.Module):
             ``c`` per token instead of by its error. Runs on the PyTorch ops (the Triton kernels
             do not clip yet).
         use_output_gate, use_output_norm, norm_eps: output gate (sigmoid), per-head RMSNorm.
-        backend: "auto" (Triton ops on CUDA where the memory has them, PyTorch elsewhere),
-            "triton" or "torch". Both give the same results.
+        backend: "auto" (the Triton ops on CUDA when ``chunk_size`` is 16, 32 or 64 and the head dim
+            is at most 128, the PyTorch ops otherwise), "triton" or "torch". Both give the same results.
         layer_idx: index of the layer in a model, for the cache.
 
     ``forward(hidden_states [B, T, D], attention_mask=None, past_key_values=None, use_cache=False,
@@ -85,9 +91,10 @@ class NeuralMemory(nn.Module):
             raise ValueError(f"`max_step_size` must be a positive number, got {max_step_size!r}")
         if backend not in BACKENDS:
             raise ValueError(f"`backend` must be one of {BACKENDS}, got {backend!r}")
-        if backend == "triton" and memory != "linear":
-            raise ValueError("`backend='triton'` needs `memory='linear'`: the MLP memory's Triton kernels "
-                             "are not written yet")
+        self.kernels_fit = chunk_size in KERNEL_CHUNK_SIZES and self.head_dim <= MAX_HEAD_DIM
+        if backend == "triton" and not self.kernels_fit:
+            raise ValueError(f"`backend='triton'` needs `chunk_size` in {KERNEL_CHUNK_SIZES} and a head dim <= "
+                             f"{MAX_HEAD_DIM}, got chunk_size = {chunk_size}, head_dim = {self.head_dim}")
         self.max_update_norm = check_max_update_norm(max_update_norm)
         if backend == "triton" and max_update_norm is not None:
             raise ValueError("`backend='triton'` cannot take `max_update_norm`: the Triton kernels do not clip "
@@ -129,14 +136,16 @@ class NeuralMemory(nn.Module):
         return (self.init_M,) if self.memory == "linear" else (self.init_W1, self.init_W2)
 
     def _memory_op(self, device: torch.device, n_tokens: int):
-        if self.memory == "mlp":
-            return naive_chunk_mlp_memory
-        if self.backend == "torch" or (self.backend == "auto" and device.type != "cuda") \
-                or self.max_update_norm is not None:
-            return naive_chunk_momentum_delta_rule
+        """The op for this call: Triton (chunkwise, or the decode kernel for a few tokens without
+        gradients) on CUDA where the kernels apply, else the PyTorch dual form."""
+        chunk, fused, torch_op = OPS[self.memory]
+        if self.backend == "torch" or self.max_update_norm is not None:
+            return torch_op
+        if self.backend == "auto" and (device.type != "cuda" or not self.kernels_fit):
+            return torch_op
         if n_tokens <= 64 and not torch.is_grad_enabled():
-            return fused_recurrent_momentum_delta_rule
-        return chunk_momentum_delta_rule
+            return fused
+        return chunk
 
     def _project(self, x, proj, conv, conv_state, use_cache, cu_seqlens):
         y = proj(x)

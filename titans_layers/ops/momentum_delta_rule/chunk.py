@@ -7,11 +7,11 @@ from dataclasses import dataclass
 import torch
 import triton
 
-from titans_layers.ops.common.layout import sequence_lengths
 from titans_layers.ops.common.clipping import reject_clipping
+from titans_layers.ops.common.layout import sequence_lengths
+from titans_layers.ops.common.traceable import traceable
 from titans_layers.ops.common.triton_utils import block_sizes, check_head_dims, check_triton_device, dot_precision
 from titans_layers.ops.common.validation import OpShape, check_chunk_size, check_op_inputs
-from titans_layers.ops.common.traceable import traceable
 from titans_layers.ops.momentum_delta_rule.chunk_kernels import (chunk_momentum_delta_rule_bwd_kernel,
                                                                  chunk_momentum_delta_rule_fwd_kernel)
 from titans_layers.ops.momentum_delta_rule.state import MomentumDeltaRuleState, resolve_initial_state

@@ -16,8 +16,8 @@ import triton
 import triton.language as tl
 
 from titans_layers.ops.common.clipping import reject_clipping
-from titans_layers.ops.common.triton_utils import block_sizes, sequence_range
 from titans_layers.ops.common.traceable import traceable
+from titans_layers.ops.common.triton_utils import block_sizes, sequence_range
 from titans_layers.ops.momentum_delta_rule.chunk import (KERNEL_CHUNK_SIZES, ChunkPlan, chunk_bwd, chunk_fwd,
                                                          pack_final_state, prepare_kernel_call)
 from titans_layers.ops.momentum_delta_rule.naive import naive_chunk_momentum_delta_rule

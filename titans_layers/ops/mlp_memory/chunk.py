@@ -1,0 +1,205 @@
+"""``chunk_mlp_memory``: Triton chunkwise forward and backward of the MLP-memory update behind an
+autograd.Function (kernel design: ``chunk_kernels.py``)."""
+
+from __future__ import annotations
+
+import torch
+import triton
+
+from titans_layers.ops.common.clipping import reject_clipping
+from titans_layers.ops.common.layout import sequence_lengths
+from titans_layers.ops.common.traceable import traceable
+from titans_layers.ops.common.triton_utils import check_head_dims, check_triton_device, dot_precision
+from titans_layers.ops.common.validation import OpShape, check_chunk_size, check_op_inputs
+from titans_layers.ops.mlp_memory.chunk_kernels import chunk_mlp_memory_bwd_kernel, chunk_mlp_memory_fwd_kernel
+from titans_layers.ops.mlp_memory.naive import ACTIVATIONS, check_mlp_options
+from titans_layers.ops.mlp_memory.state import MLPMemoryState, resolve_mlp_state
+from titans_layers.ops.momentum_delta_rule.chunk import ChunkPlan
+
+KERNEL_CHUNK_SIZES = (16, 32, 64)
+
+
+def tile_size(chunk_size: int, K: int, V: int, dtype: torch.dtype) -> int:
+    """Tokens per kernel tile (it divides the chunk): the chunk, or 32-token pieces of it; 16 for
+    float32 inputs with K or V above 64, whose 32-bit ``tl.dot`` operands would need more shared
+    memory than an A100 block has (200 KB forward, 245 KB backward at K = V = 128, BT = 32)."""
+    if dtype == torch.float32 and max(K, V) > 64:
+        return 16
+    return min(chunk_size, 32)
+
+
+def make_plan(shape: OpShape, chunk_size: int, offsets: list[int], cu_seqlens, dtype: torch.dtype,
+              device) -> ChunkPlan:
+    """Sizes of one call; tiles are counted from the chunk start before each sequence's first token."""
+    lengths = sequence_lengths(shape.B, shape.T, cu_seqlens)
+    BT = tile_size(chunk_size, shape.K, shape.V, dtype)
+    counts = [-(-(o + n) // BT) - o // BT for o, n in zip(offsets, lengths)]
+    indptr = [0]
+    for c in counts:
+        indptr.append(indptr[-1] + c)
+    return ChunkPlan(shape, chunk_size, BT, lengths, offsets, torch.tensor(indptr, dtype=torch.long, device=device),
+                     indptr[-1])
+
+
+def block_sizes(K: int, V: int, Dh: int) -> tuple[int, int, int, int]:
+    """Tile sizes ``(BK, BV, BH_fwd, BH_bwd)``: all of K and V in one tile (powers of two >= 16,
+    as ``tl.dot`` wants); Dh in blocks of 32 columns in the forward and of 16 in the backward,
+    which holds twelve ``[BK|BV, BH]`` state and adjoint blocks per step: with BH = 16 it needs
+    72 KB of shared memory at K = V = 64 in bf16 (100 KB with BH = 32, more than an sm_86/sm_89
+    block may have)."""
+    BK = max(16, triton.next_power_of_2(K))
+    BV = max(16, triton.next_power_of_2(V))
+    BH = min(32, max(16, triton.next_power_of_2(Dh)))
+    return BK, BV, BH, 16
+
+
+def _state_copy(x: torch.Tensor) -> torch.Tensor:
+    """A contiguous float32 copy the kernels may overwrite."""
+    return x.detach().to(torch.float32).clone(memory_format=torch.contiguous_format)
+
+
+def _varlen_args(cu_seqlens, plan: ChunkPlan):
+    return (cu_seqlens if cu_seqlens is not None else plan.tile_indptr), cu_seqlens is not None
+
+
+def chunk_fwd(q, k, v, alpha, eta, theta, W1, W2, S1, S2, A1, A2, offset, cu_seqlens, plan: ChunkPlan,
+              act: int, residual: bool, store_tiles: bool):
+    """Launch the forward kernel.
+
+    Inputs: q, k ``[B, T, H, K]``, v ``[B, T, H, V]``, gates ``[B, T, H]`` (contiguous); the initial
+    state W1, S1, A1 ``[N, H, K, Dh]``, W2, S2, A2 ``[N, H, Dh, V]`` (A: the current anchor).
+    Returns o ``[B, T, H, V]``, the final ``(W1, W2, S1, S2, A1, A2)`` (float32; A is the last
+    chunk's anchor) and, when ``store_tiles``, the tile-start states ``(W1, S1, W2, S2)`` with a
+    leading dim of ``plan.n_tiles`` (else None).
+    """
+    s = plan.shape
+    Dh = W1.shape[-1]
+    BK, BV, BH, _ = block_sizes(s.K, s.V, Dh)
+    o = torch.empty_like(v)
+    W1T, W2T, S1T, S2T, A1T, A2T = (_state_copy(x) for x in (W1, W2, S1, S2, A1, A2))
+    if store_tiles:
+        tiles = (q.new_empty(plan.n_tiles, s.H, s.K, Dh, dtype=torch.float32),
+                 q.new_empty(plan.n_tiles, s.H, s.K, Dh, dtype=torch.float32),
+                 q.new_empty(plan.n_tiles, s.H, Dh, s.V, dtype=torch.float32),
+                 q.new_empty(plan.n_tiles, s.H, Dh, s.V, dtype=torch.float32))
+    else:
+        tiles = (W1T, W1T, W2T, W2T)  # never written
+    cu, is_varlen = _varlen_args(cu_seqlens, plan)
+    if s.N * s.H > 0:
+        chunk_mlp_memory_fwd_kernel[(s.N * s.H,)](
+            q, k, v, alpha, eta, theta, offset, cu, plan.tile_indptr, o, W1T, S1T, A1T, W2T, S2T, A2T, *tiles,
+            s.T, H=s.H, K=s.K, V=s.V, Dh=Dh, C=plan.chunk_size, BT=plan.tile_size, BK=BK, BV=BV, BH=BH, ACT=act,
+            RESIDUAL=residual, IS_VARLEN=is_varlen, STORE_TILES=store_tiles, PRECISION=dot_precision(q.dtype),
+            num_stages=1)
+    return o, (W1T, W2T, S1T, S2T, A1T, A2T), (tiles if store_tiles else None)
+
+
+def chunk_bwd(q, k, v, alpha, eta, theta, A1, A2, offset, cu_seqlens, plan: ChunkPlan, tiles, do,
+              dW1T, dW2T, dS1T, dS2T, dA1T, dA2T, act: int, residual: bool):
+    """Launch the backward kernel.
+
+    ``A1, A2``: the initial anchors; ``tiles``: the forward's tile-start states; ``do`` ``[B, T, H, V]``
+    and the gradients of the final ``(W1, W2, S1, S2, A1, A2)`` (None: zero). Returns the gradients
+    of q, k, v, alpha, eta, theta (their dtypes) and of the initial ``(W1, W2, S1, S2, A1, A2)``
+    (float32, ``[N, H, K, Dh]`` / ``[N, H, Dh, V]``).
+    """
+    s = plan.shape
+    Dh = A1.shape[-1]
+    BK, BV, _, BH = block_sizes(s.K, s.V, Dh)
+    adj = lambda g, like: torch.zeros(like.shape, dtype=torch.float32, device=like.device) if g is None \
+        else _state_copy(g)
+    dW1, dS1, dA1 = adj(dW1T, A1), adj(dS1T, A1), adj(dA1T, A1)
+    dW2, dS2, dA2 = adj(dW2T, A2), adj(dS2T, A2), adj(dA2T, A2)
+    do = torch.zeros_like(v) if do is None else do.contiguous()
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    dalpha, deta, dtheta = torch.empty_like(alpha), torch.empty_like(eta), torch.empty_like(theta)
+    cu, is_varlen = _varlen_args(cu_seqlens, plan)
+    if s.N * s.H > 0:
+        chunk_mlp_memory_bwd_kernel[(s.N * s.H,)](
+            q, k, v, alpha, eta, theta, offset, cu, plan.tile_indptr, A1, A2, *tiles, do,
+            dW1, dS1, dA1, dW2, dS2, dA2, dq, dk, dv, dalpha, deta, dtheta,
+            s.T, H=s.H, K=s.K, V=s.V, Dh=Dh, C=plan.chunk_size, BT=plan.tile_size, BK=BK, BV=BV, BH=BH, ACT=act,
+            RESIDUAL=residual, IS_VARLEN=is_varlen, PRECISION=dot_precision(q.dtype), num_stages=1)
+    return dq, dk, dv, dalpha, deta, dtheta, dW1, dW2, dS1, dS2, dA1, dA2
+
+
+class ChunkMLPMemoryFunction(torch.autograd.Function):
+    """Forward and backward through the Triton chunk kernels; the backward recomputes each tile
+    from the tile-start states the forward stored."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, alpha, eta, theta, W1, W2, S1, S2, A1, A2, offset, cu_seqlens, plan, act, residual):
+        store = any(ctx.needs_input_grad)
+        o, final, tiles = chunk_fwd(q, k, v, alpha, eta, theta, W1, W2, S1, S2, A1, A2, offset, cu_seqlens, plan,
+                                    act, residual, store_tiles=store)
+        if store:
+            ctx.save_for_backward(q, k, v, alpha, eta, theta, A1, A2, offset, cu_seqlens, *tiles)
+            ctx.plan, ctx.act, ctx.residual = plan, act, residual
+        return (o, *final)
+
+    @staticmethod
+    def backward(ctx, do, dW1T, dW2T, dS1T, dS2T, dA1T, dA2T):
+        q, k, v, alpha, eta, theta, A1, A2, offset, cu_seqlens, *tiles = ctx.saved_tensors
+        grads = chunk_bwd(q, k, v, alpha, eta, theta, A1, A2, offset, cu_seqlens, ctx.plan, tiles, do,
+                          dW1T, dW2T, dS1T, dS2T, dA1T, dA2T, ctx.act, ctx.residual)
+        return (*grads, None, None, None, None, None)
+
+
+def prepare_kernel_call(op_name, q, k, v, alpha, eta, theta, chunk_size, initial_state, cu_seqlens, activation,
+                        residual, allowed_chunk_sizes):
+    """Checks and state resolution shared by the Triton MLP-memory ops.
+
+    Returns (contiguous inputs, initial ``(W1, W2, S1, S2, A1, A2)`` ``[N, H, ...]`` float32,
+    offset ``[N]``, plan, activation code)."""
+    shape = check_op_inputs(q, k, v, alpha, eta, theta, cu_seqlens)
+    C = check_chunk_size(chunk_size, allowed_chunk_sizes)
+    check_mlp_options(activation, residual, shape.K, shape.V)
+    if q.dtype == torch.float64:
+        raise TypeError(f"`{op_name}` takes float32, bfloat16 or float16 inputs; use the naive_* ops for float64")
+    check_head_dims(shape.K, shape.V)
+    init = resolve_mlp_state(initial_state, shape, C, q.device)
+    check_triton_device(op_name, q)
+    plan = make_plan(shape, C, init.offsets, cu_seqlens, q.dtype, q.device)
+    inputs = tuple(x.contiguous() for x in (q, k, v, alpha, eta, theta))
+    states = tuple(x.contiguous() for x in (init.W1, init.W2, init.S1, init.S2, init.anchor1, init.anchor2))
+    return inputs, states, init.offset, plan, ACTIVATIONS.index(activation)
+
+
+def pack_final_state(W1, W2, S1, S2, A1, A2, plan: ChunkPlan) -> MLPMemoryState:
+    """The kernels' final buffers as an :class:`MLPMemoryState` (anchor = weights on a chunk boundary)."""
+    offset = torch.tensor(plan.final_offsets, dtype=torch.long, device=W1.device)
+    mid = (offset != 0).view(-1, 1, 1, 1)
+    return MLPMemoryState(W1=W1, W2=W2, S1=S1, S2=S2, anchor1=torch.where(mid, A1, W1),
+                          anchor2=torch.where(mid, A2, W2), offset=offset, chunk_size=plan.chunk_size)
+
+
+@traceable("mlp_memory", "chunk")
+def chunk_mlp_memory(q, k, v, alpha, eta, theta, *, chunk_size: int = 16, initial_state=None,
+                     output_final_state: bool = False, cu_seqlens=None, activation: str = "silu",
+                     residual: bool = False,
+                     max_update_norm: float | None = None):
+    """MLP-memory update (``f(x) = act(x W1) W2``, ``+ x`` with ``residual``) with Triton chunkwise
+    kernels, differentiable.
+
+    Args:
+        q, k: ``[B, T, H, K]``; v: ``[B, T, H, V]`` (float32, bfloat16 or float16; K, V <= 128).
+        alpha, eta, theta: ``[B, T, H]`` forget gate, momentum decay, step size.
+        chunk_size: 16, 32 or 64.
+        initial_state: required; ``(W1, W2)``, ``(W1, W2, S1, S2)`` or an :class:`MLPMemoryState`,
+            W1 ``[N or 1, H, K, Dh]``, W2 ``[N or 1, H, Dh, V]`` (any Dh); receives gradients
+            (summed over N for a leading dim of 1).
+        output_final_state: also return the state after the last token.
+        cu_seqlens: ``[N + 1]`` offsets of packed sequences (B == 1), or None.
+        activation: "silu" or "gelu" (exact). residual: add the input to the memory's output (K == V).
+        max_update_norm: must be None: update clipping is not in the kernels yet (ValueError).
+
+    Returns:
+        ``(o, final_state)``: o ``[B, T, H, V]`` in q's dtype; final_state a float32
+        :class:`MLPMemoryState` or None. Runs on CUDA, or on CPU under ``TRITON_INTERPRET=1``.
+    """
+    reject_clipping(max_update_norm, "chunk_mlp_memory")
+    inputs, states, offset, plan, act = prepare_kernel_call("chunk_mlp_memory", q, k, v, alpha, eta, theta,
+                                                            chunk_size, initial_state, cu_seqlens, activation,
+                                                            residual, KERNEL_CHUNK_SIZES)
+    o, *final = ChunkMLPMemoryFunction.apply(*inputs, *states, offset, cu_seqlens, plan, act, residual)
+    return o, (pack_final_state(*final, plan) if output_final_state else None)

@@ -1,0 +1,457 @@
+"""Triton chunkwise forward and backward kernels of the MLP-memory update.
+
+Notation (one sequence and head; ``naive.py`` derives the dual form): a tile holds BT tokens
+``Q, K`` ``[BT, K]``, ``V`` ``[BT, V]``, gates ``a = 1 - alpha``, ``e = eta``, ``th = theta``; the
+chunk's anchor weights are ``(a1, a2)``, the tile-start state is ``(W1, S1, W2, S2)``; ``A, B, E,
+Gamma, g, h`` are the linear memory's gate coefficients (segment products, no division)::
+
+    Z = K a1,  Hk = act(Z),  Err = Hk a2 (+ K) - V,  Delta = (Err a2^T) * act'(Z)
+    X1 = th * Delta,  X2 = th * Err,  P1 = (Q K^T) * Gamma
+    Zq = A * (Q W1) + B * (Q S1) - P1 X1,  Hq = act(Zq)
+    O  = A * (Hq W2) + B * (Hq S2) - ((Hq Hk^T) * Gamma) X2 (+ Q)
+    W1' = A_c W1 + B_c S1 - K^T (g * X1),   S1' = E_c S1 - K^T (h * X1)
+    W2' = A_c W2 + B_c S2 - Hk^T (g * X2),  S2' = E_c S2 - Hk^T (h * X2)
+
+Design.
+
+- Grid: one program per (sequence, head). It walks its sequence tile by tile, BT tokens a
+  tile (BT divides C, see Limits; a tile inside a chunk continues mid-chunk with the same
+  anchor, as in the linear kernels), padding a sequence that starts mid-chunk or ends mid-tile
+  with tokens that write nothing. Hidden units are not independent (``Err`` sums over all of
+  them), so the program holds the whole head.
+- State in global memory: W1, S1 and the anchor a1 ``[K, Dh]``, W2, S2, a2 ``[Dh, V]`` (float32)
+  do not fit registers at Dh = 256 (~ 390 KB at K = V = 64), so they live in float32 buffers
+  (the final-state outputs, initialised with the initial state on the host; per head they stay in
+  L2) and every pass loops over Dh in blocks of BH columns: ``[BK, BH]`` and ``[BH, BV]`` tiles.
+  Everything of size ``[BT, K | V | BT]`` stays in registers for the whole tile.
+- Forward, per tile: (0) at the start of a chunk copy the weights into the anchor buffers;
+  (1) over Dh blocks accumulate ``Err``; (2) over Dh blocks recompute ``Z``, get ``Delta``,
+  ``Zq``, ``Hq``, accumulate ``O`` and ``Hq Hk^T``, and write the block's tile-end state
+  (and, when the backward needs it, the block's tile-start state to the per-tile buffers).
+- Backward, tiles in reverse, with adjoint buffers of ``(W1, S1, W2, S2)`` and of the current
+  chunk's anchor ``(a1, a2)`` (float32, in place: they enter holding the gradients of the final
+  state and leave holding those of the initial state): (A) ``Err``; (B) over Dh blocks, every
+  reduction over Dh: ``Hq Hk^T``, the adjoints of ``Zq``'s rows through ``P1``, ``dErr``, ``dq``,
+  the gate adjoints (so the gate gradients, ``dq``, ``dv`` and ``dtheta`` are final after B);
+  (C) over Dh blocks, recompute the block once more and write the adjoints of its tile-start
+  state and of the anchor; ``dk`` is final after C. At the first tile of a chunk the anchor
+  adjoint joins the weights' adjoint (the anchor is the chunk-start weights) and is reset.
+  Gate gradients: the linear kernel's division-free products, exact at gates 0 and 1.
+- Barriers. A thread may load an element that another thread stored (the layouts of loads,
+  stores and ``tl.dot`` operands differ), so ``tl.debug_barrier()`` (CTA-wide ``bar.sync``, which
+  also orders global memory within the block) sits (a) between the last load and the first store
+  of a Dh block in every pass that rewrites the block it read (forward pass 2, backward pass C,
+  decode pass 2): write-after-read; (b) at the end of every pass that stores state (forward
+  anchor copy and pass 2, backward pass B before pass C's stores, pass C before the next tile's
+  loads): read-after-write across blocks and tiles. The interpreter runs each block-wide op at
+  once and cannot catch a missing barrier; the placement is by construction.
+- Memory the backward keeps per token and head: the inputs, plus one tile-start state
+  ``(W1, S1, W2, S2)`` per tile of BT tokens, ``8 Dh (K + V) / BT`` bytes per token
+  (8 KB at K = V = 64, Dh = 256, BT = 32; 16 KB at K = V = 128 in bf16, 32 KB in float32 with its
+  16-token tiles). No per-token weights.
+- Limits: chunk sizes 16, 32, 64 (``tl.dot`` needs every dim >= 16: BT >= 16); K, V <= 128 (one
+  register tile each, padded to powers of two >= 16); any Dh (blocks of BH = 32 columns in the
+  forward, 16 in the backward). Tiles: BT = min(C, 32), but 16 for float32 inputs with K or
+  V > 64 (32-bit ``tl.dot`` operands). Shared memory per program (sm_80; sm_90 the same but
+  156 KB for the last backward; checked by ``tests/test_kernel_compile.py``), forward / backward:
+  K = V = 64, Dh = 256, bf16 52 / 72 KB, fp32 100 / 124 KB; K = V = 128, Dh = 256, bf16
+  100 / 136 KB, fp32 (BT = 16) 145 / 162 KB. sm_80 allows 163 KB, sm_90 227 KB; sm_86/sm_89
+  allow 99 KB, which only the bf16/fp16 kernels at K = V <= 64 fit. The decode kernel: 0.5 KB.
+  float32, bfloat16, float16 inputs; accumulation in float32; ``tl.dot`` in IEEE fp32 for
+  float32 inputs, TF32 otherwise.
+- Parallelism is one program per (sequence, head): the walk over a sequence is serial, so a GPU
+  is filled only when N * H is at least its SM count.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from titans_layers.ops.common.triton_utils import segment_products, subdiagonal, take, take_row
+from titans_layers.ops.momentum_delta_rule.chunk_kernels import load_tile, sequence_bounds
+
+
+@triton.jit
+def activation(z, ACT: tl.constexpr):
+    """``(act(z), act'(z), act''(z))`` for SiLU (ACT = 0) or exact GELU (ACT = 1)."""
+    if ACT == 0:
+        s = tl.sigmoid(z)
+        y = z * s
+        d1 = s * (1.0 + z * (1.0 - s))
+        d2 = s * (1.0 - s) * (2.0 + z * (1.0 - 2.0 * s))
+    else:
+        cdf = 0.5 * (1.0 + tl.math.erf(z * 0.7071067811865476))
+        pdf = tl.exp(-0.5 * z * z) * 0.3989422804014327
+        y = z * cdf
+        d1 = cdf + z * pdf
+        d2 = pdf * (2.0 - z * z)
+    return y, d1, d2
+
+
+@triton.jit
+def tile_gates(b_a, b_e, m, r, BT: tl.constexpr):
+    """Gate coefficients of one tile (``common/chunk_gates.py``): D_a, D_e, Gamma ``[BT, BT]``;
+    A, E, B, g (Gamma's last row), h (D_e's last row) ``[BT]``."""
+    D_a = segment_products(b_a, r)  # [BT, BT]
+    D_e = segment_products(b_e, r)
+    A = tl.cumprod(b_a, axis=0)  # [BT]
+    E = tl.cumprod(b_e, axis=0)
+    Gam = tl.dot(D_a, D_e * m[:, None], input_precision="ieee")  # [BT, BT]
+    Bv = tl.sum(D_a * (E * m)[None, :], axis=1)  # [BT]
+    g = take_row(Gam, r, BT - 1)
+    hh = take_row(D_e, r, BT - 1)
+    return D_a, D_e, A, E, Gam, Bv, g, hh
+
+
+@triton.jit
+def block_offsets(jb, rk, rv, rb, mk, mv, K: tl.constexpr, V: tl.constexpr, Dh: tl.constexpr,
+                  BH: tl.constexpr):
+    """Offsets and masks of Dh block ``jb`` inside one head's ``[K, Dh]`` and ``[Dh, V]``."""
+    rh = jb * BH + rb  # [BH]
+    mh = rh < Dh
+    off1 = rk[:, None] * Dh + rh[None, :]  # [BK, BH]
+    off2 = rh[:, None] * V + rv[None, :]  # [BH, BV]
+    return off1, mk[:, None] & mh[None, :], off2, mh[:, None] & mv[None, :]
+
+
+@triton.jit
+def anchor_error(b_k, b_v, a1, a2, rk, rv, rb, mk, mv,
+                 K: tl.constexpr, V: tl.constexpr, Dh: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr,
+                 BH: tl.constexpr, ACT: tl.constexpr, RESIDUAL: tl.constexpr, PRECISION: tl.constexpr):
+    """``Err = act(K a1) a2 (+ K) - V`` ``[BT, BV]`` at the anchor (``a1``, ``a2``: one head's
+    anchor buffers), summed over the Dh blocks."""
+    b_err = tl.zeros([BT, BV], dtype=tl.float32)
+    for jb in range(0, (Dh + BH - 1) // BH):
+        off1, m1, off2, m2 = block_offsets(jb, rk, rv, rb, mk, mv, K, V, Dh, BH)
+        b_a1 = tl.load(a1 + off1, mask=m1, other=0.0)  # [BK, BH]
+        b_a2 = tl.load(a2 + off2, mask=m2, other=0.0)  # [BH, BV]
+        b_hk, _, _ = activation(tl.dot(b_k, b_a1, input_precision=PRECISION), ACT)  # [BT, BH]
+        b_err += tl.dot(b_hk, b_a2, input_precision=PRECISION)
+    if RESIDUAL:
+        b_err += b_k  # K == V, so BK == BV
+    return b_err - b_v
+
+
+@triton.jit
+def recompute_block(b_q, b_k, b_err, b_P1, A, Bv, b_th, b_a1, b_a2, b_W1, b_S1,
+                    ACT: tl.constexpr, PRECISION: tl.constexpr):
+    """One Dh block of a tile: Hk, act'(Z), act''(Z), Err a2^T, Delta, X1, Q W1, Q S1, Hq,
+    act'(Zq), all ``[BT, BH]``."""
+    b_hk, b_d1, b_d2 = activation(tl.dot(b_k, b_a1, input_precision=PRECISION), ACT)
+    b_ea = tl.dot(b_err, tl.trans(b_a2), input_precision=PRECISION)  # [BT, BH]
+    b_delta = b_ea * b_d1
+    b_x1 = b_th[:, None] * b_delta
+    b_qw1 = tl.dot(b_q, b_W1, input_precision=PRECISION)
+    b_qs1 = tl.dot(b_q, b_S1, input_precision=PRECISION)
+    b_zq = A[:, None] * b_qw1 + Bv[:, None] * b_qs1 - tl.dot(b_P1, b_x1, input_precision=PRECISION)
+    b_hq, b_dq1, _ = activation(b_zq, ACT)
+    return b_hk, b_d1, b_d2, b_ea, b_delta, b_x1, b_qw1, b_qs1, b_hq, b_dq1
+
+
+@triton.jit
+def chunk_mlp_memory_fwd_kernel(
+    q, k, v, alpha, eta, theta,  # [B*T, H, K|V], gates [B*T, H]
+    offset, cu_seqlens, tile_indptr,  # [N], [N + 1], [N + 1]
+    o,  # [B*T, H, V]
+    W1, S1, A1,  # [N, H, K, Dh] float32, in place: initial state in, final state out (A1: current anchor)
+    W2, S2, A2,  # [N, H, Dh, V] float32, likewise
+    tile_W1, tile_S1, tile_W2, tile_S2,  # [n_tiles, H, K, Dh] / [n_tiles, H, Dh, V] float32 tile-start states
+    T, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, Dh: tl.constexpr, C: tl.constexpr,
+    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BH: tl.constexpr, ACT: tl.constexpr,
+    RESIDUAL: tl.constexpr, IS_VARLEN: tl.constexpr, STORE_TILES: tl.constexpr, PRECISION: tl.constexpr,
+):
+    i_nh = tl.program_id(0)
+    i_n, h = i_nh // H, i_nh % H
+    bos, eos, off, j0, n_tiles, first_tile = sequence_bounds(cu_seqlens, tile_indptr, offset, i_n, T, BT, IS_VARLEN)
+    R: tl.constexpr = C // BT  # tiles per chunk
+    NH: tl.constexpr = (Dh + BH - 1) // BH  # Dh blocks
+    r = tl.arange(0, BT)
+    rk = tl.arange(0, BK)
+    rv = tl.arange(0, BV)
+    rb = tl.arange(0, BH)
+    mk, mv = rk < K, rv < V
+    base1 = i_nh.to(tl.int64) * K * Dh  # this head's [K, Dh] in the state buffers
+    base2 = i_nh.to(tl.int64) * Dh * V  # this head's [Dh, V]
+
+    for i in range(n_tiles):
+        j = j0 + i
+        p = bos - off + j * BT + r  # [BT] token positions (int64)
+        valid = (p >= bos) & (p < eos)
+        b_q, b_k, b_v, b_a, b_e, b_th = load_tile(q, k, v, alpha, eta, theta, p, valid, h, H, K, V, rk, rv, mk, mv)
+        m = valid.to(tl.float32)
+        D_a, D_e, A, E, Gam, Bv, g, hh = tile_gates(b_a, b_e, m, r, BT)
+        A_c, B_c, E_c = take(A, r, BT - 1), take(Bv, r, BT - 1), take(E, r, BT - 1)
+        tb1 = ((first_tile + i) * H + h) * K * Dh  # this tile's slot in the per-tile buffers
+        tb2 = ((first_tile + i) * H + h) * Dh * V
+
+        # (0) a new chunk takes its gradients at the current weights
+        if (j % R == 0) & (i > 0):
+            for jb in range(0, NH):
+                off1, m1, off2, m2 = block_offsets(jb, rk, rv, rb, mk, mv, K, V, Dh, BH)
+                tl.store(A1 + base1 + off1, tl.load(W1 + base1 + off1, mask=m1, other=0.0), mask=m1)
+                tl.store(A2 + base2 + off2, tl.load(W2 + base2 + off2, mask=m2, other=0.0), mask=m2)
+            tl.debug_barrier()  # the copies are read by other threads in passes 1 and 2
+
+        # (1) the error at the anchor, summed over Dh
+        b_err = anchor_error(b_k, b_v, A1 + base1, A2 + base2, rk, rv, rb, mk, mv,
+                             K, V, Dh, BT, BV, BH, ACT, RESIDUAL, PRECISION)  # [BT, BV]
+        b_x2 = b_th[:, None] * b_err
+
+        # (2) read and write, Dh block by block
+        b_P1 = tl.dot(b_q, tl.trans(b_k), input_precision=PRECISION) * Gam  # [BT, BT]
+        b_o = tl.zeros([BT, BV], dtype=tl.float32)
+        b_Pk = tl.zeros([BT, BT], dtype=tl.float32)  # Hq Hk^T
+        for jb in range(0, NH):
+            off1, m1, off2, m2 = block_offsets(jb, rk, rv, rb, mk, mv, K, V, Dh, BH)
+            b_a1 = tl.load(A1 + base1 + off1, mask=m1, other=0.0)  # [BK, BH]
+            b_a2 = tl.load(A2 + base2 + off2, mask=m2, other=0.0)  # [BH, BV]
+            b_W1 = tl.load(W1 + base1 + off1, mask=m1, other=0.0)  # [BK, BH]
+            b_S1 = tl.load(S1 + base1 + off1, mask=m1, other=0.0)
+            b_W2 = tl.load(W2 + base2 + off2, mask=m2, other=0.0)  # [BH, BV]
+            b_S2 = tl.load(S2 + base2 + off2, mask=m2, other=0.0)
+            if STORE_TILES:
+                tl.store(tile_W1 + tb1 + off1, b_W1, mask=m1)
+                tl.store(tile_S1 + tb1 + off1, b_S1, mask=m1)
+                tl.store(tile_W2 + tb2 + off2, b_W2, mask=m2)
+                tl.store(tile_S2 + tb2 + off2, b_S2, mask=m2)
+            b_hk, _, _, _, _, b_x1, _, _, b_hq, _ = recompute_block(b_q, b_k, b_err, b_P1, A, Bv, b_th, b_a1, b_a2,
+                                                                     b_W1, b_S1, ACT, PRECISION)
+            b_o += A[:, None] * tl.dot(b_hq, b_W2, input_precision=PRECISION) \
+                + Bv[:, None] * tl.dot(b_hq, b_S2, input_precision=PRECISION)
+            b_Pk += tl.dot(b_hq, tl.trans(b_hk), input_precision=PRECISION)
+            b_kT, b_hkT = tl.trans(b_k), tl.trans(b_hk)  # [BK, BT], [BH, BT]
+            b_W1n = A_c * b_W1 + B_c * b_S1 - tl.dot(b_kT, g[:, None] * b_x1, input_precision=PRECISION)
+            b_S1n = E_c * b_S1 - tl.dot(b_kT, hh[:, None] * b_x1, input_precision=PRECISION)
+            b_W2n = A_c * b_W2 + B_c * b_S2 - tl.dot(b_hkT, g[:, None] * b_x2, input_precision=PRECISION)
+            b_S2n = E_c * b_S2 - tl.dot(b_hkT, hh[:, None] * b_x2, input_precision=PRECISION)
+            tl.debug_barrier()  # every thread has read this block before any rewrites it
+            tl.store(W1 + base1 + off1, b_W1n, mask=m1)
+            tl.store(S1 + base1 + off1, b_S1n, mask=m1)
+            tl.store(W2 + base2 + off2, b_W2n, mask=m2)
+            tl.store(S2 + base2 + off2, b_S2n, mask=m2)
+        tl.debug_barrier()  # the new state is read by other threads in the next tile
+        b_o -= tl.dot(b_Pk * Gam, b_x2, input_precision=PRECISION)
+        if RESIDUAL:
+            b_o += b_q
+        tl.store(o + (p[:, None] * H + h) * V + rv[None, :], b_o.to(o.dtype.element_ty),
+                 mask=valid[:, None] & mv[None, :])
+
+
+@triton.jit
+def chunk_mlp_memory_bwd_kernel(
+    q, k, v, alpha, eta, theta,  # [B*T, H, K|V], gates [B*T, H]
+    offset, cu_seqlens, tile_indptr,  # [N], [N + 1], [N + 1]
+    A1_0, A2_0,  # initial anchors [N, H, K, Dh], [N, H, Dh, V] float32
+    tile_W1, tile_S1, tile_W2, tile_S2,  # tile-start states from the forward
+    do,  # [B*T, H, V]
+    dW1, dS1, dA1,  # [N, H, K, Dh] float32, in place: gradients of the final state in, of the initial out
+    dW2, dS2, dA2,  # [N, H, Dh, V] float32, likewise (dA: adjoint of the current chunk's anchor)
+    dq, dk, dv,  # [B*T, H, K|V] in the input dtype
+    dalpha, deta, dtheta,  # [B*T, H] in the gates' dtypes
+    T, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, Dh: tl.constexpr, C: tl.constexpr,
+    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BH: tl.constexpr, ACT: tl.constexpr,
+    RESIDUAL: tl.constexpr, IS_VARLEN: tl.constexpr, PRECISION: tl.constexpr,
+):
+    i_nh = tl.program_id(0)
+    i_n, h = i_nh // H, i_nh % H
+    bos, eos, off, j0, n_tiles, first_tile = sequence_bounds(cu_seqlens, tile_indptr, offset, i_n, T, BT, IS_VARLEN)
+    R: tl.constexpr = C // BT
+    NH: tl.constexpr = (Dh + BH - 1) // BH
+    r = tl.arange(0, BT)
+    rk = tl.arange(0, BK)
+    rv = tl.arange(0, BV)
+    rb = tl.arange(0, BH)
+    mk, mv = rk < K, rv < V
+    base1 = i_nh.to(tl.int64) * K * Dh
+    base2 = i_nh.to(tl.int64) * Dh * V
+    lower = r[:, None] >= r[None, :]
+    last_row = r[:, None] == BT - 1
+    is_last = r == BT - 1
+
+    for ii in range(n_tiles):
+        i = n_tiles - 1 - ii
+        j = j0 + i
+        p = bos - off + j * BT + r
+        valid = (p >= bos) & (p < eos)
+        b_q, b_k, b_v, b_a, b_e, b_th = load_tile(q, k, v, alpha, eta, theta, p, valid, h, H, K, V, rk, rv, mk, mv)
+        m = valid.to(tl.float32)
+        prev_valid = valid & (r > 0) & (p - 1 >= bos)
+        a_prev = 1.0 - tl.load(alpha + (p - 1) * H + h, mask=prev_valid, other=0.0).to(tl.float32)  # [BT]
+        e_prev = tl.load(eta + (p - 1) * H + h, mask=prev_valid, other=1.0).to(tl.float32)
+        D_a, D_e, A, E, Gam, Bv, g, hh = tile_gates(b_a, b_e, m, r, BT)
+        D_em = D_e * m[:, None]
+        Em = E * m
+        A_c, B_c, E_c = take(A, r, BT - 1), take(Bv, r, BT - 1), take(E, r, BT - 1)
+        tb1 = ((first_tile + i) * H + h) * K * Dh
+        tb2 = ((first_tile + i) * H + h) * Dh * V
+        if j < R:  # the first chunk keeps the initial anchor
+            a1 = A1_0 + base1
+            a2 = A2_0 + base2
+        else:  # later chunks anchor at the start state of their first tile
+            w_tile = (first_tile + (j // R) * R - j0) * H + h
+            a1 = tile_W1 + w_tile * K * Dh
+            a2 = tile_W2 + w_tile * Dh * V
+        b_do = tl.load(do + (p[:, None] * H + h) * V + rv[None, :], mask=valid[:, None] & mv[None, :],
+                       other=0.0).to(tl.float32)  # [BT, BV]
+        b_QK = tl.dot(b_q, tl.trans(b_k), input_precision=PRECISION)  # [BT, BT]
+        b_P1 = b_QK * Gam
+
+        # (A) the error at the anchor
+        b_err = anchor_error(b_k, b_v, a1, a2, rk, rv, rb, mk, mv,
+                             K, V, Dh, BT, BV, BH, ACT, RESIDUAL, PRECISION)  # [BT, BV]
+        b_x2 = b_th[:, None] * b_err
+        dP2 = tl.where(lower, -tl.dot(b_do, tl.trans(b_x2), input_precision=PRECISION), 0.0)  # [BT, BT]
+        dPk = dP2 * Gam  # adjoint of Hq Hk^T
+
+        # (B) reductions over Dh
+        b_Pk = tl.zeros([BT, BT], dtype=tl.float32)
+        dP1 = tl.zeros([BT, BT], dtype=tl.float32)
+        b_U2 = tl.zeros([BT, BV], dtype=tl.float32)  # Hk dW2'
+        b_U2s = tl.zeros([BT, BV], dtype=tl.float32)  # Hk dS2'
+        b_derr = tl.zeros([BT, BV], dtype=tl.float32)
+        b_dq = tl.zeros([BT, BK], dtype=tl.float32)
+        b_dk = tl.zeros([BT, BK], dtype=tl.float32)
+        dA = tl.zeros([BT], dtype=tl.float32)
+        dBv = tl.zeros([BT], dtype=tl.float32)
+        dg = tl.zeros([BT], dtype=tl.float32)
+        dh = tl.zeros([BT], dtype=tl.float32)
+        dth = tl.zeros([BT], dtype=tl.float32)
+        sA = tl.sum(tl.zeros([BT], dtype=tl.float32), axis=0)  # <dW', W>, <dW', S>, <dS', S> over both layers
+        sB = sA
+        sE = sA
+        for jb in range(0, NH):
+            off1, m1, off2, m2 = block_offsets(jb, rk, rv, rb, mk, mv, K, V, Dh, BH)
+            b_a1 = tl.load(a1 + off1, mask=m1, other=0.0)  # [BK, BH]
+            b_a2 = tl.load(a2 + off2, mask=m2, other=0.0)  # [BH, BV]
+            b_W1 = tl.load(tile_W1 + tb1 + off1, mask=m1, other=0.0)  # [BK, BH] tile-start state
+            b_S1 = tl.load(tile_S1 + tb1 + off1, mask=m1, other=0.0)
+            b_W2 = tl.load(tile_W2 + tb2 + off2, mask=m2, other=0.0)  # [BH, BV]
+            b_S2 = tl.load(tile_S2 + tb2 + off2, mask=m2, other=0.0)
+            b_dW1 = tl.load(dW1 + base1 + off1, mask=m1, other=0.0)  # [BK, BH] adjoints of the tile-end state
+            b_dS1 = tl.load(dS1 + base1 + off1, mask=m1, other=0.0)
+            b_dW2 = tl.load(dW2 + base2 + off2, mask=m2, other=0.0)  # [BH, BV]
+            b_dS2 = tl.load(dS2 + base2 + off2, mask=m2, other=0.0)
+            b_hk, b_d1, _, _, b_delta, b_x1, b_qw1, b_qs1, b_hq, b_dq1 = recompute_block(
+                b_q, b_k, b_err, b_P1, A, Bv, b_th, b_a1, b_a2, b_W1, b_S1, ACT, PRECISION)
+            b_Pk += tl.dot(b_hq, tl.trans(b_hk), input_precision=PRECISION)
+            dA += tl.sum(b_do * tl.dot(b_hq, b_W2, input_precision=PRECISION), axis=1)
+            dBv += tl.sum(b_do * tl.dot(b_hq, b_S2, input_precision=PRECISION), axis=1)
+            b_dhq = A[:, None] * tl.dot(b_do, tl.trans(b_W2), input_precision=PRECISION) \
+                + Bv[:, None] * tl.dot(b_do, tl.trans(b_S2), input_precision=PRECISION) \
+                + tl.dot(dPk, b_hk, input_precision=PRECISION)  # [BT, BH]
+            b_dzq = b_dhq * b_dq1
+            dP1 -= tl.dot(b_dzq, tl.trans(b_x1), input_precision=PRECISION)
+            dA += tl.sum(b_dzq * b_qw1, axis=1)
+            dBv += tl.sum(b_dzq * b_qs1, axis=1)
+            b_dq += A[:, None] * tl.dot(b_dzq, tl.trans(b_W1), input_precision=PRECISION) \
+                + Bv[:, None] * tl.dot(b_dzq, tl.trans(b_S1), input_precision=PRECISION)
+            b_kdw1 = tl.dot(b_k, b_dW1, input_precision=PRECISION)  # [BT, BH]
+            b_kds1 = tl.dot(b_k, b_dS1, input_precision=PRECISION)
+            b_dx1 = -tl.dot(tl.trans(b_P1), b_dzq, input_precision=PRECISION) \
+                - g[:, None] * b_kdw1 - hh[:, None] * b_kds1
+            dg -= tl.sum(b_x1 * b_kdw1, axis=1)
+            dh -= tl.sum(b_x1 * b_kds1, axis=1)
+            dth += tl.sum(b_dx1 * b_delta, axis=1)
+            b_rr = b_th[:, None] * b_dx1 * b_d1  # adjoint of Err a2^T
+            b_derr += tl.dot(b_rr, b_a2, input_precision=PRECISION)
+            b_U2 += tl.dot(b_hk, b_dW2, input_precision=PRECISION)
+            b_U2s += tl.dot(b_hk, b_dS2, input_precision=PRECISION)
+            b_dk -= tl.dot(g[:, None] * b_x1, tl.trans(b_dW1), input_precision=PRECISION) \
+                + tl.dot(hh[:, None] * b_x1, tl.trans(b_dS1), input_precision=PRECISION)
+            sA += tl.sum(b_dW1 * b_W1) + tl.sum(b_dW2 * b_W2)
+            sB += tl.sum(b_dW1 * b_S1) + tl.sum(b_dW2 * b_S2)
+            sE += tl.sum(b_dS1 * b_S1) + tl.sum(b_dS2 * b_S2)
+        tl.debug_barrier()  # pass C rewrites the adjoint blocks that pass B read
+
+        dP1 = tl.where(lower, dP1, 0.0)
+        b_dx2 = -tl.dot(tl.trans(b_Pk * Gam), b_do, input_precision=PRECISION) - g[:, None] * b_U2 \
+            - hh[:, None] * b_U2s  # [BT, BV]
+        dg -= tl.sum(b_x2 * b_U2, axis=1)
+        dh -= tl.sum(b_x2 * b_U2s, axis=1)
+        dth += tl.sum(b_dx2 * b_err, axis=1)
+        b_derr += b_th[:, None] * b_dx2
+        dQK = dP1 * Gam
+        b_dq += tl.dot(dQK, b_k, input_precision=PRECISION)
+        b_dk += tl.dot(tl.trans(dQK), b_q, input_precision=PRECISION)
+        if RESIDUAL:
+            b_dq += b_do
+            b_dk += b_derr
+
+        # gates: Gamma = D_a (m D_e), B = D_a (m E), A = cumprod(a), E = cumprod(e) (as the linear kernel)
+        dGam = dP2 * b_Pk + dP1 * b_QK + tl.where(last_row, dg[None, :], 0.0)
+        dA += tl.where(is_last, sA, 0.0)
+        dBv += tl.where(is_last, sB, 0.0)
+        dD_a = tl.dot(dGam, tl.trans(D_em), input_precision="ieee") + dBv[:, None] * Em[None, :]
+        dD_e = tl.dot(tl.trans(D_a), dGam, input_precision="ieee") * m[:, None] + tl.where(last_row, dh[None, :], 0.0)
+        dE = tl.sum(D_a * dBv[:, None], axis=0) * m + tl.where(is_last, sE, 0.0)
+        # d prod_{l=i+1..t} a_l / d a_l = D_a[l-1, i] D_a[t, l]; d A_t / d a_l = A_{l-1} D_a[t, l]
+        RA = tl.dot(tl.dot(tl.trans(D_a), dD_a, input_precision="ieee"), tl.trans(D_a), input_precision="ieee")
+        RE = tl.dot(tl.dot(tl.trans(D_e), dD_e, input_precision="ieee"), tl.trans(D_e), input_precision="ieee")
+        da = subdiagonal(RA, r) + tl.cumprod(a_prev, axis=0) * tl.sum(D_a * dA[:, None], axis=0)
+        de = subdiagonal(RE, r) + tl.cumprod(e_prev, axis=0) * tl.sum(D_e * dE[:, None], axis=0)
+
+        tok_k = (p[:, None] * H + h) * K + rk[None, :]
+        tl.store(dq + tok_k, b_dq.to(dq.dtype.element_ty), mask=valid[:, None] & mk[None, :])
+        tl.store(dv + (p[:, None] * H + h) * V + rv[None, :], (-b_derr).to(dv.dtype.element_ty),
+                 mask=valid[:, None] & mv[None, :])
+        tl.store(dalpha + p * H + h, (-da).to(dalpha.dtype.element_ty), mask=valid)
+        tl.store(deta + p * H + h, de.to(deta.dtype.element_ty), mask=valid)
+        tl.store(dtheta + p * H + h, dth.to(dtheta.dtype.element_ty), mask=valid)
+
+        # (C) per Dh block: adjoints of Z, the anchor and the tile-start state
+        chunk_start = (j % R == 0) & (i > 0)  # this tile's start state is its chunk's anchor
+        for jb in range(0, NH):
+            off1, m1, off2, m2 = block_offsets(jb, rk, rv, rb, mk, mv, K, V, Dh, BH)
+            b_a1 = tl.load(a1 + off1, mask=m1, other=0.0)
+            b_a2 = tl.load(a2 + off2, mask=m2, other=0.0)
+            b_W1 = tl.load(tile_W1 + tb1 + off1, mask=m1, other=0.0)
+            b_S1 = tl.load(tile_S1 + tb1 + off1, mask=m1, other=0.0)
+            b_W2 = tl.load(tile_W2 + tb2 + off2, mask=m2, other=0.0)
+            b_S2 = tl.load(tile_S2 + tb2 + off2, mask=m2, other=0.0)
+            b_dW1 = tl.load(dW1 + base1 + off1, mask=m1, other=0.0)
+            b_dS1 = tl.load(dS1 + base1 + off1, mask=m1, other=0.0)
+            b_dA1 = tl.load(dA1 + base1 + off1, mask=m1, other=0.0)
+            b_dW2 = tl.load(dW2 + base2 + off2, mask=m2, other=0.0)
+            b_dS2 = tl.load(dS2 + base2 + off2, mask=m2, other=0.0)
+            b_dA2 = tl.load(dA2 + base2 + off2, mask=m2, other=0.0)
+            b_hk, b_d1, b_d2, b_ea, _, _, _, _, b_hq, b_dq1 = recompute_block(
+                b_q, b_k, b_err, b_P1, A, Bv, b_th, b_a1, b_a2, b_W1, b_S1, ACT, PRECISION)
+            b_dhq = A[:, None] * tl.dot(b_do, tl.trans(b_W2), input_precision=PRECISION) \
+                + Bv[:, None] * tl.dot(b_do, tl.trans(b_S2), input_precision=PRECISION) \
+                + tl.dot(dPk, b_hk, input_precision=PRECISION)
+            b_dzq = b_dhq * b_dq1  # [BT, BH]
+            b_dx1 = -tl.dot(tl.trans(b_P1), b_dzq, input_precision=PRECISION) \
+                - g[:, None] * tl.dot(b_k, b_dW1, input_precision=PRECISION) \
+                - hh[:, None] * tl.dot(b_k, b_dS1, input_precision=PRECISION)
+            b_ddelta = b_th[:, None] * b_dx1
+            b_rr = b_ddelta * b_d1
+            b_dhk = tl.dot(tl.trans(dPk), b_hq, input_precision=PRECISION) \
+                - tl.dot(g[:, None] * b_x2, tl.trans(b_dW2), input_precision=PRECISION) \
+                - tl.dot(hh[:, None] * b_x2, tl.trans(b_dS2), input_precision=PRECISION) \
+                + tl.dot(b_derr, tl.trans(b_a2), input_precision=PRECISION)  # [BT, BH]
+            b_dz = b_ddelta * b_ea * b_d2 + b_dhk * b_d1  # [BT, BH]
+            b_dA1 += tl.dot(tl.trans(b_k), b_dz, input_precision=PRECISION)
+            b_dA2 += tl.dot(tl.trans(b_rr), b_err, input_precision=PRECISION) \
+                + tl.dot(tl.trans(b_hk), b_derr, input_precision=PRECISION)
+            b_dk += tl.dot(b_dz, tl.trans(b_a1), input_precision=PRECISION)
+            b_dW1n = tl.dot(tl.trans(A[:, None] * b_q), b_dzq, input_precision=PRECISION) + A_c * b_dW1
+            b_dS1n = tl.dot(tl.trans(Bv[:, None] * b_q), b_dzq, input_precision=PRECISION) + B_c * b_dW1 \
+                + E_c * b_dS1
+            b_dW2n = tl.dot(tl.trans(A[:, None] * b_hq), b_do, input_precision=PRECISION) + A_c * b_dW2
+            b_dS2n = tl.dot(tl.trans(Bv[:, None] * b_hq), b_do, input_precision=PRECISION) + B_c * b_dW2 \
+                + E_c * b_dS2
+            # the anchor is the chunk-start weights: at the chunk's first tile its adjoint joins theirs
+            b_dW1n += tl.where(chunk_start, b_dA1, 0.0)
+            b_dW2n += tl.where(chunk_start, b_dA2, 0.0)
+            b_dA1 = tl.where(chunk_start, 0.0, b_dA1)
+            b_dA2 = tl.where(chunk_start, 0.0, b_dA2)
+            tl.debug_barrier()  # every thread has read this block before any rewrites it
+            tl.store(dW1 + base1 + off1, b_dW1n, mask=m1)
+            tl.store(dS1 + base1 + off1, b_dS1n, mask=m1)
+            tl.store(dA1 + base1 + off1, b_dA1, mask=m1)
+            tl.store(dW2 + base2 + off2, b_dW2n, mask=m2)
+            tl.store(dS2 + base2 + off2, b_dS2n, mask=m2)
+            tl.store(dA2 + base2 + off2, b_dA2, mask=m2)
+        tl.debug_barrier()  # the previous tile reads these adjoints from other threads
+        tl.store(dk + tok_k, b_dk.to(dk.dtype.element_ty), mask=valid[:, None] & mk[None, :])

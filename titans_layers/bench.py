@@ -16,7 +16,8 @@ import time
 
 import torch
 
-from titans_layers.ops import (chunk_momentum_delta_rule, fused_recurrent_momentum_delta_rule, naive_chunk_mlp_memory,
+from titans_layers.ops import (chunk_mlp_memory, chunk_momentum_delta_rule, fused_recurrent_mlp_memory,
+                               fused_recurrent_momentum_delta_rule, naive_chunk_mlp_memory,
                                naive_chunk_momentum_delta_rule, naive_recurrent_mlp_memory,
                                naive_recurrent_momentum_delta_rule)
 from titans_layers.ops.common.triton_utils import is_interpreting
@@ -32,8 +33,10 @@ IMPLS = {
     "linear fused_recurrent (Triton)": (fused_recurrent_momentum_delta_rule, "linear"),
     "mlp naive_recurrent": (naive_recurrent_mlp_memory, "mlp"),
     "mlp naive_chunk": (naive_chunk_mlp_memory, "mlp"),
+    "mlp chunk (Triton)": (chunk_mlp_memory, "mlp"),
+    "mlp fused_recurrent (Triton)": (fused_recurrent_mlp_memory, "mlp"),
 }
-TRITON = {"linear chunk (Triton)", "linear fused_recurrent (Triton)"}
+TRITON = {name for name in IMPLS if "Triton" in name}
 # the per-token MLP reference takes a gradient per token: time it on short inputs only
 SLOW = {"linear naive_recurrent": 4096, "mlp naive_recurrent": 512}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}

@@ -200,7 +200,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--head-dims", type=common.int_list, help=f"comma-separated head dims (default {FULL['head_dims']})")
     p.add_argument("--dtype", choices=sorted(common.DTYPES), default="bf16", help="parameter and input dtype")
     p.add_argument("--modes", type=common.choice_list(MODES), default=list(MODES), help="fwd, fwdbwd or both")
-    p.add_argument("--providers", type=common.choice_list(PROVIDERS), default=list(PROVIDERS), help="which layers to time")
+    p.add_argument("--providers", type=common.choice_list(PROVIDERS), default=list(PROVIDERS),
+                   help="which layers to time")
     p.add_argument("--warmup-ms", type=int, help="do_bench warm-up time, ms")
     p.add_argument("--rep-ms", type=int, help="do_bench repetition time, ms")
     p.add_argument("--host-reps", type=int, help="timed calls per entry off CUDA")

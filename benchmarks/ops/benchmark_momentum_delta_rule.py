@@ -293,7 +293,8 @@ def main(argv=None) -> None:
     print(f"device: {env['device']}; modes {args.modes}; providers {args.providers}")
     entries, skipped = run(args, device)
     common.save_results(args.out, f"ops_momentum_delta_rule_{env['device_slug']}_{common.timestamp()}",
-                        environment=env, args=args, entries=entries, report=markdown_report(entries, skipped, env, args),
+                        environment=env, args=args, entries=entries,
+                        report=markdown_report(entries, skipped, env, args),
                         skipped_providers=skipped)
 
 

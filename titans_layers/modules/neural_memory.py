@@ -76,8 +76,8 @@ class NeuralMemory(nn.Module):
     def __init__(self, hidden_size: int, num_heads: int, memory: str = "linear", head_dim: int | None = None,
                  chunk_size: int = 16, mlp_expansion: int = 2, activation: str = "silu", mlp_residual: bool = False,
                  use_short_conv: bool = True, conv_size: int = 4, max_step_size: float = 0.1,
-                 max_update_norm: float | None = None, use_output_gate: bool = True, use_output_norm: bool = True, norm_eps: float = 1e-5,
-                 backend: str = "auto", layer_idx: int | None = None):
+                 max_update_norm: float | None = None, use_output_gate: bool = True, use_output_norm: bool = True,
+                 norm_eps: float = 1e-5, backend: str = "auto", layer_idx: int | None = None):
         super().__init__()
         self.hidden_size = positive_int("hidden_size", hidden_size)
         self.num_heads = positive_int("num_heads", num_heads)

@@ -9,8 +9,8 @@ gives the output shapes. Eager calls never come here: they run the op directly.
 
 Gradients: the backward custom op, ``titans_layers::memory_update_backward``, re-runs the
 forward with autograd and differentiates it (``naive_chunk``: autograd; ``chunk`` and
-``fused_recurrent``: their Triton backward kernels). So a compiled training step pays one extra forward of the memory update
-compared with eager mode, in exchange for a graph with no breaks.
+``fused_recurrent``: their Triton backward kernels). So a compiled training step pays one extra
+forward of the memory update compared with eager mode, in exchange for a graph with no breaks.
 """
 
 from __future__ import annotations

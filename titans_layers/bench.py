@@ -101,6 +101,9 @@ def timing(device: torch.device, B: int, T: int, H: int, D: int, chunk_size: int
         if not runs_here(name, device):
             print(f"| {name} | skipped | skipped |")
             continue
+        if name.startswith("mlp") and name in TRITON and device.type != "cuda":
+            print(f"| {name} | skipped (interpreted MLP kernels take minutes; checked above) | skipped |")
+            continue
         if T > SLOW.get(name, T):
             print(f"| {name} | skipped (T > {SLOW[name]}) | skipped |")
             continue

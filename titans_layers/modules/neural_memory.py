@@ -16,7 +16,7 @@ from titans_layers.ops import (chunk_mlp_memory, chunk_momentum_delta_rule, fuse
                                fused_recurrent_momentum_delta_rule, naive_chunk_mlp_memory,
                                naive_chunk_momentum_delta_rule)
 from titans_layers.ops.common.triton_utils import MAX_HEAD_DIM
-from titans_layers.ops.mlp_memory.naive import ACTIVATIONS
+from titans_layers.ops.mlp_memory.naive import ACTIVATIONS, mlp_forward
 from titans_layers.ops.momentum_delta_rule.chunk import KERNEL_CHUNK_SIZES
 
 MEMORIES = ("linear", "mlp")
@@ -147,6 +147,20 @@ class NeuralMemory(nn.Module):
             return fused
         return chunk
 
+    def _check_hidden_states(self, hidden_states: torch.Tensor) -> None:
+        if hidden_states.ndim != 3 or hidden_states.shape[-1] != self.hidden_size:
+            raise ValueError(f"`hidden_states` must have shape [B, T, {self.hidden_size}], "
+                             f"got {list(hidden_states.shape)}")
+
+    def _output(self, o: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Reads ``o`` ``[..., H, V]`` of tokens ``x`` ``[..., D]`` -> ``[..., D]``: per-head norm,
+        output gate, ``o_proj``."""
+        if self.use_output_norm:
+            o = self.o_norm(o)
+        if self.use_output_gate:
+            o = o * torch.sigmoid(self.g_proj(x)).unflatten(-1, (self.num_heads, self.head_dim))
+        return self.o_proj(o.flatten(-2))
+
     def _project(self, x, proj, conv, conv_state, use_cache, cu_seqlens):
         y = proj(x)
         if not self.use_short_conv:
@@ -156,9 +170,7 @@ class NeuralMemory(nn.Module):
     def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 past_key_values=None, use_cache: bool | None = False, output_attentions: bool | None = False,
                 **kwargs):
-        if hidden_states.ndim != 3 or hidden_states.shape[-1] != self.hidden_size:
-            raise ValueError(f"`hidden_states` must have shape [B, T, {self.hidden_size}], "
-                             f"got {list(hidden_states.shape)}")
+        self._check_hidden_states(hidden_states)
         if attention_mask is not None and (attention_mask.ndim != 2 or attention_mask.shape[0] != hidden_states.shape[0]
                                            or attention_mask.shape[1] < hidden_states.shape[1]):
             raise ValueError("`attention_mask` must be a 0/1 padding mask [B, T_total] with T_total >= T (past and "
@@ -170,10 +182,9 @@ class NeuralMemory(nn.Module):
         x, indices, cu_seqlens = unpad_hidden_states(hidden_states, kwargs.get("cu_seqlens"), attention_mask, T)
 
         conv_states = last_state["conv_state"] if last_state is not None and self.use_short_conv else (None,) * 3
-        q, cq = self._project(x, self.q_proj, getattr(self, "q_conv", None), conv_states[0], use_cache, cu_seqlens)
+        q, cq = self.query(x, conv_states[0], use_cache, cu_seqlens)  # [b, t, H, K]
         k, ck = self._project(x, self.k_proj, getattr(self, "k_conv", None), conv_states[1], use_cache, cu_seqlens)
         v, cv = self._project(x, self.v_proj, getattr(self, "v_conv", None), conv_states[2], use_cache, cu_seqlens)
-        q = F.normalize(q.unflatten(-1, (H, Dk)), dim=-1)  # [b, t, H, K]
         k = F.normalize(k.unflatten(-1, (H, Dk)), dim=-1)
         v = v.unflatten(-1, (H, Dk))  # [b, t, H, V]
         alpha = torch.sigmoid(self.alpha_proj(x).float())  # [b, t, H]
@@ -192,12 +203,7 @@ class NeuralMemory(nn.Module):
 
         update_layer_cache(self, past_key_values, recurrent_state=state,
                            conv_state=(cq, ck, cv) if self.use_short_conv else None, offset=T)
-        if self.use_output_norm:
-            o = self.o_norm(o)
-        if self.use_output_gate:
-            o = o * torch.sigmoid(self.g_proj(x)).unflatten(-1, (H, Dk))
-        o = self.o_proj(o.flatten(-2))
-        o = repad_hidden_states(o, indices, B, T)
+        o = repad_hidden_states(self._output(o, x), indices, B, T)
         return o, None, past_key_values
 
     # ---- read-only retrieval (MAC): the memory's query path without a write --------------------
@@ -220,9 +226,7 @@ class NeuralMemory(nn.Module):
         Returns:
             ``(q [B, T, H, K], conv_state [N, conv_size - 1, H * K] or None)``.
         """
-        if hidden_states.ndim != 3 or hidden_states.shape[-1] != self.hidden_size:
-            raise ValueError(f"`hidden_states` must have shape [B, T, {self.hidden_size}], "
-                             f"got {list(hidden_states.shape)}")
+        self._check_hidden_states(hidden_states)
         q, cq = self._project(hidden_states, self.q_proj, getattr(self, "q_conv", None), conv_state,
                               output_conv_state, cu_seqlens)
         return F.normalize(q.unflatten(-1, (self.num_heads, self.head_dim)), dim=-1), cq  # [B, T, H, K]
@@ -264,11 +268,5 @@ class NeuralMemory(nn.Module):
         if self.memory == "linear":
             o = qh @ weights[0]  # [N, H, L, V]
         else:
-            from titans_layers.ops.mlp_memory.naive import mlp_forward
             o = mlp_forward(qh, weights[0], weights[1], self.activation, self.mlp_residual)  # [N, H, L, V]
-        o = o.transpose(1, 2).to(q.dtype)  # [N, L, H, V]
-        if self.use_output_norm:
-            o = self.o_norm(o)
-        if self.use_output_gate:
-            o = o * torch.sigmoid(self.g_proj(hidden_states)).unflatten(-1, (H, K))
-        return self.o_proj(o.flatten(-2))  # [N, L, D]
+        return self._output(o.transpose(1, 2).to(q.dtype), hidden_states)  # [N, L, D]

@@ -82,3 +82,25 @@ def sequence_range(cu_seqlens, i_n, T, IS_VARLEN: tl.constexpr):
         bos = i_n.to(tl.int64) * T
         eos = bos + T
     return bos, eos
+
+
+@triton.jit
+def gate_grads(dGam, dA, dBv, dE_last, dh, D_a, D_e, D_em, Em, m, a_prev, e_prev, r, last_row, is_last):
+    """Backward of a tile's gate coefficients to its gates, shared by the chunk kernels.
+
+    Forward (``[BT]`` gates ``a = 1 - alpha``, ``e = eta``, padding mask ``m``): ``D_a``, ``D_e``
+    segment products ``[BT, BT]``, ``D_em = D_e * m[:, None]``, ``Em = cumprod(e) * m``,
+    ``Gamma = D_a D_em``, ``B = D_a Em``, ``A = cumprod(a)``, ``E = cumprod(e)``, and ``h`` the last
+    row of ``D_e``. Given the adjoints ``dGam`` ``[BT, BT]``, ``dA``, ``dBv`` ``[BT]``, the scalar
+    adjoint ``dE_last`` of ``E`` at the tile's last token and ``dh`` ``[BT]``, returns
+    ``(d a, d e)`` ``[BT]``. No division: ``d prod_{l=i+1..t} a_l / d a_l = D_a[l-1, i] D_a[t, l]``
+    and ``d A_t / d a_l = A_{l-1} D_a[t, l]``, exact at gates 0 and 1. ``a_prev``, ``e_prev``: each
+    row's previous gate within the tile (1 in row 0 and where there is no real previous token)."""
+    dD_a = tl.dot(dGam, tl.trans(D_em), input_precision="ieee") + dBv[:, None] * Em[None, :]
+    dD_e = tl.dot(tl.trans(D_a), dGam, input_precision="ieee") * m[:, None] + tl.where(last_row, dh[None, :], 0.0)
+    dE = tl.sum(D_a * dBv[:, None], axis=0) * m + tl.where(is_last, dE_last, 0.0)
+    RA = tl.dot(tl.dot(tl.trans(D_a), dD_a, input_precision="ieee"), tl.trans(D_a), input_precision="ieee")
+    RE = tl.dot(tl.dot(tl.trans(D_e), dD_e, input_precision="ieee"), tl.trans(D_e), input_precision="ieee")
+    da = subdiagonal(RA, r) + tl.cumprod(a_prev, axis=0) * tl.sum(D_a * dA[:, None], axis=0)
+    de = subdiagonal(RE, r) + tl.cumprod(e_prev, axis=0) * tl.sum(D_e * dE[:, None], axis=0)
+    return da, de

@@ -7,14 +7,13 @@ import torch
 import triton
 
 from titans_layers.ops.common.clipping import reject_clipping
-from titans_layers.ops.common.layout import sequence_lengths
 from titans_layers.ops.common.traceable import traceable
 from titans_layers.ops.common.triton_utils import check_head_dims, check_triton_device, dot_precision
-from titans_layers.ops.common.validation import OpShape, check_chunk_size, check_op_inputs
+from titans_layers.ops.common.validation import check_chunk_size, check_op_inputs
 from titans_layers.ops.mlp_memory.chunk_kernels import chunk_mlp_memory_bwd_kernel, chunk_mlp_memory_fwd_kernel
 from titans_layers.ops.mlp_memory.naive import ACTIVATIONS, check_mlp_options
 from titans_layers.ops.mlp_memory.state import MLPMemoryState, resolve_mlp_state
-from titans_layers.ops.momentum_delta_rule.chunk import ChunkPlan
+from titans_layers.ops.momentum_delta_rule.chunk import ChunkPlan, make_plan, varlen_args
 
 KERNEL_CHUNK_SIZES = (16, 32, 64)
 
@@ -26,19 +25,6 @@ def tile_size(chunk_size: int, K: int, V: int, dtype: torch.dtype) -> int:
     if dtype == torch.float32 and max(K, V) > 64:
         return 16
     return min(chunk_size, 32)
-
-
-def make_plan(shape: OpShape, chunk_size: int, offsets: list[int], cu_seqlens, dtype: torch.dtype,
-              device) -> ChunkPlan:
-    """Sizes of one call; tiles are counted from the chunk start before each sequence's first token."""
-    lengths = sequence_lengths(shape.B, shape.T, cu_seqlens)
-    BT = tile_size(chunk_size, shape.K, shape.V, dtype)
-    counts = [-(-(o + n) // BT) - o // BT for o, n in zip(offsets, lengths)]
-    indptr = [0]
-    for c in counts:
-        indptr.append(indptr[-1] + c)
-    return ChunkPlan(shape, chunk_size, BT, lengths, offsets, torch.tensor(indptr, dtype=torch.long, device=device),
-                     indptr[-1])
 
 
 def block_sizes(K: int, V: int, Dh: int) -> tuple[int, int, int, int]:
@@ -56,10 +42,6 @@ def block_sizes(K: int, V: int, Dh: int) -> tuple[int, int, int, int]:
 def _state_copy(x: torch.Tensor) -> torch.Tensor:
     """A contiguous float32 copy the kernels may overwrite."""
     return x.detach().to(torch.float32).clone(memory_format=torch.contiguous_format)
-
-
-def _varlen_args(cu_seqlens, plan: ChunkPlan):
-    return (cu_seqlens if cu_seqlens is not None else plan.tile_indptr), cu_seqlens is not None
 
 
 def chunk_fwd(q, k, v, alpha, eta, theta, W1, W2, S1, S2, A1, A2, offset, cu_seqlens, plan: ChunkPlan,
@@ -84,7 +66,7 @@ def chunk_fwd(q, k, v, alpha, eta, theta, W1, W2, S1, S2, A1, A2, offset, cu_seq
                  q.new_empty(plan.n_tiles, s.H, Dh, s.V, dtype=torch.float32))
     else:
         tiles = (W1T, W1T, W2T, W2T)  # never written
-    cu, is_varlen = _varlen_args(cu_seqlens, plan)
+    cu, is_varlen = varlen_args(cu_seqlens, plan)
     if s.N * s.H > 0:
         chunk_mlp_memory_fwd_kernel[(s.N * s.H,)](
             q, k, v, alpha, eta, theta, offset, cu, plan.tile_indptr, o, W1T, S1T, A1T, W2T, S2T, A2T, *tiles,
@@ -113,7 +95,7 @@ def chunk_bwd(q, k, v, alpha, eta, theta, A1, A2, offset, cu_seqlens, plan: Chun
     do = torch.zeros_like(v) if do is None else do.contiguous()
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     dalpha, deta, dtheta = torch.empty_like(alpha), torch.empty_like(eta), torch.empty_like(theta)
-    cu, is_varlen = _varlen_args(cu_seqlens, plan)
+    cu, is_varlen = varlen_args(cu_seqlens, plan)
     if s.N * s.H > 0:
         chunk_mlp_memory_bwd_kernel[(s.N * s.H,)](
             q, k, v, alpha, eta, theta, offset, cu, plan.tile_indptr, A1, A2, *tiles, do,
@@ -159,7 +141,7 @@ def prepare_kernel_call(op_name, q, k, v, alpha, eta, theta, chunk_size, initial
     check_head_dims(shape.K, shape.V)
     init = resolve_mlp_state(initial_state, shape, C, q.device)
     check_triton_device(op_name, q)
-    plan = make_plan(shape, C, init.offsets, cu_seqlens, q.dtype, q.device)
+    plan = make_plan(shape, C, init.offsets, cu_seqlens, q.device, tile=tile_size(C, shape.K, shape.V, q.dtype))
     inputs = tuple(x.contiguous() for x in (q, k, v, alpha, eta, theta))
     states = tuple(x.contiguous() for x in (init.W1, init.W2, init.S1, init.S2, init.anchor1, init.anchor2))
     return inputs, states, init.offset, plan, ACTIVATIONS.index(activation)

@@ -68,7 +68,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from titans_layers.ops.common.triton_utils import segment_products, subdiagonal, take, take_row
+from titans_layers.ops.common.triton_utils import gate_grads, segment_products, take, take_row
 from titans_layers.ops.momentum_delta_rule.chunk_kernels import load_tile, sequence_bounds
 
 
@@ -382,14 +382,7 @@ def chunk_mlp_memory_bwd_kernel(
         dGam = dP2 * b_Pk + dP1 * b_QK + tl.where(last_row, dg[None, :], 0.0)
         dA += tl.where(is_last, sA, 0.0)
         dBv += tl.where(is_last, sB, 0.0)
-        dD_a = tl.dot(dGam, tl.trans(D_em), input_precision="ieee") + dBv[:, None] * Em[None, :]
-        dD_e = tl.dot(tl.trans(D_a), dGam, input_precision="ieee") * m[:, None] + tl.where(last_row, dh[None, :], 0.0)
-        dE = tl.sum(D_a * dBv[:, None], axis=0) * m + tl.where(is_last, sE, 0.0)
-        # d prod_{l=i+1..t} a_l / d a_l = D_a[l-1, i] D_a[t, l]; d A_t / d a_l = A_{l-1} D_a[t, l]
-        RA = tl.dot(tl.dot(tl.trans(D_a), dD_a, input_precision="ieee"), tl.trans(D_a), input_precision="ieee")
-        RE = tl.dot(tl.dot(tl.trans(D_e), dD_e, input_precision="ieee"), tl.trans(D_e), input_precision="ieee")
-        da = subdiagonal(RA, r) + tl.cumprod(a_prev, axis=0) * tl.sum(D_a * dA[:, None], axis=0)
-        de = subdiagonal(RE, r) + tl.cumprod(e_prev, axis=0) * tl.sum(D_e * dE[:, None], axis=0)
+        da, de = gate_grads(dGam, dA, dBv, sE, dh, D_a, D_e, D_em, Em, m, a_prev, e_prev, r, last_row, is_last)
 
         tok_k = (p[:, None] * H + h) * K + rk[None, :]
         tl.store(dq + tok_k, b_dq.to(dq.dtype.element_ty), mask=valid[:, None] & mk[None, :])

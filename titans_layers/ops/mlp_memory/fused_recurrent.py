@@ -34,6 +34,7 @@ from titans_layers.ops.mlp_memory.chunk import (KERNEL_CHUNK_SIZES, ChunkPlan, b
 from titans_layers.ops.mlp_memory.chunk_kernels import activation
 from titans_layers.ops.mlp_memory.naive import ACTIVATIONS, naive_chunk_mlp_memory
 from titans_layers.ops.mlp_memory.state import MLPMemoryState
+from titans_layers.ops.momentum_delta_rule.chunk_kernels import load_token
 
 
 @triton.jit
@@ -69,12 +70,7 @@ def fused_recurrent_mlp_memory_fwd_kernel(
                 tl.store(A1 + base1 + off1, tl.load(W1 + base1 + off1, mask=m1, other=0.0), mask=m1)
                 tl.store(A2 + base2 + off2, tl.load(W2 + base2 + off2, mask=m2, other=0.0), mask=m2)
             tl.debug_barrier()  # pass 1 reads the copies from other threads
-        b_q = tl.load(q + (t * H + h) * K + rk, mask=mk, other=0.0).to(tl.float32)  # [BK]
-        b_k = tl.load(k + (t * H + h) * K + rk, mask=mk, other=0.0).to(tl.float32)  # [BK]
-        b_v = tl.load(v + (t * H + h) * V + rv, mask=mv, other=0.0).to(tl.float32)  # [BV]
-        b_a = 1.0 - tl.load(alpha + t * H + h).to(tl.float32)
-        b_e = tl.load(eta + t * H + h).to(tl.float32)
-        b_th = tl.load(theta + t * H + h).to(tl.float32)
+        b_q, b_k, b_v, b_a, b_e, b_th = load_token(q, k, v, alpha, eta, theta, t, h, H, K, V, rk, rv, mk, mv)
 
         # (1) the error at the anchor
         b_err = tl.zeros([BV], dtype=tl.float32)

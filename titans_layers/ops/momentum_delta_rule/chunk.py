@@ -44,10 +44,12 @@ def tile_size(chunk_size: int) -> int:
     return min(chunk_size, MAX_TILE)
 
 
-def make_plan(shape: OpShape, chunk_size: int, offsets: list[int], cu_seqlens, device) -> ChunkPlan:
-    """Sizes of one call; tiles are counted from the chunk start before each sequence's first token."""
+def make_plan(shape: OpShape, chunk_size: int, offsets: list[int], cu_seqlens, device,
+              tile: int | None = None) -> ChunkPlan:
+    """Sizes of one call; tiles are counted from the chunk start before each sequence's first token.
+    ``tile``: tokens per kernel tile (default :func:`tile_size`; a family may pick its own)."""
     lengths = sequence_lengths(shape.B, shape.T, cu_seqlens)
-    BT = tile_size(chunk_size)
+    BT = tile or tile_size(chunk_size)
     counts = [-(-(o + n) // BT) - o // BT for o, n in zip(offsets, lengths)]
     indptr = [0]
     for c in counts:
@@ -56,7 +58,8 @@ def make_plan(shape: OpShape, chunk_size: int, offsets: list[int], cu_seqlens, d
                      indptr[-1])
 
 
-def _varlen_args(cu_seqlens, plan: ChunkPlan):
+def varlen_args(cu_seqlens, plan: ChunkPlan):
+    """The kernels' ``cu_seqlens`` argument (any long tensor when unused) and ``IS_VARLEN``."""
     return (cu_seqlens if cu_seqlens is not None else plan.tile_indptr), cu_seqlens is not None
 
 
@@ -73,7 +76,7 @@ def chunk_fwd(q, k, v, alpha, eta, theta, M0, S0, W0, offset, cu_seqlens, plan: 
         tile_S = torch.empty_like(tile_M)
     else:
         tile_M = tile_S = MT  # never written
-    cu, is_varlen = _varlen_args(cu_seqlens, plan)
+    cu, is_varlen = varlen_args(cu_seqlens, plan)
     chunk_momentum_delta_rule_fwd_kernel[(NV, s.N * s.H)](
         q, k, v, alpha, eta, theta, M0, S0, W0, offset, cu, plan.tile_indptr, o, MT, ST, WT, tile_M, tile_S,
         s.T, H=s.H, K=s.K, V=s.V, C=plan.chunk_size, BT=plan.tile_size, BK=BK, BV=BV, IS_VARLEN=is_varlen,
@@ -97,7 +100,7 @@ def chunk_bwd(q, k, v, alpha, eta, theta, W0, offset, cu_seqlens, plan: ChunkPla
     dv = torch.empty_like(v)
     dalpha, deta, dtheta = (q.new_empty(NV, *alpha.shape, dtype=torch.float32) for _ in range(3))
     dM0, dS0, dW0 = (torch.empty(state, dtype=torch.float32, device=q.device) for _ in range(3))
-    cu, is_varlen = _varlen_args(cu_seqlens, plan)
+    cu, is_varlen = varlen_args(cu_seqlens, plan)
     chunk_momentum_delta_rule_bwd_kernel[(NV, s.N * s.H)](
         q, k, v, alpha, eta, theta, W0, offset, cu, plan.tile_indptr, tile_M, tile_S, do.contiguous(),
         dMT, dST, dWT, dq, dk, dv, dalpha, deta, dtheta, dM0, dS0, dW0,

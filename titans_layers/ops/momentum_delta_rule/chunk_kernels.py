@@ -23,7 +23,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from titans_layers.ops.common.triton_utils import segment_products, sequence_range, subdiagonal, take, take_row
+from titans_layers.ops.common.triton_utils import gate_grads, segment_products, sequence_range, take, take_row
 
 
 @triton.jit
@@ -51,6 +51,19 @@ def load_tile(q, k, v, alpha, eta, theta, p, valid, h, H, K, V, rk, rv, mk, mv):
     b_a = 1.0 - tl.load(alpha + g_ptrs, mask=valid, other=0.0).to(tl.float32)  # [BT]
     b_e = tl.load(eta + g_ptrs, mask=valid, other=1.0).to(tl.float32)  # [BT]
     b_th = tl.load(theta + g_ptrs, mask=valid, other=0.0).to(tl.float32)  # [BT]
+    return b_q, b_k, b_v, b_a, b_e, b_th
+
+
+@triton.jit
+def load_token(q, k, v, alpha, eta, theta, t, h, H, K, V, rk, rv, mk, mv):
+    """Inputs of token t, head h, for the decode kernels: q, k ``[BK]``, v ``[BV]`` and the gates
+    ``a = 1 - alpha``, ``eta``, ``theta`` as float32."""
+    b_q = tl.load(q + (t * H + h) * K + rk, mask=mk, other=0.0).to(tl.float32)  # [BK]
+    b_k = tl.load(k + (t * H + h) * K + rk, mask=mk, other=0.0).to(tl.float32)  # [BK]
+    b_v = tl.load(v + (t * H + h) * V + rv, mask=mv, other=0.0).to(tl.float32)  # [BV]
+    b_a = 1.0 - tl.load(alpha + t * H + h).to(tl.float32)
+    b_e = tl.load(eta + t * H + h).to(tl.float32)
+    b_th = tl.load(theta + t * H + h).to(tl.float32)
     return b_q, b_k, b_v, b_a, b_e, b_th
 
 
@@ -223,14 +236,7 @@ def chunk_momentum_delta_rule_bwd_kernel(
         b_dS = tl.dot(tl.trans(Bv[:, None] * b_q), b_do, input_precision=PRECISION) + B_c * b_dM + E_c * b_dS
 
         # gates: Gamma = D_a (m D_e), B = D_a (m E), A = cumprod(a), E = cumprod(e)
-        dD_a = tl.dot(dGam, tl.trans(D_em), input_precision="ieee") + dBv[:, None] * Em[None, :]
-        dD_e = tl.dot(tl.trans(D_a), dGam, input_precision="ieee") * m[:, None] + tl.where(last_row, dh[None, :], 0.0)
-        dE = tl.sum(D_a * dBv[:, None], axis=0) * m + tl.where(is_last, dE_c, 0.0)
-        # d prod_{l=i+1..t} a_l / d a_l = D_a[l-1, i] D_a[t, l]; d A_t / d a_l = A_{l-1} D_a[t, l]
-        RA = tl.dot(tl.dot(tl.trans(D_a), dD_a, input_precision="ieee"), tl.trans(D_a), input_precision="ieee")
-        RE = tl.dot(tl.dot(tl.trans(D_e), dD_e, input_precision="ieee"), tl.trans(D_e), input_precision="ieee")
-        da = subdiagonal(RA, r) + tl.cumprod(a_prev, axis=0) * tl.sum(D_a * dA[:, None], axis=0)
-        de = subdiagonal(RE, r) + tl.cumprod(e_prev, axis=0) * tl.sum(D_e * dE[:, None], axis=0)
+        da, de = gate_grads(dGam, dA, dBv, dE_c, dh, D_a, D_e, D_em, Em, m, a_prev, e_prev, r, last_row, is_last)
 
         tok_k = (p[:, None] * H + h) * K + rk[None, :]
         tl.store(dq + part * K + tok_k, b_dq, mask=valid[:, None] & mk[None, :])

@@ -20,6 +20,7 @@ from titans_layers.ops.common.traceable import traceable
 from titans_layers.ops.common.triton_utils import block_sizes, sequence_range
 from titans_layers.ops.momentum_delta_rule.chunk import (KERNEL_CHUNK_SIZES, ChunkPlan, chunk_bwd, chunk_fwd,
                                                          pack_final_state, prepare_kernel_call)
+from titans_layers.ops.momentum_delta_rule.chunk_kernels import load_token
 from titans_layers.ops.momentum_delta_rule.naive import naive_chunk_momentum_delta_rule
 from titans_layers.ops.momentum_delta_rule.state import MomentumDeltaRuleState
 
@@ -46,12 +47,7 @@ def fused_recurrent_momentum_delta_rule_fwd_kernel(
     b_W = tl.load(W0 + s_off, mask=s_mask, other=0.0)
     for t in range(bos, eos):
         b_W = tl.where(off == 0, b_M, b_W)  # a new chunk takes its gradients at the current weights
-        b_q = tl.load(q + (t * H + h) * K + rk, mask=mk, other=0.0).to(tl.float32)  # [BK]
-        b_k = tl.load(k + (t * H + h) * K + rk, mask=mk, other=0.0).to(tl.float32)  # [BK]
-        b_v = tl.load(v + (t * H + h) * V + rv, mask=mv, other=0.0).to(tl.float32)  # [BV]
-        b_a = 1.0 - tl.load(alpha + t * H + h).to(tl.float32)
-        b_e = tl.load(eta + t * H + h).to(tl.float32)
-        b_th = tl.load(theta + t * H + h).to(tl.float32)
+        b_q, b_k, b_v, b_a, b_e, b_th = load_token(q, k, v, alpha, eta, theta, t, h, H, K, V, rk, rv, mk, mv)
         b_u = tl.sum(b_k[:, None] * b_W, axis=0) - b_v  # [BV] error at the anchor
         b_S = b_e * b_S - b_th * (b_k[:, None] * b_u[None, :])
         b_M = b_a * b_M + b_S

@@ -22,10 +22,7 @@ No per-token weight copies: memory O(C^2 + C (K + Dh + V)) per chunk and head.
 
 from __future__ import annotations
 
-import math
-
 import torch
-import torch.nn.functional as F
 
 from titans_layers.ops.common.chunk_gates import chunk_gates
 from titans_layers.ops.common.clipping import check_max_update_norm, clipped_step
@@ -33,9 +30,9 @@ from titans_layers.ops.common.layout import from_padded, make_layout, pad_op_inp
 from titans_layers.ops.common.state_io import at_boundary
 from titans_layers.ops.common.traceable import traceable
 from titans_layers.ops.common.validation import check_chunk_size, check_op_inputs, compute_dtype
+from titans_layers.ops.mlp_memory.activations import ACTIVATIONS, act
+from titans_layers.ops.mlp_memory.dual_form import MLPDualForm
 from titans_layers.ops.mlp_memory.state import MLPMemoryState, resolve_mlp_state
-
-ACTIVATIONS = ("silu", "gelu")
 
 
 def check_mlp_options(activation, residual, K: int, V: int) -> None:
@@ -46,19 +43,6 @@ def check_mlp_options(activation, residual, K: int, V: int) -> None:
         raise TypeError(f"`residual` must be a bool, got {type(residual).__name__}")
     if residual and K != V:
         raise ValueError(f"`residual=True` adds the key to the memory's output and needs K == V, got K = {K}, V = {V}")
-
-
-def act(z: torch.Tensor, activation: str) -> torch.Tensor:
-    """The memory's activation: SiLU, or GELU in its exact erf form."""
-    return F.silu(z) if activation == "silu" else F.gelu(z)
-
-
-def act_grad(z: torch.Tensor, activation: str) -> torch.Tensor:
-    """Derivative of :func:`act` at ``z``."""
-    if activation == "silu":
-        s = torch.sigmoid(z)
-        return s * (1 + z * (1 - s))
-    return 0.5 * (1 + torch.erf(z / math.sqrt(2))) + z * torch.exp(-0.5 * z * z) / math.sqrt(2 * math.pi)
 
 
 def mlp_forward(x, W1, W2, activation: str, residual: bool):
@@ -85,6 +69,11 @@ def _final_state(W1, W2, S1, S2, a1, a2, offset, C) -> MLPMemoryState:
     boundary = at_boundary(offset)
     return MLPMemoryState(W1=W1, W2=W2, S1=S1, S2=S2, anchor1=torch.where(boundary, W1, a1),
                           anchor2=torch.where(boundary, W2, a2), offset=offset, chunk_size=C)
+
+
+def _chunk_major(x: torch.Tensor, chunk_size: int) -> torch.Tensor:
+    """``[N, L, H, *rest]`` -> ``[L / C, N, H, C, *rest]``, contiguous (the dual form's layout)."""
+    return to_chunks(x, chunk_size).movedim(2, 0).contiguous()
 
 
 def naive_recurrent_mlp_memory(q, k, v, alpha, eta, theta, *, chunk_size: int = 16, initial_state=None,
@@ -146,53 +135,24 @@ def naive_chunk_mlp_memory(q, k, v, alpha, eta, theta, *, chunk_size: int = 16, 
 
     Same arguments, returns and results as :func:`naive_recurrent_mlp_memory`; each chunk is a
     handful of batched matmuls against its start weights plus causal coefficient matrices built
-    from the gates (module docstring). Differentiable by autograd; the CPU execution path.
+    from the gates (module docstring). The chunk loop is :class:`~titans_layers.ops.mlp_memory.dual_form.MLPDualForm`,
+    with a hand-written backward (once differentiable); the CPU execution path.
     """
     shape, C, init, layout, x = _prepare(q, k, v, alpha, eta, theta, chunk_size, initial_state, cu_seqlens,
                                          activation, residual, max_update_norm, layout_chunk=chunk_size)
     N, L, H = shape.N, layout.L, shape.H
-    NC = L // C
-    Q, Kc, Vc = (to_chunks(x[n], C) for n in ("q", "k", "v"))  # [N, H, NC, C, K|V]
-    th = to_chunks(x["theta"], C)[..., None]  # [N, H, NC, C, 1]
-    m = to_chunks(layout.valid_mask(q.device).unsqueeze(-1).expand(N, L, H).to(Q.dtype), C)  # [N, H, NC, C]
-    gates = chunk_gates(to_chunks(x["alpha"], C), to_chunks(x["eta"], C), m)
-    A, Bv, E = gates.A[..., None], gates.B[..., None], gates.E  # [N, H, NC, C, 1], [N, H, NC, C]
-    P1 = (Q @ Kc.transpose(-1, -2)) * gates.Gamma  # [N, H, NC, C, C]
-
-    W1, W2, S1, S2, a1, a2 = init.W1, init.W2, init.S1, init.S2, init.anchor1, init.anchor2
     lengths = sequence_lengths(shape.B, shape.T, cu_seqlens)
-    last_chunk = torch.tensor([(o + n) // C for o, n in zip(init.offsets, lengths)], device=q.device).view(-1, 1, 1, 1)
-    final_a1, final_a2 = a1, a2
-    outs = []
-    for n in range(NC):
-        if n > 0:
-            a1, a2 = W1, W2
-        ends_here = last_chunk == n
-        final_a1, final_a2 = torch.where(ends_here, a1, final_a1), torch.where(ends_here, a2, final_a2)
-        Kn, Qn = Kc[:, :, n], Q[:, :, n]  # [N, H, C, K]
-        Z = Kn @ a1  # [N, H, C, Dh]
-        Hk = act(Z, activation)
-        Err = Hk @ a2 + (Kn if residual else 0) - Vc[:, :, n]  # [N, H, C, V]
-        Delta = (Err @ a2.transpose(-1, -2)) * act_grad(Z, activation)  # [N, H, C, Dh]
-        step = th[:, :, n]  # [N, H, C, 1]
-        if max_update_norm is not None:  # ||G_t||^2 = |k|^2 |delta|^2 + |h|^2 |err|^2 (rank-one gradients)
-            write_norm = torch.stack([Kn.norm(dim=-1) * Delta.norm(dim=-1), Hk.norm(dim=-1) * Err.norm(dim=-1)],
-                                     dim=-1).norm(dim=-1)  # [N, H, C]
-            step = clipped_step(step[..., 0], write_norm, max_update_norm)[..., None]
-        X1, X2 = step * Delta, step * Err
-        Gam = gates.Gamma[:, :, n]
-        Zq = A[:, :, n] * (Qn @ W1) + Bv[:, :, n] * (Qn @ S1) - P1[:, :, n] @ X1
-        Hq = act(Zq, activation)
-        o = A[:, :, n] * (Hq @ W2) + Bv[:, :, n] * (Hq @ S2) - ((Hq @ Hk.transpose(-1, -2)) * Gam) @ X2
-        outs.append(o + Qn if residual else o)
-        g, h = gates.g[:, :, n], gates.h[:, :, n]  # [N, H, C, 1]
-        A_c, B_c, E_c = A[:, :, n, -1, :, None], Bv[:, :, n, -1, :, None], E[:, :, n, -1, None, None]
-        Kt, Ht = Kn.transpose(-1, -2), Hk.transpose(-1, -2)
-        W1, S1 = A_c * W1 + B_c * S1 - Kt @ (g * X1), E_c * S1 - Kt @ (h * X1)
-        W2, S2 = A_c * W2 + B_c * S2 - Ht @ (g * X2), E_c * S2 - Ht @ (h * X2)
-    o = torch.stack(outs, dim=2) if outs else x["v"].new_zeros(N, H, 0, C, shape.V)  # [N, H, NC, C, V]
-    o = from_padded(o.reshape(N, H, L, shape.V).transpose(1, 2), layout, shape.B).to(q.dtype)
-    if not output_final_state:
-        return o, None
     offset = (init.offset + torch.tensor(lengths, device=q.device)) % C
-    return o, _final_state(W1, W2, S1, S2, final_a1, final_a2, offset, C)
+    if L == 0:  # no tokens at all: the state passes through
+        o = x["v"].new_zeros(shape.B, shape.T, H, shape.V).to(q.dtype)
+        state = _final_state(init.W1, init.W2, init.S1, init.S2, init.anchor1, init.anchor2, offset, C)
+        return o, (state if output_final_state else None)
+    Q, Kc, Vc, theta = (_chunk_major(x[n], C) for n in ("q", "k", "v", "theta"))  # [NC, N, H, C, *]
+    m = _chunk_major(layout.valid_mask(q.device).unsqueeze(-1).expand(N, L, H).to(Q.dtype), C)  # [NC, N, H, C]
+    gates = chunk_gates(_chunk_major(x["alpha"], C), _chunk_major(x["eta"], C), m)
+    last_chunk = [(o + n) // C for o, n in zip(init.offsets, lengths)]
+    o, W1, S1, W2, S2, a1, a2 = MLPDualForm.apply(
+        Q, Kc, Vc, theta, gates.A, gates.B, gates.E, gates.Gamma, gates.h.squeeze(-1), init.W1, init.S1, init.W2,
+        init.S2, init.anchor1, init.anchor2, last_chunk, activation, residual, max_update_norm)  # o [NC, N, H, C, V]
+    o = from_padded(o.permute(1, 0, 3, 2, 4).reshape(N, L, H, shape.V), layout, shape.B).to(q.dtype)
+    return o, (_final_state(W1, W2, S1, S2, a1, a2, offset, C) if output_final_state else None)

@@ -149,11 +149,12 @@ def collect_environment(device: torch.device, extra_versions: Mapping[str, str |
 
 
 def package_versions() -> dict[str, str | None]:
-    """Versions of fla (both distributions) and of ``titans_layers``, without importing fla
-    (whose import warns on machines without a GPU)."""
+    """Versions of fla (both distributions), titans-pytorch and ``titans_layers``, without importing
+    fla (whose import warns on machines without a GPU)."""
     return {
         "flash-linear-attention": _dist_version("flash-linear-attention"),
         "fla-core": _dist_version("fla-core"),
+        "titans-pytorch": _dist_version("titans-pytorch"),
         "titans_layers": _module_version("titans_layers"),
     }
 

@@ -7,11 +7,13 @@ import pytest
 
 from benchmarks.layers import benchmark_layers
 from benchmarks.models import benchmark_models
-from benchmarks.ops import benchmark_momentum_delta_rule
+from benchmarks.ops import benchmark_mlp_memory, benchmark_momentum_delta_rule
 
 SCRIPTS = {
     "ops": (benchmark_momentum_delta_rule, ["--quick", "--seqlens", "40", "--heads", "1", "--head-dims", "16",
                                            "--chunk-sizes", "16", "--dtype", "fp32"], "momentum_delta_rule"),
+    "ops_mlp": (benchmark_mlp_memory, ["--quick", "--seqlens", "40", "--heads", "1", "--head-dims", "16",
+                                       "--expansions", "2", "--chunk-sizes", "16", "--dtype", "fp32"], "mlp_memory"),
     "layers": (benchmark_layers, ["--quick", "--seqlens", "40", "--hidden", "32", "--head-dims", "16",
                                   "--dtype", "fp32"], "titans"),
     "models": (benchmark_models, ["--quick", "--seqlens", "32", "--modes", "fwd,fwdbwd"], "titans"),

@@ -49,7 +49,9 @@ def assert_close(name: str, actual: torch.Tensor, reference: torch.Tensor, tol: 
 
 
 def _bits(x: torch.Tensor) -> torch.Tensor:
-    return x.detach().contiguous().reshape(-1).view(torch.uint8)
+    flat = x.detach().reshape(-1)
+    # a fresh dense copy: a "contiguous" tensor with size-1 dims may still have a last stride != 1
+    return flat.new_empty(flat.shape).copy_(flat).view(torch.uint8)
 
 
 def assert_identical(name: str, a: torch.Tensor, b: torch.Tensor) -> None:

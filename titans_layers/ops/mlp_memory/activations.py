@@ -33,3 +33,10 @@ def act_grad2(z: torch.Tensor, activation: str) -> torch.Tensor:
         s = torch.sigmoid(z)
         return s * (1 - s) * (2 + z * (1 - 2 * s))
     return torch.exp(-0.5 * z * z) * _INV_SQRT_2PI * (2 - z * z)
+
+
+def act_vjp(grad: torch.Tensor, z: torch.Tensor, activation: str) -> torch.Tensor:
+    """``grad * act'(z)`` in one fused op (ATen's own activation backward)."""
+    if activation == "silu":
+        return torch.ops.aten.silu_backward(grad, z)
+    return torch.ops.aten.gelu_backward(grad, z, approximate="none")

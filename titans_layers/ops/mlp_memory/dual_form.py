@@ -30,7 +30,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from titans_layers.ops.common.clipping import clipped_step
-from titans_layers.ops.mlp_memory.activations import act, act_grad, act_grad2
+from titans_layers.ops.mlp_memory.activations import act, act_grad2, act_vjp
 
 # Without gradients the chunk-start states of a block of chunks live only while its queries read
 # them; a block holds about this many bytes of them.
@@ -40,6 +40,16 @@ _BLOCK_BYTES = 16 << 20
 def _mix(M: torch.Tensor, WS: torch.Tensor) -> torch.Tensor:
     """``new_i = sum_j M[i, j] WS_j``: M ``[N, H, 2, 2]``, WS ``[N, H, 2, R, S]`` -> ``[N, H, 2, R, S]``."""
     return (M @ WS.flatten(-2)).view_as(WS)
+
+
+def _mix_add(M, WS, L, R, out=None, alpha=1):
+    """``_mix(M, WS) + alpha * L @ R_i`` in one batched GEMM: L ``[N, H, R0, C]`` (shared by both
+    states), R ``[N, H, 2, C, R1]``, WS ``[N, H, 2, R0, R1]``; into ``out`` (shaped as WS) if given."""
+    N, H = WS.shape[:2]
+    L = L.unsqueeze(2).expand(N, H, 2, *L.shape[-2:])
+    result = torch.baddbmm(_mix(M, WS).flatten(0, 2), L.flatten(0, 2), R.flatten(0, 2), alpha=alpha,
+                           out=None if out is None else out.view(-1, *out.shape[-2:]))
+    return result.view_as(WS)
 
 
 def _write_norm(Kn, Delta, Hk, Err) -> torch.Tensor:
@@ -60,15 +70,15 @@ def _write_chunk(Kn, target, theta, gh, M, WS1, WS2, a1, a2, activation, max_upd
     Hk = act(Z, activation)
     Err = Hk @ a2 - target  # [N, H, C, V]
     D = Err @ a2.mT  # [N, H, C, Dh]
-    Delta = D * act_grad(Z, activation)
+    Delta = act_vjp(D, Z, activation)
     norm = None
     step = theta
     if max_update_norm is not None:
         norm = _write_norm(Kn, Delta, Hk, Err)
         step = clipped_step(theta, norm, max_update_norm)
     w = (gh * step.unsqueeze(-2)).unsqueeze(-1)  # [N, H, 2, C, 1]
-    torch.sub(_mix(M, WS1), Kn.mT.unsqueeze(2) @ (w * Delta.unsqueeze(2)), out=out1)  # [N, H, 2, K, Dh]
-    torch.sub(_mix(M, WS2), Hk.mT.unsqueeze(2) @ (w * Err.unsqueeze(2)), out=out2)  # [N, H, 2, Dh, V]
+    _mix_add(M, WS1, Kn.mT, w * Delta.unsqueeze(2), out=out1, alpha=-1)  # [N, H, 2, K, Dh]
+    _mix_add(M, WS2, Hk.mT, w * Err.unsqueeze(2), out=out2, alpha=-1)  # [N, H, 2, Dh, V]
     return Z, Hk, Err, D, Delta, step, norm
 
 
@@ -95,7 +105,7 @@ def _read_backward(dO, Q, K, starts1, starts2, AB, Gamma, Zq, Hk, X1, X2, activa
     reads' gradients of X1, X2 and Hk; Hq ``[NC, N, H, C, Dh]``; ``AB * dZq`` ``[NC, N, H, 2, C, Dh]``
     and ``AB * dO`` ``[NC, N, H, 2, C, V]``.
     """
-    Hq, apq = act(Zq, activation), act_grad(Zq, activation)
+    Hq = act(Zq, activation)
     # o = sum_i AB_i (Hq @ WS2_i) - (R2 * Gamma) @ X2,   R2 = Hq Hk^T
     dOW = dO.unsqueeze(3) @ starts2.mT  # [NC, N, H, 2, C, Dh]
     dAB = (dOW * Hq.unsqueeze(3)).sum(-1)  # [NC, N, H, 2, C]
@@ -103,7 +113,7 @@ def _read_backward(dO, Q, K, starts1, starts2, AB, Gamma, Zq, Hk, X1, X2, activa
     dP2 = -(dO @ X2.mT)
     dGamma = dP2 * R2
     dR2 = dP2 * Gamma
-    dZq = ((AB * dOW).sum(3) + dR2 @ Hk) * apq  # [NC, N, H, C, Dh]
+    dZq = act_vjp((AB * dOW).sum(3) + dR2 @ Hk, Zq, activation)  # [NC, N, H, C, Dh]
     dHk = dR2.mT @ Hq
     dX2 = -((R2 * Gamma).mT @ dO)
     # Zq = sum_i AB_i (Q @ WS1_i) - (R1 * Gamma) @ X1,   R1 = Q K^T
@@ -212,8 +222,8 @@ class MLPDualForm(torch.autograd.Function):
         Q, K, theta, A, Bv, Gamma, gh, M, a1, a2, Z, Err, D, step, Zq, starts1, starts2, norm = ctx.saved_tensors
         last_chunk, activation, residual, c = ctx.config
         NC, N, H, C, _ = Q.shape
-        Hk, ap, app = act(Z, activation), act_grad(Z, activation), act_grad2(Z, activation)  # [NC, N, H, C, Dh]
-        Delta = D * ap
+        Hk, app = act(Z, activation), act_grad2(Z, activation)  # [NC, N, H, C, Dh]
+        Delta = act_vjp(D, Z, activation)
         s = step.unsqueeze(-1)  # [NC, N, H, C, 1]
         X1, X2 = s * Delta, s * Err
         AB = torch.stack([A, Bv], dim=-2).unsqueeze(-1)  # [NC, N, H, 2, C, 1]
@@ -257,16 +267,16 @@ class MLPDualForm(torch.autograd.Function):
                 dHk = dHk + (r * e2[n]) * Hkn
                 dK[n] += (r * d2[n]) * Kn
             # Delta = (Err a2^T) * act'(Z); Err = act(Z) a2 - target; Z = K a1
-            dD = dDelta * ap[n]
+            dD = act_vjp(dDelta, Z[n], activation)
             dE = dE + dD @ a2n
             da2 = dD.mT @ Errn + Hkn.mT @ dE  # [N, H, Dh, V]
-            dZn = (dHk + dE @ a2n.mT) * ap[n] + dDelta * Dn * app[n]
+            dZn = act_vjp(dHk + dE @ a2n.mT, Z[n], activation) + dDelta * Dn * app[n]
             da1 = Kn.mT @ dZn  # [N, H, K, Dh]
             dZ[n], dErr[n] = dZn, dE
             # back to the chunk start: through the gates' mixing, the reads, and the anchor
             dM[n] = G1.flatten(-2) @ WS1.flatten(-2).mT + G2.flatten(-2) @ WS2.flatten(-2).mT
-            G1 = _mix(M[n].mT, G1) + Q[n].mT.unsqueeze(2) @ ABdZq[n]
-            G2 = _mix(M[n].mT, G2) + Hq[n].mT.unsqueeze(2) @ ABdO[n]
+            G1 = _mix_add(M[n].mT, G1, Q[n].mT, ABdZq[n])
+            G2 = _mix_add(M[n].mT, G2, Hq[n].mT, ABdO[n])
             if n > 0:
                 G1[:, :, 0] += da1
                 G2[:, :, 0] += da2

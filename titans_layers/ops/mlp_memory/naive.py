@@ -17,7 +17,9 @@ per-token weights through matmuls against the chunk-start weights::
     Zq = A * (Q W1_0) + B * (Q S1_0) - ((Q K^T) * Gamma) X1          [C, Dh]
     O  = A * (Hq W2_0) + B * (Hq S2_0) - ((Hq Hk^T) * Gamma) X2       Hq = act(Zq)
 
-No per-token weight copies: memory O(C^2 + C (K + Dh + V)) per chunk and head.
+No per-token weight copies: the chunk loop (:mod:`~titans_layers.ops.mlp_memory.dual_form`, with a
+hand-written backward) keeps the chunk-start weights, ``2 (K + V) Dh`` floats per chunk and head,
+and O(C (K + Dh + V)) per token for the backward.
 """
 
 from __future__ import annotations

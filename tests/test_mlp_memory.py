@@ -6,6 +6,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
+from titans_layers.ops.mlp_memory import dual_form
 from titans_layers.ops.mlp_memory import (MLPMemoryState, chunk_mlp_memory, fused_recurrent_mlp_memory,
                                          naive_chunk_mlp_memory, naive_recurrent_mlp_memory)
 from titans_layers.testing import (assert_close, check_against_reference, check_continuation, check_deterministic,
@@ -86,6 +87,25 @@ def test_learned_initial_memory_gets_summed_gradients(device):
                   for b in range(3))
     assert gW1.shape == W1.shape
     torch.testing.assert_close(gW1, per_row, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("residual", [False, True])
+def test_dual_form_without_grad_reads_a_chunk_at_a_time(monkeypatch, residual, device):
+    """Without gradients the dual form keeps the states of only a block of chunks; with blocks of a
+    single chunk it still equals the float64 reference, continuing from a mid-chunk state, with
+    rows that end in different blocks, mid-chunk and on a chunk boundary (final anchors included)."""
+    monkeypatch.setattr(dual_form, "_BLOCK_BYTES", 1)  # every block is one chunk
+    case = make_case(seed=5, B=1, T=41, H=2, K=6, V=6, dtype=f64, chunk_size=4, state="MS", lengths=[9, 22, 10],
+                     family="mlp", hidden=10, residual=residual, device=device)
+    kw = dict(chunk_size=4, output_final_state=True, cu_seqlens=case.cu_seqlens, **case.extra)
+    with torch.no_grad():
+        _, mid = naive_recurrent_mlp_memory(*case.inputs, initial_state=case.initial_state, **kw)  # offsets 1, 2, 2
+        o, state = naive_chunk_mlp_memory(*case.inputs, initial_state=mid, **kw)
+        ref_o, ref_state = naive_recurrent_mlp_memory(*case.inputs, initial_state=mid, **kw)
+    assert state.offset.tolist() == [2, 0, 0]  # the second row ends on the last chunk's boundary
+    assert_close("o", o, ref_o, 1e-10)
+    for name in ("W1", "W2", "S1", "S2", "anchor1", "anchor2"):
+        assert_close(f"final {name}", getattr(state, name), getattr(ref_state, name), 1e-10)
 
 
 def test_final_state_is_named_and_float32(device):

@@ -130,7 +130,8 @@ def _read_backward(dO, Q, K, starts1, starts2, AB, Gamma, Zq, Hk, X1, X2, activa
 
 
 def _mixing(A, Bv, E) -> torch.Tensor:
-    """Each chunk's state mixing ``M = [[A_c, B_c], [0, E_c]]`` ``[NC, N, H, 2, 2]`` from its gates ``[NC, N, H, C]``."""
+    """Each chunk's state mixing ``M = [[A_c, B_c], [0, E_c]]`` ``[NC, N, H, 2, 2]`` from its gates
+    ``[NC, N, H, C]``."""
     A_c, B_c, E_c = A[..., -1], Bv[..., -1], E[..., -1]  # [NC, N, H]
     return torch.stack([torch.stack([A_c, B_c], -1), torch.stack([torch.zeros_like(E_c), E_c], -1)], -2)
 
@@ -144,8 +145,8 @@ class MLPDualForm(torch.autograd.Function):
     """The chunk loop of ``naive_chunk_mlp_memory`` (inputs already padded and chunked).
 
     Every per-chunk tensor is chunk-major (the chunk index first), so that one chunk's slice is
-    contiguous. Inputs: Q, K ``[NC, N, H, C, K]``; V ``[NC, N, H, C, V]``; theta, A, Bv, E, h ``[NC, N, H, C]``
-    and Gamma ``[NC, N, H, C, C]`` (:class:`~titans_layers.ops.common.chunk_gates.ChunkGates`,
+    contiguous. Inputs: Q, K ``[NC, N, H, C, K]``; V ``[NC, N, H, C, V]``; theta, A, Bv, E, h
+    ``[NC, N, H, C]`` and Gamma ``[NC, N, H, C, C]`` (:class:`~titans_layers.ops.common.chunk_gates.ChunkGates`,
     ``h`` squeezed); the initial W1, S1, anchor a1 ``[N, H, K, Dh]`` and W2, S2, a2 ``[N, H, Dh, V]``
     (expanded views are fine); ``last_chunk``: per row, the chunk that holds its last token (NC when
     it ends on a boundary); activation; residual; max_update_norm.
@@ -172,7 +173,6 @@ class MLPDualForm(torch.autograd.Function):
         ends = torch.tensor(last_chunk, device=Q.device).view(N, 1, 1, 1)
         anchor1, anchor2 = final_a1, final_a2 = a1, a2
         names = ("Z", "Hk", "Err", "D", "Delta", "step", "norm")
-        kept = {name: [] for name in ("Z", "Err", "D", "step", "norm", "Zq")}
         outs = []
         for lo in range(0, NC, block):
             hi = min(NC, lo + block)
@@ -196,10 +196,6 @@ class MLPDualForm(torch.autograd.Function):
             Zq, o = _read(Q[lo:hi], starts1[:hi - lo], starts2[:hi - lo], AB[lo:hi],
                           P1[lo:hi], Gamma[lo:hi], col["Hk"], s * col["Delta"], s * col["Err"], activation)
             outs.append(o)
-            if save:
-                for name, value in dict(col, Zq=Zq).items():
-                    if name in kept:
-                        kept[name].append(value)
         last = starts1[NC - lo], starts2[NC - lo]  # the final states
         if NC in last_chunk:
             final_a1 = torch.where(ends == NC, last[0][:, :, 0], final_a1)
@@ -207,10 +203,9 @@ class MLPDualForm(torch.autograd.Function):
         o = torch.cat(outs)  # [NC, N, H, C, V]
         if residual:
             o = o + Q
-        if save:
-            saved = {name: torch.cat(v) if len(v) > 1 else v[0] for name, v in kept.items() if v}
-            ctx.save_for_backward(Q, K, theta, A, Bv, Gamma, gh, M, a1, a2, saved["Z"], saved["Err"], saved["D"],
-                                  saved["step"], saved["Zq"], starts1, starts2, saved.get("norm"))
+        if save:  # one block: its columns hold every chunk
+            ctx.save_for_backward(Q, K, theta, A, Bv, Gamma, gh, M, a1, a2, col["Z"], col["Err"], col["D"],
+                                  col["step"], Zq, starts1, starts2, col.get("norm"))
             ctx.config = (list(last_chunk), activation, residual, max_update_norm)
         # copies: the outputs must not alias the saved states
         return (o, last[0][:, :, 0].clone(), last[0][:, :, 1].clone(), last[1][:, :, 0].clone(),

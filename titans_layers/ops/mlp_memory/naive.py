@@ -137,8 +137,9 @@ def naive_chunk_mlp_memory(q, k, v, alpha, eta, theta, *, chunk_size: int = 16, 
 
     Same arguments, returns and results as :func:`naive_recurrent_mlp_memory`; each chunk is a
     handful of batched matmuls against its start weights plus causal coefficient matrices built
-    from the gates (module docstring). The chunk loop is :class:`~titans_layers.ops.mlp_memory.dual_form.MLPDualForm`,
-    with a hand-written backward (once differentiable); the CPU execution path.
+    from the gates (module docstring). The chunk loop is
+    :class:`~titans_layers.ops.mlp_memory.dual_form.MLPDualForm`, with a hand-written backward
+    (once differentiable); the CPU execution path.
     """
     shape, C, init, layout, x = _prepare(q, k, v, alpha, eta, theta, chunk_size, initial_state, cu_seqlens,
                                          activation, residual, max_update_norm, layout_chunk=chunk_size)

@@ -11,11 +11,15 @@ A benchmark script typically
 Timing uses ``triton.testing.do_bench`` on CUDA (median / p20 / p80 over many runs, L2 cache
 flushed between runs) and a plain ``time.perf_counter`` loop elsewhere, e.g. on CPU under
 ``TRITON_INTERPRET=1``, where the numbers only show that the script runs, not how fast anything is.
+Peak memory is the peak allocated CUDA memory on CUDA and, on Linux CPUs, the peak resident set
+size increase during one call (:func:`cpu_peak_memory_mb`).
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
+import ctypes.util
 import datetime as _dt
 import gc
 import importlib
@@ -165,8 +169,9 @@ def package_versions() -> dict[str, str | None]:
 
 @dataclass
 class Measurement:
-    """One timed closure: quantiles of its run time (ms), its peak memory (MiB, CUDA only), or the
-    error that stopped it (then the numbers are None)."""
+    """One timed closure: quantiles of its run time (ms), its peak memory (MiB; see
+    :func:`peak_memory_mb`, None where it cannot be measured), or the error that stopped it (then the
+    numbers are None)."""
 
     median_ms: float | None = None
     p20_ms: float | None = None
@@ -231,14 +236,88 @@ def bench_ms(fn: Callable[[], Any], device: torch.device, *, warmup_ms: int = 25
     return _bench_host(fn, device, host_reps, grad_to_none)
 
 
+def _libc_malloc_trim() -> Callable[[int], int] | None:
+    """glibc's ``malloc_trim`` (None where the C library has none, e.g. musl or off Linux)."""
+    name = ctypes.util.find_library("c")
+    try:
+        return ctypes.CDLL(name).malloc_trim if name else None
+    except (OSError, AttributeError):
+        return None
+
+
+_MALLOC_TRIM = _libc_malloc_trim()
+
+
+def _proc_status_kib(field: str) -> int:
+    """A ``kB`` field of ``/proc/self/status``, e.g. ``VmRSS`` or ``VmHWM``."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise OSError(f"no {field} in /proc/self/status")
+
+
+def _reset_peak_rss() -> bool:
+    """Reset this process's resident set high-water mark ``VmHWM`` to its current RSS (Linux >= 4.0:
+    ``5`` written to ``/proc/self/clear_refs``); False where that is not possible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def cpu_peak_memory_mb(fn: Callable[[], Any]) -> float | None:
+    """The extra host memory one call of ``fn`` needs: the peak increase (MiB) of this process's
+    resident set size during the call over its RSS right before it. Linux with glibc only.
+
+    What is measured: ``VmHWM - VmRSS`` of ``/proc/self/status``, the high-water mark being reset to
+    the current RSS right before the call. So that memory the process holds but does not use cannot
+    be reused by the call without counting, glibc's ``malloc_trim(0)`` first returns freed heap pages
+    (e.g. freed by an earlier call of ``fn``) to the OS, and Python's cyclic garbage collector is
+    paused during the call (garbage from before it stays allocated and uncounted; a full collection
+    instead would cost a large process a good part of a second).
+
+    Excluded: everything alive before the call (inputs, parameters). Included: whatever the call
+    allocates and writes (outputs, saved activations, gradients, temporaries), allocator slack
+    (glibc's rounding and arena fragmentation) and pages of code or data first touched during the
+    call. A freshly allocated page counts only once written.
+
+    ``fn`` runs in this process: a forked child would re-fault the shared library pages it touches,
+    and GNU OpenMP's thread pool (torch's intra-op pool) deadlocks in a child forked after using it.
+
+    Returns None where this cannot be measured: off Linux, without a writable
+    ``/proc/self/clear_refs`` (kernel < 4.0, some sandboxes) or without glibc's ``malloc_trim``.
+    """
+    if _MALLOC_TRIM is None:
+        return None
+    _MALLOC_TRIM(0)
+    if not _reset_peak_rss():
+        return None
+    before = _proc_status_kib("VmRSS")
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        fn()
+    finally:
+        if collecting:
+            gc.enable()
+    return (_proc_status_kib("VmHWM") - before) / 1024
+
+
 def peak_memory_mb(fn: Callable[[], Any], device: torch.device,
                    grad_to_none: Sequence[torch.Tensor] = ()) -> float | None:
-    """Peak allocated CUDA memory (MiB) during one call of ``fn``, counting everything allocated at
-    the time (inputs included); None off CUDA. Measured outside do_bench, whose cache-flush buffer
-    would otherwise count."""
-    if device.type != "cuda":
-        return None
+    """Peak memory (MiB) of one call of ``fn``, measured outside do_bench (whose cache-flush buffer
+    would otherwise count), after resetting the ``.grad`` of ``grad_to_none``.
+
+    On CUDA: the peak allocated CUDA memory during the call, counting everything allocated at the
+    time (inputs included). Elsewhere: :func:`cpu_peak_memory_mb`, the peak RSS increase during the
+    call (inputs excluded; None where it cannot be measured).
+    """
     _clear_grads(grad_to_none)
+    if device.type != "cuda":
+        return cpu_peak_memory_mb(fn)
     free_memory(device)
     torch.cuda.reset_peak_memory_stats(device)
     fn()

@@ -1,10 +1,13 @@
 """The benchmark scripts run end to end (tiny sizes, CPU interpreter off CUDA) and write JSON and
-Markdown whose entries for our providers carry timings, not errors."""
+Markdown whose entries for our providers carry timings, not errors; the CPU peak-memory probe
+measures what a call allocates."""
 
 import json
 
 import pytest
+import torch
 
+from benchmarks import common
 from benchmarks.layers import benchmark_layers
 from benchmarks.models import benchmark_models
 from benchmarks.ops import benchmark_mlp_memory, benchmark_momentum_delta_rule
@@ -33,3 +36,19 @@ def test_benchmark_script_writes_results(name, tmp_path):
     assert {e["mode"] for e in mine} == {"fwd", "fwdbwd"}
     report = md_path.read_text()
     assert report.startswith("# ") and "| ---" in report  # a titled report with its tables
+
+
+@pytest.mark.skipif(common.cpu_peak_memory_mb(lambda: None) is None,
+                    reason="needs Linux /proc/self/clear_refs and glibc's malloc_trim")
+@pytest.mark.parametrize("threads", [1, 2])
+def test_cpu_peak_memory_counts_what_one_call_allocates(threads):
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        held = torch.ones(2**24)  # 64 MiB alive before the call: not counted
+        touched = common.cpu_peak_memory_mb(lambda: torch.ones(2**24).add_(held).sum())  # 64 MiB, written
+        nothing = common.cpu_peak_memory_mb(lambda: None)
+    finally:
+        torch.set_num_threads(before)
+    assert 60 <= touched <= 200, touched
+    assert nothing < 16, nothing

@@ -218,7 +218,8 @@ def markdown_report(entries: list[Entry], skipped: dict[str, str], sizes: dict, 
              f"{args.segment_size}, window {args.window_size}, memory chunk {args.chunk_size}; "
              f"B = max(1, {args.tokens} // T).", "", "## Sizes", "", size_table, ""]
     if env["device_type"] != "cuda":
-        parts += ["**Not GPU figures**: CPU smoke run (perf_counter loop, no peak memory).", ""]
+        parts += ["**Not GPU figures**: CPU smoke run (perf_counter loop; the JSON's peak memory is the RSS "
+                  "increase of a step).", ""]
     for mode in args.modes:
         mode_rows = [r for r in rows if r["mode"] == mode]
         parts += [f"## {titles[mode]}: thousands of tokens per second (higher is better)", "",

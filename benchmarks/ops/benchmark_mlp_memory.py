@@ -31,8 +31,10 @@ theta ~ 0.1 * U[0, 1]; W1, W2 ~ N(0, 1 / fan_in). In forward-only mode nothing r
 no op keeps anything for a backward pass); in forward + backward mode a fixed random cotangent of
 o is back-propagated into every input (and titans-pytorch's parameters).
 
-Reported per entry: median ms (p20, p80), tokens/s (B * T / median) and peak allocated CUDA memory
-(MiB; not measured on CPU); Markdown tables of time and of peak memory against T, with ratio
+Reported per entry: median ms (p20, p80), tokens/s (B * T / median) and peak memory in MiB: on
+CUDA the peak allocated memory during one call, inputs included; on CPU (Linux) the peak resident set
+size increase during one call, inputs excluded, allocator slack included
+(``common.cpu_peak_memory_mb``). Markdown tables of time and of peak memory against T, with ratio
 columns ours / linear, ours / fla (above 1: ours is slower) and titans-pytorch / ours (above 1:
 ours is faster).
 
@@ -284,28 +286,33 @@ def timing_note(env: dict, args) -> str:
             "ours is faster.")
 
 
+def memory_heading(env: dict) -> str:
+    """What the peak-memory tables show on this device (``common.peak_memory_mb``)."""
+    if env["device_type"] == "cuda":
+        return "Peak allocated memory (MiB, inputs included):"
+    return ("Peak resident set size increase during one call (MiB; inputs excluded, allocator slack "
+            "included; `-`: not measurable here):")
+
+
 def mode_section(rows: list[dict], mode: str, env: dict, args) -> list[str]:
-    """The time table of one mode, then (on CUDA) its peak-memory table."""
+    """The time table of one mode, then its peak-memory table."""
     titles = {"fwd": "Forward", "fwdbwd": "Forward + backward"}
     columns = [(p, LABELS[p]) for p in args.providers]
     ratios = [r for r in RATIOS if r[0] in args.providers and r[1] in args.providers]
     mode_rows = [r for r in rows if r["mode"] == mode]
     parts = [f"## {titles[mode]}", "", "Median ms:", "",
-             common.comparison_table(mode_rows, row_keys=ROW_KEYS, columns=columns, ratios=ratios), ""]
-    if env["device_type"] == "cuda":
-        parts += ["Peak allocated memory (MiB, inputs included):", "",
-                  common.comparison_table(mode_rows, row_keys=ROW_KEYS, columns=columns, ratios=ratios,
-                                          value_key="peak_mem_mb"), ""]
+             common.comparison_table(mode_rows, row_keys=ROW_KEYS, columns=columns, ratios=ratios), "",
+             memory_heading(env), "",
+             common.comparison_table(mode_rows, row_keys=ROW_KEYS, columns=columns, ratios=ratios,
+                                     value_key="peak_mem_mb"), ""]
     return parts
 
 
 def markdown_report(entries: list[Entry], skipped: dict[str, str], env: dict, args) -> str:
-    """Environment, then per mode a table of median ms and (on CUDA) one of peak memory."""
+    """Environment, then per mode a table of median ms and one of peak memory."""
     rows = [vars(e) for e in entries]
     parts = [f"# MLP-memory op vs the linear op, fla and titans-pytorch ({args.dtype}, {args.device})", "",
              common.environment_markdown(env), "", timing_note(env, args), ""]
-    if env["device_type"] != "cuda":
-        parts += ["Peak memory is measured on CUDA only.", ""]
     for mode in args.modes:
         parts += mode_section(rows, mode, env, args)
     if skipped:

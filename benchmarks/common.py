@@ -460,6 +460,19 @@ def error_list(entries: Sequence[Mapping], describe: Callable[[Mapping], str]) -
     return "\n".join(f"- {describe(e)}: {e['error']}" for e in entries if e.get("error"))
 
 
+def report_footer(entries: Sequence[Mapping], skipped: Mapping[str, str],
+                  describe: Callable[[Mapping], str]) -> list[str]:
+    """The closing Markdown lines of a report: the skipped providers with their reasons, then the
+    failed entries (:func:`error_list`); empty when there are neither."""
+    parts = []
+    if skipped:
+        parts += ["Skipped providers:", "", *(f"- {p}: {r}" for p, r in skipped.items()), ""]
+    errors = error_list(entries, describe)
+    if errors:
+        parts += ["Errors:", "", errors, ""]
+    return parts
+
+
 def command_line() -> str:
     """The command that started this process, for the record (``python -m pkg.mod ...`` when run
     as a module)."""

@@ -184,11 +184,7 @@ def markdown_report(entries: list[Entry], skipped: dict[str, str], env: dict, ar
                   common.comparison_table(mode_rows, row_keys=ROW_KEYS, value_key="peak_mem_mb",
                                           columns=[(p, h.replace(" (ms)", "")) for p, h in columns]),
                   ""]
-    if skipped:
-        parts += ["Skipped providers:", "", *(f"- {p}: {r}" for p, r in skipped.items()), ""]
-    errors = common.error_list(rows, lambda e: f"{e['provider']} {e['mode']} T={e['T']} D={e['D']}")
-    if errors:
-        parts += ["Errors:", "", errors, ""]
+    parts += common.report_footer(rows, skipped, lambda e: f"{e['provider']} {e['mode']} T={e['T']} D={e['D']}")
     return "\n".join(parts)
 
 

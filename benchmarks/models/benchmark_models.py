@@ -229,11 +229,7 @@ def markdown_report(entries: list[Entry], skipped: dict[str, str], sizes: dict, 
             parts += [f"## {titles[mode]}: peak memory, GiB", "",
                       common.comparison_table(mode_rows, row_keys=("B", "T"), columns=columns,
                                               value_key="peak_mem_gib"), ""]
-    if skipped:
-        parts += ["Skipped providers:", "", *(f"- {p}: {r}" for p, r in skipped.items()), ""]
-    errors = common.error_list(rows, lambda e: f"{e['provider']} {e['mode']} T={e['T']}")
-    if errors:
-        parts += ["Errors:", "", errors, ""]
+    parts += common.report_footer(rows, skipped, lambda e: f"{e['provider']} {e['mode']} T={e['T']}")
     return "\n".join(parts)
 
 

@@ -315,12 +315,8 @@ def markdown_report(entries: list[Entry], skipped: dict[str, str], env: dict, ar
              common.environment_markdown(env), "", timing_note(env, args), ""]
     for mode in args.modes:
         parts += mode_section(rows, mode, env, args)
-    if skipped:
-        parts += ["Skipped providers:", "", *(f"- {p}: {r}" for p, r in skipped.items()), ""]
-    errors = common.error_list(rows, lambda e: f"{e['provider']} {e['mode']} T={e['T']} H={e['H']} K={e['K']} "
-                                               f"Dh={e['Dh']} C={e['chunk_size']}")
-    if errors:
-        parts += ["Errors:", "", errors, ""]
+    parts += common.report_footer(rows, skipped, lambda e: f"{e['provider']} {e['mode']} T={e['T']} H={e['H']} "
+                                                           f"K={e['K']} Dh={e['Dh']} C={e['chunk_size']}")
     return "\n".join(parts)
 
 

@@ -243,12 +243,8 @@ def markdown_report(entries: list[Entry], skipped: dict[str, str], env: dict, ar
         table = common.comparison_table([r for r in rows if r["mode"] == mode], row_keys=ROW_KEYS,
                                         columns=columns, ratios=ratios)
         parts += [f"## {titles[mode]}", "", table, ""]
-    if skipped:
-        parts += ["Skipped providers:", "", *(f"- {p}: {r}" for p, r in skipped.items()), ""]
-    errors = common.error_list(rows, lambda e: f"{e['provider']} {e['mode']} T={e['T']} H={e['H']} K={e['K']} "
-                                               f"C={e['chunk_size']}")
-    if errors:
-        parts += ["Errors:", "", errors, ""]
+    parts += common.report_footer(rows, skipped, lambda e: f"{e['provider']} {e['mode']} T={e['T']} H={e['H']} "
+                                                           f"K={e['K']} C={e['chunk_size']}")
     return "\n".join(parts)
 
 

@@ -42,6 +42,12 @@ def _positive_number(name: str, value) -> float:
     return value
 
 
+def _non_negative_int(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"`{name}` must be an int >= 0, got {value!r}")
+    return value
+
+
 def _choice(name: str, value, choices: tuple) -> str:
     if value not in choices:
         raise ValueError(f"`{name}` must be one of {choices}, got {value!r}")
@@ -78,6 +84,11 @@ class TitansConfig(PretrainedConfig):
         segment_size: MAC segment length (MAC attends within its segment, so this is also its
             attention span). window_size: sliding window of MAG, MAL and "swa" blocks.
         num_persistent_tokens: N_p learned tokens per Titans attention (MAC, MAG, MAL; 0 = none).
+        num_retrieval_queries: how MAC reads its memory at a segment start. 0 (default): with the
+            segment's own queries, one retrieved token per segment position, position j seeing
+            retrieved token i only when i <= j. R > 0: with R learned queries per MAC block, R
+            retrieved tokens per segment that depend only on the memory before the segment, so
+            every position of the segment sees all of them (SPEC §3's option).
         rope_base: rotary base. gate_activation: MemoryGate non-linearity ("sigmoid" | "silu").
 
     fla mixers:
@@ -98,6 +109,7 @@ class TitansConfig(PretrainedConfig):
                  conv_size: int = 4, max_step_size: float = 0.1, use_output_gate: bool = True,
                  use_output_norm: bool = True, memory_backend: str = "auto",
                  segment_size: int = 64, window_size: int = 256, num_persistent_tokens: int = 4,
+                 num_retrieval_queries: int = 0,
                  rope_base: float = 10000.0, gate_activation: str = "sigmoid",
                  fla_mixer_kwargs: dict | None = None,
                  hidden_ratio: int = 4, intermediate_size: int | None = None, norm_eps: float = 1e-6,
@@ -144,10 +156,8 @@ class TitansConfig(PretrainedConfig):
 
         self.segment_size = _positive_int("segment_size", segment_size)
         self.window_size = _positive_int("window_size", window_size)
-        if isinstance(num_persistent_tokens, bool) or not isinstance(num_persistent_tokens, int) \
-                or num_persistent_tokens < 0:
-            raise ValueError(f"`num_persistent_tokens` must be an int >= 0, got {num_persistent_tokens!r}")
-        self.num_persistent_tokens = num_persistent_tokens
+        self.num_persistent_tokens = _non_negative_int("num_persistent_tokens", num_persistent_tokens)
+        self.num_retrieval_queries = _non_negative_int("num_retrieval_queries", num_retrieval_queries)
         self.rope_base = _positive_number("rope_base", rope_base)
         self.gate_activation = _choice("gate_activation", gate_activation, GATE_ACTIVATIONS)
 

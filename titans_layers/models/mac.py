@@ -13,6 +13,16 @@ the sequence's first token). For segment s with tokens x (SPEC §3):
    its read ``m_j = f(y_j; W_j)`` comes back;
 4. **gate**: ``o = MemoryGate(y, m) = norm(y) * act(norm(m))``.
 
+Learned retrieval queries (``config.num_retrieval_queries = R > 0``, SPEC §3's option). Step 1
+reads the memory with R learned queries instead of the segment's own: ``h_r = f(q_r; W_s)``,
+r = 1..R, the same R queries for every segment and sequence. These R retrieved tokens depend only on
+the memory before the segment, so every position of the segment sees all of them (like the
+persistent tokens): the attention runs over ``[persistent || h_1..h_R || x]``. Steps 3 and 4 are
+unchanged. The queries are R learned tokens ``[R, D]`` in the model's hidden space, read through the
+memory's query path (:meth:`~titans_layers.modules.NeuralMemory.query_tokens`: q projection, SiLU,
+L2 norm, no short convolution since they are not a sequence) and its output path (per-head norm,
+output gate, ``o_proj``) like any token, see :class:`MACMixer`.
+
 How it runs. The memory state at every segment start is needed before the segment can attend,
 so the mixer loops over segments in Python (``ceil(T / S)`` steps per call), continuing the
 memory state from one step to the next. Two paths:
@@ -35,12 +45,17 @@ memory state from one step to the next. Two paths:
 - :class:`MACState` (the mixer's own cache index) holds the weights at the current segment's
   start, the segment's retrieved tokens so far, how far into its segment each sequence is, and
   the convolution state of the retrieval queries (they read the block input x, another stream).
+  With learned retrieval queries it holds the segment's R retrieved tokens instead, read once
+  when the sequence begins the segment (neither the start weights nor a convolution state are
+  needed then).
 
 The two paths compute the same thing; the tests hold cached decoding and packed input (general
 path) to the whole-sequence forward.
 
 Cost: the retrieval of a decoded token reads one slot, but its attention re-projects the
-segment's S retrieved tokens as keys and values (O(S D^2) per token and layer).
+segment's S retrieved tokens as keys and values (O(S D^2) per token and layer). With R learned
+queries a decoded token reads nothing (the R tokens are read once per segment) and its attention
+re-projects R retrieved tokens (O(R D^2)).
 """
 
 from __future__ import annotations
@@ -84,10 +99,15 @@ class MACState:
     """MAC's own decoding state, one row per sequence (N rows).
 
     A dataclass (not a tuple) so that fla's cache keeps its type when it reorders or repeats rows.
+
+    Per-token retrieval (``num_retrieval_queries = 0``): ``retrieved`` is ``[N, S, D]``, slot i the
+    token read by in-segment position i (slots not reached yet are stale and never visible). With
+    R learned retrieval queries: ``retrieved`` is ``[N, R, D]``, the segment's R tokens, read when
+    the sequence began the segment; ``start_weights`` and ``conv_state`` are then None.
     """
 
-    start_weights: tuple[torch.Tensor, ...]  # memory weights at the segment start: (M [N, H, K, V],) or (W1, W2)
-    retrieved: torch.Tensor  # [N, S, D] retrieved tokens of the current segment, slot i = in-segment position i
+    start_weights: tuple[torch.Tensor, ...] | None  # weights at the segment start: (M [N, H, K, V],) or (W1, W2)
+    retrieved: torch.Tensor  # [N, S, D] (per-token retrieval) or [N, R, D] (learned queries)
     phase: torch.Tensor  # [N] int64, tokens of the current segment already seen, in [0, S)
     conv_state: torch.Tensor | None  # [N, conv_size - 1, H * K] short-conv cache of the retrieval queries
 
@@ -96,7 +116,8 @@ class MACMixer(nn.Module):
     """Memory as context (see the module docstring), with fla's layer interface.
 
     Args:
-        config: the model config (``segment_size``, ``num_persistent_tokens``, memory options).
+        config: the model config (``segment_size``, ``num_persistent_tokens``,
+            ``num_retrieval_queries``, memory options).
         cache_indices: ``[state, memory, attention]`` indices in fla's ``Cache``; the first is this
             mixer's ``layer_idx`` and is updated with the call's length, so the cache's
             ``get_seq_length`` is right when MAC is the first block.
@@ -104,6 +125,15 @@ class MACMixer(nn.Module):
     ``forward(hidden_states [B, T, D], attention_mask=None, past_key_values=None, use_cache=False,
     output_attentions=False, cu_seqlens=None) -> (o [B, T, D], None, past_key_values)``; a 2-D
     ``attention_mask`` (0 = padding) or packed ``cu_seqlens`` (B = 1) as in the layers.
+
+    With ``config.num_retrieval_queries = R > 0`` the mixer owns ``retrieval_queries`` ``[R, D]``,
+    R learned tokens in the hidden space (not ``[R, H, K]`` in the memory's query space). Their
+    queries go through the memory's q projection (without its short convolution: they are not a
+    sequence), SiLU and L2 norm, and their reads through the memory's output gate and
+    ``o_proj``, exactly like a token's: the memory's output gate needs the token a read belongs
+    to, which a query-space vector would not have, and the learned queries stay in the span the
+    memory's own queries come from as ``q_proj`` trains. Initialised ``N(0, 1)``: the mixer's input
+    is RMS-normalised, so real tokens have that scale.
     """
 
     def __init__(self, config: TitansConfig, cache_indices: list[int]):
@@ -111,7 +141,11 @@ class MACMixer(nn.Module):
         self.layer_idx, memory_idx, attention_idx = cache_indices
         self.segment_size = config.segment_size
         self.hidden_size = config.hidden_size
+        self.num_retrieval_queries = config.num_retrieval_queries
         self.memory = make_memory(config, memory_idx)
+        if self.num_retrieval_queries:
+            R = self.num_retrieval_queries
+            self.retrieval_queries = nn.Parameter(torch.randn(R, config.hidden_size))  # [R, D]
         self.attention = make_attention(config, config.segment_size, attention_idx)
         self.persistent = make_persistent(config)
         self.gate = MemoryGate(config.hidden_size, config.gate_activation, config.norm_eps)
@@ -136,14 +170,18 @@ class MACMixer(nn.Module):
 
         entry = get_layer_cache(self, work)
         state: MACState | None = entry["recurrent_state"] if entry is not None else None
+        learned = self.num_retrieval_queries > 0
         if state is None:
             phase0 = torch.zeros(N, dtype=torch.long, device=x.device)
-            start, retrieved, conv = None, xs.new_zeros(N, S, D), None
+            slots = self.num_retrieval_queries if learned else S
+            start, retrieved, conv = None, xs.new_zeros(N, slots, D), None  # retrieved [N, R or S, D]
         else:
             if state.phase.shape != (N,):
                 raise ValueError(f"the cached MAC state has {state.phase.shape[0]} sequences, this call has {N}")
             phase0, start, retrieved, conv = state.phase, state.start_weights, state.retrieved, state.conv_state
-        q, conv = self.memory.query(x, conv_state=conv, output_conv_state=store, cu_seqlens=cu_seqlens)  # [1, n, H, K]
+        if not learned:  # the segment's own retrieval queries
+            q, conv = self.memory.query(x, conv_state=conv, output_conv_state=store,
+                                        cu_seqlens=cu_seqlens)  # [1, n, H, K]
 
         seq, pos = sequence_starts(cu_seqlens, n)  # [n]
         g = phase0[seq] + pos  # index of each token counted from its sequence's current segment start
@@ -157,9 +195,12 @@ class MACMixer(nn.Module):
             cu_k = F.pad(lens.cumsum(0), (1, 0))  # [N + 1]
             first = phase0 if k == 0 else torch.zeros_like(phase0)  # [N] in-segment position of each first token
             begins = (lens > 0) & (first == 0)  # [N] sequences that start a segment in this step
-            start = self._segment_start(work, start, begins, N)
+            if learned:
+                retrieved = self._retrieve_learned_at_starts(work, begins, retrieved)
+            else:
+                start = self._segment_start(work, start, begins, N)
+                retrieved = self._retrieve(q[0, idx], xs[idx], rows, slots, start, retrieved)
             self._restart_attention(work, begins)
-            retrieved = self._retrieve(q[0, idx], xs[idx], rows, slots, start, retrieved)
             prefix, positions = self._prefix(retrieved, first)
             y, _, _ = self.attention(xs[idx][None], past_key_values=work, use_cache=True, cu_seqlens=cu_k,
                                      prefix_states=prefix, prefix_positions=positions)  # [1, n_k, D]
@@ -171,7 +212,7 @@ class MACMixer(nn.Module):
         else:
             o = xs.new_zeros(0, D)
 
-        if store and start is not None:
+        if store and (state is not None or n_steps):
             lengths = cu_seqlens[1:] - cu_seqlens[:-1]  # [N]
             update_layer_cache(self, past_key_values, offset=T, recurrent_state=MACState(
                 start_weights=start, retrieved=retrieved, phase=(phase0 + lengths) % S, conv_state=conv))
@@ -182,14 +223,18 @@ class MACMixer(nn.Module):
         """The whole-sequence path: ``x`` ``[B, T, D]``, every row starting a sequence -> ``[B, T, D]``."""
         B, T, D = x.shape
         S = self.segment_size
-        q, _ = self.memory.query(x)  # [B, T, H, K]
+        learned = self.num_retrieval_queries > 0
+        q = None if learned else self.memory.query(x)[0]  # [B, T, H, K] the segments' own retrieval queries
         states = LayerStates()  # the memory's state between segments
         outs = []
         for s0 in range(0, T, S):
-            xs, qs = x[:, s0:s0 + S], q[:, s0:s0 + S]  # [B, L, D], [B, L, H, K]
+            xs = x[:, s0:s0 + S]  # [B, L, D]
             entry = states[self.memory.layer_idx]
             weights = self.memory.memory_weights(entry["recurrent_state"] if entry is not None else None)
-            h = self.memory.retrieve(qs, xs, weights)  # [B, L, D] read at the segment start
+            if learned:  # [B, R, D] read at the segment start (leading dim 1 while the memory is the initial one)
+                h = self._learned_retrieval(weights).to(x.dtype).expand(B, -1, -1)
+            else:  # [B, L, D] read at the segment start
+                h = self.memory.retrieve(q[:, s0:s0 + S], xs, weights)
             prefix, positions = self._prefix(h)
             y, _, _ = self.attention(xs, prefix_states=prefix, prefix_positions=positions)  # [B, L, D]
             m, _, _ = self.memory(y, past_key_values=states, use_cache=True)  # [B, L, D]
@@ -206,12 +251,17 @@ class MACMixer(nn.Module):
                     work.states[idx] = dict(past_key_values[idx])
         return work
 
+    def _current_weights(self, work, N: int) -> tuple[torch.Tensor, ...]:
+        """The memory's weights as they stand in ``work`` now, one row per sequence:
+        ``(M [N, H, K, V],)`` or ``(W1 [N, H, K, Dh], W2 [N, H, Dh, V])``."""
+        entry = get_layer_cache(self.memory, work)
+        current = self.memory.memory_weights(entry["recurrent_state"] if entry is not None else None)
+        return tuple(w.expand(N, *w.shape[1:]) for w in current)
+
     def _segment_start(self, work, start, begins: torch.Tensor, N: int) -> tuple[torch.Tensor, ...]:
         """Memory weights at each sequence's current segment start: the current weights for the
         sequences that begin a segment now, the cached ones for the others."""
-        entry = get_layer_cache(self.memory, work)
-        current = self.memory.memory_weights(entry["recurrent_state"] if entry is not None else None)
-        current = tuple(w.expand(N, *w.shape[1:]) for w in current)  # [N, H, ...]
+        current = self._current_weights(work, N)  # [N, H, ...]
         if start is None:
             return current
         b = begins.view(N, 1, 1, 1)
@@ -224,6 +274,29 @@ class MACMixer(nn.Module):
         kv = entry["recurrent_state"] if entry is not None else None
         if kv is not None:
             entry["recurrent_state"] = kv._replace(seen=torch.where(begins, torch.zeros_like(kv.seen), kv.seen))
+
+    def _learned_retrieval(self, weights: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """Read the memory with the R learned queries: ``h_r = f(q_r; W)`` through the memory's output
+        path. ``weights`` from ``memory_weights``, leading dim n (1 for the shared initial memory)
+        -> ``[n, R, D]``."""
+        n = weights[0].shape[0]
+        u = self.retrieval_queries  # [R, D]
+        q = self.memory.query_tokens(u)  # [R, H, K]
+        return self.memory.retrieve(q.expand(n, *q.shape), u.expand(n, *u.shape), weights)  # [n, R, D]
+
+    def _retrieve_learned_at_starts(self, work, begins: torch.Tensor, retrieved: torch.Tensor) -> torch.Tensor:
+        """Learned-query mode: read the R retrieved tokens of the sequences that begin a segment in
+        this step from the memory as it stands now (their segment start); the other sequences keep
+        the tokens read when they began theirs (nothing is read again mid-segment).
+
+        begins ``[N]`` bool, retrieved ``[N, R, D]`` -> the updated ``[N, R, D]``."""
+        N = retrieved.shape[0]
+        rows = torch.nonzero(begins).squeeze(1)  # [n_b]
+        if rows.numel() == 0:
+            return retrieved
+        weights = tuple(w[rows] for w in self._current_weights(work, N))  # [n_b, H, ...]
+        h = self._learned_retrieval(weights)  # [n_b, R, D]
+        return retrieved.index_put((rows,), h.to(retrieved.dtype))
 
     def _retrieve(self, q: torch.Tensor, x: torch.Tensor, rows: torch.Tensor, slots: torch.Tensor,
                   start: tuple[torch.Tensor, ...], retrieved: torch.Tensor) -> torch.Tensor:
@@ -249,11 +322,17 @@ class MACMixer(nn.Module):
 
         ``first`` ``[N]``: in-segment position of each sequence's first token in the call; the
         positions are then ``[N, N_p + S]``. None: every sequence starts its segment, positions ``[N_p + S]``.
+
+        Learned retrieval queries: retrieved is ``[N, R, D]``, the prefix ``[N, N_p + R, D]`` and
+        every position ``[N_p + R]`` is -1 (the R tokens depend only on the past: all visible).
         """
         N, S, _ = retrieved.shape
-        positions = torch.arange(S, device=retrieved.device)  # [S]
-        if first is not None:
-            positions = positions[None, :] - first[:, None]  # [N, S]
+        if self.num_retrieval_queries:
+            positions = torch.full((S,), -1, dtype=torch.long, device=retrieved.device)  # [R]
+        else:
+            positions = torch.arange(S, device=retrieved.device)  # [S]
+            if first is not None:
+                positions = positions[None, :] - first[:, None]  # [N, S]
         if self.persistent is None:
             return retrieved, positions
         P = self.persistent.num_tokens

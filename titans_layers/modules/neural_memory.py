@@ -231,6 +231,23 @@ class NeuralMemory(nn.Module):
                               output_conv_state, cu_seqlens)
         return F.normalize(q.unflatten(-1, (self.num_heads, self.head_dim)), dim=-1), cq  # [B, T, H, K]
 
+    def query_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The memory's queries for tokens that are not a sequence (e.g. MAC's learned retrieval
+        queries): the q projection, SiLU and L2 normalisation of :meth:`query`, without the short
+        convolution (a set of tokens has no neighbours to mix in, and the convolution's cache
+        belongs to a stream). Without a convolution the layer's own queries take exactly this path.
+
+        Args:
+            tokens: ``[..., D]``.
+
+        Returns:
+            ``[..., H, K]``, unit norm per head.
+        """
+        if tokens.shape[-1] != self.hidden_size:
+            raise ValueError(f"`tokens` must have shape [..., {self.hidden_size}], got {list(tokens.shape)}")
+        q = F.silu(self.q_proj(tokens))  # [..., H * K]
+        return F.normalize(q.unflatten(-1, (self.num_heads, self.head_dim)), dim=-1)  # [..., H, K]
+
     def memory_weights(self, state=None) -> tuple[torch.Tensor, ...]:
         """The memory weights as they stand in ``state``: ``(M,)`` ``[N or 1, H, K, V]`` for the linear
         memory, ``(W1, W2)`` ``[N or 1, H, K, Dh]``, ``[N or 1, H, Dh, V]`` for the MLP memory.

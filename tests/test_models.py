@@ -15,14 +15,18 @@ from titans_layers.testing import assert_close
 
 ALL = [(v, m) for v in VARIANTS for m in MEMORIES]
 CUDA = torch.cuda.is_available()
+# MAC's two retrieval modes: the segment's own queries (the default) or 3 learned queries per block
+RETRIEVAL = {"per_token": {}, "learned": dict(num_retrieval_queries=3)}
+# the learned mode where it matters: MAC with either memory, and the MAC + MAL preset
+LEARNED = [("mac", "linear", "learned"), ("mac", "mlp", "learned"), ("mac_mal", "linear", "learned")]
 
 
 # ---- causality --------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("j", [3, 10])  # mid-segment; a segment start (segment_size 5)
-@pytest.mark.parametrize("variant, memory", ALL)
-def test_changing_token_j_moves_no_earlier_logit(variant, memory, j):
-    before, after = causality_violations(tiny_model(variant, memory), token_ids(), j)
+@pytest.mark.parametrize("variant, memory, retrieval", [(v, m, "per_token") for v, m in ALL] + LEARNED)
+def test_changing_token_j_moves_no_earlier_logit(variant, memory, retrieval, j):
+    before, after = causality_violations(tiny_model(variant, memory, **RETRIEVAL[retrieval]), token_ids(), j)
     assert before <= 1e-6, f"a logit before position {j} moved by {before:.2e}"
     assert after > 1e-4, f"no logit at or after position {j} moved (max change {after:.2e})"
 
@@ -49,25 +53,28 @@ def test_causality_check_catches_a_mac_that_shows_every_retrieved_token(monkeypa
 
 # ---- cached decoding ---------------------------------------------------------------------------
 
-DECODE_CASES = [(v, m, 7) for v, m in ALL] + [("mac", m, p) for m in MEMORIES for p in (1, 5, 10)]
+DECODE_CASES = [(v, m, "per_token", 7) for v, m in ALL] + [("mac", m, "per_token", p) for m in MEMORIES
+                                                            for p in (1, 5, 10)]
+DECODE_CASES += [(v, m, r, p) for v, m, r in LEARNED for p in (1, 5, 7, 10)]
 
 
-@pytest.mark.parametrize("variant, memory, prefill", DECODE_CASES)
-def test_prefill_then_token_by_token_decoding_equals_full_forward(variant, memory, prefill):
+@pytest.mark.parametrize("variant, memory, retrieval, prefill", DECODE_CASES)
+def test_prefill_then_token_by_token_decoding_equals_full_forward(variant, memory, retrieval, prefill):
     """Prefill on a segment boundary (5), mid-segment and mid-chunk (7: phase 2, chunk offset 3),
     or a single token, then one token per call through fla's Cache."""
-    model = tiny_model(variant, memory)
+    model = tiny_model(variant, memory, **RETRIEVAL[retrieval])
     ids = token_ids()
     decoded, cache = decode_logits(model, ids, prefill)
     assert_close("decoded logits", decoded, logits(model, ids), 1e-5)
     assert cache.get_seq_length() == ids.shape[1]
 
 
-@pytest.mark.parametrize("variant", ["mac", "mag", "mal", "lmm"])
-def test_left_padded_batch_equals_rows_alone_full_and_decoded(variant):
+@pytest.mark.parametrize("variant, retrieval", [(v, "per_token") for v in ["mac", "mag", "mal", "lmm"]]
+                         + [("mac", "learned")])
+def test_left_padded_batch_equals_rows_alone_full_and_decoded(variant, retrieval):
     """Rows of different lengths sit at different places in their MAC segments while decoding;
     the last row has no token at all in the prefill."""
-    model = tiny_model(variant)
+    model = tiny_model(variant, **RETRIEVAL[retrieval])
     ids = token_ids(B=3, T=14)
     starts = [0, 3, 10]
     mask = torch.ones_like(ids)
@@ -93,11 +100,22 @@ def test_cache_holds_every_sublayer_and_the_mac_state():
     assert cache[1]["conv_state"] is not None and state.conv_state.shape == (2, 3, 32)
 
 
+def test_mac_state_with_learned_queries_holds_the_r_retrieved_tokens_only():
+    model = tiny_model("mac", **RETRIEVAL["learned"])
+    with torch.no_grad():
+        cache = model(token_ids(T=7), use_cache=True).past_key_values
+    state = cache[0]["recurrent_state"]
+    assert isinstance(state, MACState) and state.phase.tolist() == [2, 2]
+    assert state.retrieved.shape == (2, 3, 32)
+    assert state.start_weights is None and state.conv_state is None
+
+
 # ---- packing, padding ---------------------------------------------------------------------------
 
-@pytest.mark.parametrize("variant, memory", [(v, "linear") for v in VARIANTS] + [("mac", "mlp"), ("mal", "mlp")])
-def test_packed_sequences_equal_separate_runs(variant, memory):
-    model = tiny_model(variant, memory)
+@pytest.mark.parametrize("variant, memory, retrieval", [(v, "linear", "per_token") for v in VARIANTS]
+                         + [("mac", "mlp", "per_token"), ("mal", "mlp", "per_token")] + LEARNED)
+def test_packed_sequences_equal_separate_runs(variant, memory, retrieval):
+    model = tiny_model(variant, memory, **RETRIEVAL[retrieval])
     ids = token_ids(B=1, T=20)
     cu = torch.tensor([0, 3, 3, 12, 20])
     packed = logits(model, ids, cu_seqlens=cu)
@@ -106,11 +124,12 @@ def test_packed_sequences_equal_separate_runs(variant, memory):
             assert_close(f"sequence [{bos}, {eos})", packed[:, bos:eos], logits(model, ids[:, bos:eos]), 1e-5)
 
 
+@pytest.mark.parametrize("retrieval", list(RETRIEVAL))
 @pytest.mark.parametrize("memory", MEMORIES)
-def test_mac_general_path_equals_whole_sequence_path(memory):
+def test_mac_general_path_equals_whole_sequence_path(memory, retrieval):
     """The packed, cache-driven MAC path (taken here through an all-ones mask) and the plain
     per-segment loop compute the same thing."""
-    mixer = tiny_model("mac", memory).model.layers[0].mixer
+    mixer = tiny_model("mac", memory, **RETRIEVAL[retrieval]).model.layers[0].mixer
     x = torch.randn(2, 17, 32, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         whole, _, _ = mixer(x)
@@ -157,11 +176,118 @@ def test_memory_retrieve_reads_like_the_forward(memory):
         layer.retrieve(q[..., :8], x, layer.memory_weights())
 
 
+def test_memory_query_tokens_is_the_query_path_without_the_convolution():
+    torch.manual_seed(0)
+    layer = NeuralMemory(32, 2, use_short_conv=False)
+    tokens = torch.randn(5, 32)
+    with torch.no_grad():
+        got = layer.query_tokens(tokens)  # [5, H, K]
+        assert_close("token queries", got, layer.query(tokens[None])[0][0], 1e-6)
+    assert got.shape == (5, 2, 16)
+    with pytest.raises(ValueError, match="`tokens`"):
+        layer.query_tokens(tokens[:, :8])
+
+
+# ---- MAC's learned retrieval queries ------------------------------------------------------------
+
+def _mac_prefixes(mixer, x, **kwargs):
+    """Run a MAC mixer on ``x`` without gradients: its output and, per attention call (one per
+    segment on the whole-sequence path), the ``(prefix_states, prefix_positions)`` it attended over."""
+    calls = []
+
+    def record(module, args, kw):
+        calls.append((kw["prefix_states"].clone(), kw["prefix_positions"].clone()))
+
+    handle = mixer.attention.register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            out = mixer(x, **kwargs)[0]
+    finally:
+        handle.remove()
+    return out, calls
+
+
+@pytest.mark.parametrize("memory", MEMORIES)
+def test_learned_queries_retrieve_r_tokens_that_depend_only_on_earlier_segments(memory):
+    """Each segment attends over N_p + R prefix tokens, all visible; changing a token inside
+    segment 1 leaves the retrieved tokens of segments 0 and 1 alone and moves those of segment 2
+    (its write reached the memory). Per-token retrieval, by contrast, moves segment 1's own
+    retrieved tokens from that position on."""
+    P, R, S = 2, 3, 5
+    x = torch.randn(2, 17, 32, generator=torch.Generator().manual_seed(3))
+    y = x.clone()
+    y[:, 7] += 1.0  # in-segment position 2 of segment 1
+    mixer = tiny_model("mac", memory, **RETRIEVAL["learned"]).model.layers[0].mixer
+    _, px = _mac_prefixes(mixer, x)
+    _, py = _mac_prefixes(mixer, y)
+    assert len(px) == 4
+    for prefix, positions in px:
+        assert prefix.shape == (2, P + R, 32) and bool((positions == -1).all())
+    for seg in (0, 1):
+        assert_close(f"retrieved tokens of segment {seg}", py[seg][0][:, P:], px[seg][0][:, P:], 1e-6)
+    assert (py[2][0][:, P:] - px[2][0][:, P:]).abs().max() > 1e-4, "the write did not reach segment 2's retrieval"
+
+    per_token = tiny_model("mac", memory).model.layers[0].mixer
+    _, qx = _mac_prefixes(per_token, x)
+    _, qy = _mac_prefixes(per_token, y)
+    assert qx[1][0].shape == (2, P + S, 32)
+    change = (qy[1][0] - qx[1][0]).abs().amax(dim=(0, 2))  # [P + S]
+    assert change[:P + 2].max() <= 1e-6 and change[P + 2] > 1e-4
+
+
+@pytest.mark.parametrize("memory", MEMORIES)
+def test_every_position_of_a_segment_sees_all_learned_retrieved_tokens(memory):
+    """Moving the last learned query moves the output at the first position of every segment
+    (position 0 sees retrieved token R - 1; under the per-token rule it would not, and nothing
+    else carries the change to position 0)."""
+    mixer = tiny_model("mac", memory, **RETRIEVAL["learned"]).model.layers[0].mixer
+    x = torch.randn(2, 17, 32, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        if memory == "linear":  # the initial memory M = 0 reads 0 whatever the query: make it a trained-like one
+            mixer.memory.init_M.normal_(std=0.3, generator=torch.Generator().manual_seed(6))
+        before = mixer(x)[0]
+        mixer.retrieval_queries[-1] += 1.0
+        after = mixer(x)[0]
+    change = (after - before).abs().amax(dim=(0, 2))  # [T]
+    assert bool((change[::5] > 1e-4).all()), f"segment starts moved by {change[::5].tolist()}"
+
+
+def test_decoding_reads_the_learned_queries_once_per_segment_start(monkeypatch):
+    """The R retrieved tokens are read when a sequence begins a segment, kept in ``MACState``
+    and not read again by the segment's later tokens; they equal the whole-sequence path's."""
+    P = 2
+    mixer = tiny_model("mac", **RETRIEVAL["learned"]).model.layers[0].mixer
+    x = torch.randn(2, 12, 32, generator=torch.Generator().manual_seed(5))
+    full, calls = _mac_prefixes(mixer, x)
+    reads = []
+    original = MACMixer._learned_retrieval
+
+    def counted(self, weights):
+        reads.append(weights[0].shape[0])
+        return original(self, weights)
+
+    monkeypatch.setattr(MACMixer, "_learned_retrieval", counted)
+    with torch.no_grad():
+        out, _, cache = mixer(x[:, :7], past_key_values=Cache(), use_cache=True)
+        assert reads == [2, 2], "the prefill should read at the starts of segments 0 and 1"
+        state = cache[mixer.layer_idx]["recurrent_state"]
+        assert state.retrieved.shape == (2, 3, 32)
+        assert_close("cached retrieved tokens, segment 1", state.retrieved, calls[1][0][:, P:], 1e-6)
+        outs = [out]
+        for t in range(7, 12):
+            outs.append(mixer(x[:, t:t + 1], past_key_values=cache, use_cache=True)[0])
+        assert reads == [2, 2, 2], "only token 10 (a segment start) should read the memory"
+        state = cache[mixer.layer_idx]["recurrent_state"]
+        assert_close("cached retrieved tokens, segment 2", state.retrieved, calls[2][0][:, P:], 1e-6)
+    assert_close("decoded mixer output", torch.cat(outs, 1), full, 1e-5)
+
+
 # ---- save / load, registration ------------------------------------------------------------------
 
 @pytest.mark.parametrize("overrides", [dict(variant="mac_mal", memory="mlp"),
                                        dict(block_types=["swa", "mag"]),
-                                       dict(variant="lmm", tie_word_embeddings=True)])
+                                       dict(variant="lmm", tie_word_embeddings=True),
+                                       dict(variant="mac", memory="mlp", **RETRIEVAL["learned"])])
 def test_save_pretrained_from_pretrained_round_trip_is_exact(tmp_path, overrides):
     model = tiny_model(**overrides)
     model.save_pretrained(tmp_path)
@@ -216,9 +342,11 @@ def test_gradient_checkpointing_gives_the_same_gradients(variant, memory):
         assert_close(f"grad of {name}", checkpointed[name], plain[name], 1e-6)
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
-def test_every_parameter_gets_a_gradient(variant):
-    model = tiny_model(variant).train()
+@pytest.mark.parametrize("variant, retrieval", [(v, "per_token") for v in VARIANTS] + [("mac", "learned")])
+def test_every_parameter_gets_a_gradient(variant, retrieval):
+    model = tiny_model(variant, **RETRIEVAL[retrieval]).train()
+    if retrieval == "learned":
+        assert any(n.endswith("mixer.retrieval_queries") for n, _ in model.named_parameters())
     _gradients(model, token_ids())
     missing = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
     assert not missing, f"no gradient reached {missing}"
@@ -258,10 +386,11 @@ def test_loss_is_next_token_cross_entropy_and_logits_to_keep():
 COMPILE_BACKEND = "inductor" if CUDA else "aot_eager"  # inductor's CPU codegen takes minutes here
 
 
-@pytest.mark.parametrize("variant", ["mac", "mag", "mal", "lmm", "mac_mal"])
-def test_torch_compile_fullgraph_of_a_whole_model(variant):
+@pytest.mark.parametrize("variant, retrieval", [(v, "per_token") for v in ["mac", "mag", "mal", "lmm", "mac_mal"]]
+                         + [("mac", "learned")])
+def test_torch_compile_fullgraph_of_a_whole_model(variant, retrieval):
     """No graph breaks: the memory update runs as a custom op (titans_layers.ops.library)."""
-    model = tiny_model(variant)
+    model = tiny_model(variant, **RETRIEVAL[retrieval])
     ids = token_ids(T=10)
     torch._dynamo.reset()
     compiled = torch.compile(model, backend=COMPILE_BACKEND, fullgraph=True)
@@ -291,10 +420,10 @@ def test_greedy_generate_equals_argmax_of_full_forwards(variant):
     assert torch.equal(generated, seq)
 
 
-@pytest.mark.parametrize("variant", ["mac", "mal"])
-def test_reordered_cache_decodes_the_reordered_rows(variant):
+@pytest.mark.parametrize("variant, retrieval", [("mac", "per_token"), ("mal", "per_token"), ("mac", "learned")])
+def test_reordered_cache_decodes_the_reordered_rows(variant, retrieval):
     """Beam search reorders the cache's rows: every layer's state must keep its type and rows."""
-    model = tiny_model(variant, "mlp")
+    model = tiny_model(variant, "mlp", **RETRIEVAL[retrieval])
     ids = token_ids(B=3, T=9)
     with torch.no_grad():
         cache = model(ids[:, :7], use_cache=True).past_key_values
@@ -349,6 +478,10 @@ def test_variant_presets():
     (dict(window_size=1.5), "`window_size`"),
     (dict(chunk_size=0), "`chunk_size`"),
     (dict(num_persistent_tokens=-1), "`num_persistent_tokens`"),
+    (dict(num_retrieval_queries=-1), "`num_retrieval_queries`"),
+    (dict(num_retrieval_queries=2.0), "`num_retrieval_queries`"),
+    (dict(num_retrieval_queries=True), "`num_retrieval_queries`"),
+    (dict(num_retrieval_queries="4"), "`num_retrieval_queries`"),
     (dict(memory_activation="relu"), "`memory_activation`"),
     (dict(gate_activation="tanh"), "`gate_activation`"),
     (dict(max_step_size=0), "`max_step_size`"),

@@ -129,8 +129,8 @@ class MACMixer(nn.Module):
     With ``config.num_retrieval_queries = R > 0`` the mixer owns ``retrieval_queries`` ``[R, D]``,
     R learned tokens in the hidden space (not ``[R, H, K]`` in the memory's query space). Their
     queries go through the memory's q projection (without its short convolution: they are not a
-    sequence), SiLU and L2 norm, and their reads through the memory's output gate and
-    ``o_proj``, exactly like a token's: the memory's output gate needs the token a read belongs
+    sequence), SiLU and L2 norm, and their reads through the memory's per-head norm, output gate
+    and ``o_proj``, exactly like a token's: the memory's output gate needs the token a read belongs
     to, which a query-space vector would not have, and the learned queries stay in the span the
     memory's own queries come from as ``q_proj`` trains. Initialised ``N(0, 1)``: the mixer's input
     is RMS-normalised, so real tokens have that scale.
@@ -326,11 +326,11 @@ class MACMixer(nn.Module):
         Learned retrieval queries: retrieved is ``[N, R, D]``, the prefix ``[N, N_p + R, D]`` and
         every position ``[N_p + R]`` is -1 (the R tokens depend only on the past: all visible).
         """
-        N, S, _ = retrieved.shape
+        N, L, _ = retrieved.shape  # L = S retrieved tokens, or R with learned queries
         if self.num_retrieval_queries:
-            positions = torch.full((S,), -1, dtype=torch.long, device=retrieved.device)  # [R]
+            positions = torch.full((L,), -1, dtype=torch.long, device=retrieved.device)  # [R]
         else:
-            positions = torch.arange(S, device=retrieved.device)  # [S]
+            positions = torch.arange(L, device=retrieved.device)  # [S]
             if first is not None:
                 positions = positions[None, :] - first[:, None]  # [N, S]
         if self.persistent is None:

@@ -44,31 +44,33 @@ MLP_CHUNK = "titans_layers.ops.mlp_memory.chunk_kernels"
 MLP_FUSED = "titans_layers.ops.mlp_memory.fused_recurrent"
 MLP_KERNELS = [f"{MLP_CHUNK}:chunk_mlp_memory_fwd_kernel", f"{MLP_CHUNK}:chunk_mlp_memory_bwd_kernel",
                f"{MLP_FUSED}:fused_recurrent_mlp_memory_fwd_kernel"]
-# (K = V, Dh, chunk size, input dtype, activation code, residual): the largest tiles, each precision
-# path, both activations
-MLP_CONFIGS = [(64, 256, 64, "bf16", 0, False), (128, 256, 64, "bf16", 1, True), (128, 256, 64, "fp32", 0, True),
-               (64, 256, 64, "fp32", 1, False)]
+# (K = V, Dh, chunk size, input dtype, activation code, residual, update clipping): the largest tiles,
+# each precision path, both activations, with and without clipping (its extra pass and adjoints are
+# compiled at the largest tiles, where shared memory is tightest)
+MLP_CONFIGS = [(64, 256, 64, "bf16", 0, False, False), (128, 256, 64, "bf16", 1, True, True),
+               (128, 256, 64, "fp32", 0, True, True), (64, 256, 64, "fp32", 1, False, False)]
 MLP_INPUTS = ("q", "k", "v", "alpha", "eta", "theta", "o", "do", "dq", "dk", "dv", "dalpha", "deta", "dtheta")
 
 
-def _mlp_args(kernel, dim, hidden, chunk_size, dtype, act, residual):
+def _mlp_args(kernel, dim, hidden, chunk_size, dtype, act, residual, clip):
     BK, BV, BH_fwd, BH_bwd = mlp_block_sizes(dim, dim, hidden)
     pointers = {name: f"*{dtype}" for name in MLP_INPUTS}
     pointers.update({name: "*i64" for name in INDICES})
     constexprs = dict(H=16, K=dim, V=dim, Dh=hidden, C=chunk_size, BK=BK, BV=BV,
                       BH=BH_bwd if kernel.endswith("bwd_kernel") else BH_fwd, ACT=act, RESIDUAL=residual,
-                      IS_VARLEN=True)
+                      IS_VARLEN=True, CLIP=clip)
     if kernel.startswith(MLP_CHUNK):
         torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
         constexprs.update(BT=mlp_tile_size(chunk_size, dim, dim, torch_dtype),
                           PRECISION="ieee" if dtype == "fp32" else "tf32")
     if kernel.endswith("chunk_mlp_memory_fwd_kernel"):
         constexprs["STORE_TILES"] = True
-    return dict(pointers=pointers, scalars={"T": "i32"}, constexprs=constexprs)
+    return dict(pointers=pointers, scalars={"T": "i32", "max_norm": "fp32"}, constexprs=constexprs)
 
 
 @pytest.mark.parametrize("capability", [80, 90])
-@pytest.mark.parametrize("config", MLP_CONFIGS, ids=lambda c: f"K{c[0]}-Dh{c[1]}-C{c[2]}-{c[3]}")
+@pytest.mark.parametrize("config", MLP_CONFIGS,
+                         ids=lambda c: f"K{c[0]}-Dh{c[1]}-C{c[2]}-{c[3]}" + ("-clip" if c[6] else ""))
 @pytest.mark.parametrize("kernel", MLP_KERNELS, ids=lambda k: k.split(":")[1])
 def test_mlp_kernel_compiles_for_gpu(kernel, config, capability):
     compile_in_subprocess(kernel, capability=capability, **_mlp_args(kernel, *config))

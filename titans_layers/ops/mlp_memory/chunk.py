@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 import triton
 
-from titans_layers.ops.common.clipping import reject_clipping
+from titans_layers.ops.common.clipping import check_max_update_norm
 from titans_layers.ops.common.traceable import traceable
 from titans_layers.ops.common.triton_utils import check_head_dims, check_triton_device, dot_precision
 from titans_layers.ops.common.validation import check_chunk_size, check_op_inputs
@@ -45,14 +45,16 @@ def _state_copy(x: torch.Tensor) -> torch.Tensor:
 
 
 def chunk_fwd(q, k, v, alpha, eta, theta, W1, W2, S1, S2, A1, A2, offset, cu_seqlens, plan: ChunkPlan,
-              act: int, residual: bool, store_tiles: bool):
+              act: int, residual: bool, store_tiles: bool, max_norm: float | None = None):
     """Launch the forward kernel.
 
     Inputs: q, k ``[B, T, H, K]``, v ``[B, T, H, V]``, gates ``[B, T, H]`` (contiguous); the initial
-    state W1, S1, A1 ``[N, H, K, Dh]``, W2, S2, A2 ``[N, H, Dh, V]`` (A: the current anchor).
+    state W1, S1, A1 ``[N, H, K, Dh]``, W2, S2, A2 ``[N, H, Dh, V]`` (A: the current anchor);
+    ``max_norm``: the update-clipping bound or None.
     Returns o ``[B, T, H, V]``, the final ``(W1, W2, S1, S2, A1, A2)`` (float32; A is the last
-    chunk's anchor) and, when ``store_tiles``, the tile-start states ``(W1, S1, W2, S2)`` with a
-    leading dim of ``plan.n_tiles`` (else None).
+    chunk's anchor), when ``store_tiles`` the tile-start states ``(W1, S1, W2, S2)`` with a
+    leading dim of ``plan.n_tiles`` (else None), and with clipping each token's write norm
+    ``[B, T, H]`` float32 (else None).
     """
     s = plan.shape
     Dh = W1.shape[-1]
@@ -66,22 +68,26 @@ def chunk_fwd(q, k, v, alpha, eta, theta, W1, W2, S1, S2, A1, A2, offset, cu_seq
                  q.new_empty(plan.n_tiles, s.H, Dh, s.V, dtype=torch.float32))
     else:
         tiles = (W1T, W1T, W2T, W2T)  # never written
+    clip = max_norm is not None
+    norms = theta.new_empty(theta.shape, dtype=torch.float32) if clip else None  # [B, T, H]
     cu, is_varlen = varlen_args(cu_seqlens, plan)
     if s.N * s.H > 0:
         chunk_mlp_memory_fwd_kernel[(s.N * s.H,)](
             q, k, v, alpha, eta, theta, offset, cu, plan.tile_indptr, o, W1T, S1T, A1T, W2T, S2T, A2T, *tiles,
-            s.T, H=s.H, K=s.K, V=s.V, Dh=Dh, C=plan.chunk_size, BT=plan.tile_size, BK=BK, BV=BV, BH=BH, ACT=act,
-            RESIDUAL=residual, IS_VARLEN=is_varlen, STORE_TILES=store_tiles, PRECISION=dot_precision(q.dtype),
-            num_stages=1)
-    return o, (W1T, W2T, S1T, S2T, A1T, A2T), (tiles if store_tiles else None)
+            norms if clip else W1T, s.T, max_norm if clip else 0.0, H=s.H, K=s.K, V=s.V, Dh=Dh, C=plan.chunk_size,
+            BT=plan.tile_size, BK=BK, BV=BV, BH=BH, ACT=act, RESIDUAL=residual, IS_VARLEN=is_varlen,
+            STORE_TILES=store_tiles, CLIP=clip, PRECISION=dot_precision(q.dtype), num_stages=1)
+    return o, (W1T, W2T, S1T, S2T, A1T, A2T), (tiles if store_tiles else None), norms
 
 
 def chunk_bwd(q, k, v, alpha, eta, theta, A1, A2, offset, cu_seqlens, plan: ChunkPlan, tiles, do,
-              dW1T, dW2T, dS1T, dS2T, dA1T, dA2T, act: int, residual: bool):
+              dW1T, dW2T, dS1T, dS2T, dA1T, dA2T, act: int, residual: bool, norms=None,
+              max_norm: float | None = None):
     """Launch the backward kernel.
 
     ``A1, A2``: the initial anchors; ``tiles``: the forward's tile-start states; ``do`` ``[B, T, H, V]``
-    and the gradients of the final ``(W1, W2, S1, S2, A1, A2)`` (None: zero). Returns the gradients
+    and the gradients of the final ``(W1, W2, S1, S2, A1, A2)`` (None: zero); with clipping, the
+    forward's write ``norms`` ``[B, T, H]`` and its bound ``max_norm``. Returns the gradients
     of q, k, v, alpha, eta, theta (their dtypes) and of the initial ``(W1, W2, S1, S2, A1, A2)``
     (float32, ``[N, H, K, Dh]`` / ``[N, H, Dh, V]``).
     """
@@ -95,13 +101,15 @@ def chunk_bwd(q, k, v, alpha, eta, theta, A1, A2, offset, cu_seqlens, plan: Chun
     do = torch.zeros_like(v) if do is None else do.contiguous()
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     dalpha, deta, dtheta = torch.empty_like(alpha), torch.empty_like(eta), torch.empty_like(theta)
+    clip = max_norm is not None
     cu, is_varlen = varlen_args(cu_seqlens, plan)
     if s.N * s.H > 0:
         chunk_mlp_memory_bwd_kernel[(s.N * s.H,)](
             q, k, v, alpha, eta, theta, offset, cu, plan.tile_indptr, A1, A2, *tiles, do,
-            dW1, dS1, dA1, dW2, dS2, dA2, dq, dk, dv, dalpha, deta, dtheta,
-            s.T, H=s.H, K=s.K, V=s.V, Dh=Dh, C=plan.chunk_size, BT=plan.tile_size, BK=BK, BV=BV, BH=BH, ACT=act,
-            RESIDUAL=residual, IS_VARLEN=is_varlen, PRECISION=dot_precision(q.dtype), num_stages=1)
+            dW1, dS1, dA1, dW2, dS2, dA2, dq, dk, dv, dalpha, deta, dtheta, norms if clip else dW1,
+            s.T, max_norm if clip else 0.0, H=s.H, K=s.K, V=s.V, Dh=Dh, C=plan.chunk_size, BT=plan.tile_size,
+            BK=BK, BV=BV, BH=BH, ACT=act, RESIDUAL=residual, IS_VARLEN=is_varlen, CLIP=clip,
+            PRECISION=dot_precision(q.dtype), num_stages=1)
     return dq, dk, dv, dalpha, deta, dtheta, dW1, dW2, dS1, dS2, dA1, dA2
 
 
@@ -110,25 +118,26 @@ class ChunkMLPMemoryFunction(torch.autograd.Function):
     from the tile-start states the forward stored."""
 
     @staticmethod
-    def forward(ctx, q, k, v, alpha, eta, theta, W1, W2, S1, S2, A1, A2, offset, cu_seqlens, plan, act, residual):
+    def forward(ctx, q, k, v, alpha, eta, theta, W1, W2, S1, S2, A1, A2, offset, cu_seqlens, plan, act, residual,
+                max_norm):
         store = any(ctx.needs_input_grad)
-        o, final, tiles = chunk_fwd(q, k, v, alpha, eta, theta, W1, W2, S1, S2, A1, A2, offset, cu_seqlens, plan,
-                                    act, residual, store_tiles=store)
+        o, final, tiles, norms = chunk_fwd(q, k, v, alpha, eta, theta, W1, W2, S1, S2, A1, A2, offset, cu_seqlens,
+                                           plan, act, residual, store_tiles=store, max_norm=max_norm)
         if store:
-            ctx.save_for_backward(q, k, v, alpha, eta, theta, A1, A2, offset, cu_seqlens, *tiles)
-            ctx.plan, ctx.act, ctx.residual = plan, act, residual
+            ctx.save_for_backward(q, k, v, alpha, eta, theta, A1, A2, offset, cu_seqlens, norms, *tiles)
+            ctx.plan, ctx.act, ctx.residual, ctx.max_norm = plan, act, residual, max_norm
         return (o, *final)
 
     @staticmethod
     def backward(ctx, do, dW1T, dW2T, dS1T, dS2T, dA1T, dA2T):
-        q, k, v, alpha, eta, theta, A1, A2, offset, cu_seqlens, *tiles = ctx.saved_tensors
+        q, k, v, alpha, eta, theta, A1, A2, offset, cu_seqlens, norms, *tiles = ctx.saved_tensors
         grads = chunk_bwd(q, k, v, alpha, eta, theta, A1, A2, offset, cu_seqlens, ctx.plan, tiles, do,
-                          dW1T, dW2T, dS1T, dS2T, dA1T, dA2T, ctx.act, ctx.residual)
-        return (*grads, None, None, None, None, None)
+                          dW1T, dW2T, dS1T, dS2T, dA1T, dA2T, ctx.act, ctx.residual, norms, ctx.max_norm)
+        return (*grads, None, None, None, None, None, None)
 
 
 def prepare_kernel_call(op_name, q, k, v, alpha, eta, theta, chunk_size, initial_state, cu_seqlens, activation,
-                        residual, allowed_chunk_sizes):
+                        residual, max_update_norm, allowed_chunk_sizes):
     """Checks and state resolution shared by the Triton MLP-memory ops.
 
     Returns (contiguous inputs, initial ``(W1, W2, S1, S2, A1, A2)`` ``[N, H, ...]`` float32,
@@ -136,6 +145,7 @@ def prepare_kernel_call(op_name, q, k, v, alpha, eta, theta, chunk_size, initial
     shape = check_op_inputs(q, k, v, alpha, eta, theta, cu_seqlens)
     C = check_chunk_size(chunk_size, allowed_chunk_sizes)
     check_mlp_options(activation, residual, shape.K, shape.V)
+    check_max_update_norm(max_update_norm)
     if q.dtype == torch.float64:
         raise TypeError(f"`{op_name}` takes float32, bfloat16 or float16 inputs; use the naive_* ops for float64")
     check_head_dims(shape.K, shape.V)
@@ -173,15 +183,16 @@ def chunk_mlp_memory(q, k, v, alpha, eta, theta, *, chunk_size: int = 16, initia
         output_final_state: also return the state after the last token.
         cu_seqlens: ``[N + 1]`` offsets of packed sequences (B == 1), or None.
         activation: "silu" or "gelu" (exact). residual: add the input to the memory's output (K == V).
-        max_update_norm: must be None: update clipping is not in the kernels yet (ValueError).
+        max_update_norm: None, or a bound on each token's write (``ops/common/clipping.py``); the
+            kernels then take one more pass over the hidden units per tile for the write norms.
 
     Returns:
         ``(o, final_state)``: o ``[B, T, H, V]`` in q's dtype; final_state a float32
         :class:`MLPMemoryState` or None. Runs on CUDA, or on CPU under ``TRITON_INTERPRET=1``.
     """
-    reject_clipping(max_update_norm, "chunk_mlp_memory")
     inputs, states, offset, plan, act = prepare_kernel_call("chunk_mlp_memory", q, k, v, alpha, eta, theta,
                                                             chunk_size, initial_state, cu_seqlens, activation,
-                                                            residual, KERNEL_CHUNK_SIZES)
-    o, *final = ChunkMLPMemoryFunction.apply(*inputs, *states, offset, cu_seqlens, plan, act, residual)
+                                                            residual, max_update_norm, KERNEL_CHUNK_SIZES)
+    o, *final = ChunkMLPMemoryFunction.apply(*inputs, *states, offset, cu_seqlens, plan, act, residual,
+                                             check_max_update_norm(max_update_norm))
     return o, (pack_final_state(*final, plan) if output_final_state else None)

@@ -37,6 +37,17 @@ Design.
   state and of the anchor; ``dk`` is final after C. At the first tile of a chunk the anchor
   adjoint joins the weights' adjoint (the anchor is the chunk-start weights) and is reset.
   Gate gradients: the linear kernel's division-free products, exact at gates 0 and 1.
+- Update clipping (``CLIP``, ``ops/common/clipping.py``): token t's step becomes
+  ``theta' = theta min(1, c / (theta |G_t|))`` with ``|G_t|^2 = |k|^2 |Delta|^2 + |Hk|^2 |Err|^2``
+  at the anchor. The forward gets ``|Hk|^2`` in pass 1 and ``|Delta|^2`` in one more pass over the
+  Dh blocks (1b: two ``[BT, BH]`` products a block, as ``Delta`` needs all of ``Err``), then uses
+  ``theta'`` everywhere and stores each token's norm ``[B, T, H]`` (4 bytes a token and head).
+  The backward loads those norms, so its clipping decision is the forward's bit for bit, and
+  adds the norm's adjoint: where a step was clipped theta gets no gradient and ``|G|^2`` gets
+  ``s = -dtheta' theta' / (2 |G|^2)``, i.e. ``2 s |k|^2 Delta`` more on ``Delta``'s adjoint (pass
+  C, and through ``Delta = (Err a2^T) act'(Z)`` a ``[BT, BV]`` sum over Dh gathered in pass B
+  onto ``Err``'s), ``2 s |Err|^2 Hk`` on ``Hk``'s (pass C), ``2 s |Hk|^2 Err`` on ``Err``'s and
+  ``2 s |Delta|^2 k`` on ``k``'s. Without ``CLIP`` none of it is compiled.
 - Barriers. A thread may load an element that another thread stored (the layouts of loads,
   stores and ``tl.dot`` operands differ), so ``tl.debug_barrier()`` (CTA-wide ``bar.sync``, which
   also orders global memory within the block) sits (a) between the last load and the first store
@@ -55,7 +66,8 @@ Design.
   V > 64 (32-bit ``tl.dot`` operands). Shared memory per program (sm_80; sm_90 the same but
   156 KB for the last backward; checked by ``tests/test_kernel_compile.py``), forward / backward:
   K = V = 64, Dh = 256, bf16 52 / 72 KB, fp32 100 / 124 KB; K = V = 128, Dh = 256, bf16
-  100 / 136 KB, fp32 (BT = 16) 145 / 162 KB. sm_80 allows 163 KB, sm_90 227 KB; sm_86/sm_89
+  100 / 136 KB, fp32 (BT = 16) 145 / 162 KB; with clipping the bf16 forwards need 76 KB (K = V = 64)
+  and 148 KB (K = V = 128), the rest is unchanged. sm_80 allows 163 KB, sm_90 227 KB; sm_86/sm_89
   allow 99 KB, which only the bf16/fp16 kernels at K = V <= 64 fit. The decode kernel: 0.5 KB.
   float32, bfloat16, float16 inputs; accumulation in float32; ``tl.dot`` in IEEE fp32 for
   float32 inputs, TF32 otherwise.
@@ -118,19 +130,50 @@ def block_offsets(jb, rk, rv, rb, mk, mv, K: tl.constexpr, V: tl.constexpr, Dh: 
 @triton.jit
 def anchor_error(b_k, b_v, a1, a2, rk, rv, rb, mk, mv,
                  K: tl.constexpr, V: tl.constexpr, Dh: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr,
-                 BH: tl.constexpr, ACT: tl.constexpr, RESIDUAL: tl.constexpr, PRECISION: tl.constexpr):
+                 BH: tl.constexpr, ACT: tl.constexpr, RESIDUAL: tl.constexpr, CLIP: tl.constexpr,
+                 PRECISION: tl.constexpr):
     """``Err = act(K a1) a2 (+ K) - V`` ``[BT, BV]`` at the anchor (``a1``, ``a2``: one head's
-    anchor buffers), summed over the Dh blocks."""
+    anchor buffers), summed over the Dh blocks, and with ``CLIP`` each row's ``|Hk|^2`` ``[BT]``
+    (zeros without)."""
     b_err = tl.zeros([BT, BV], dtype=tl.float32)
+    b_nh = tl.zeros([BT], dtype=tl.float32)
     for jb in range(0, (Dh + BH - 1) // BH):
         off1, m1, off2, m2 = block_offsets(jb, rk, rv, rb, mk, mv, K, V, Dh, BH)
         b_a1 = tl.load(a1 + off1, mask=m1, other=0.0)  # [BK, BH]
         b_a2 = tl.load(a2 + off2, mask=m2, other=0.0)  # [BH, BV]
         b_hk, _, _ = activation(tl.dot(b_k, b_a1, input_precision=PRECISION), ACT)  # [BT, BH]
         b_err += tl.dot(b_hk, b_a2, input_precision=PRECISION)
+        if CLIP:
+            b_nh += tl.sum(b_hk * b_hk, axis=1)
     if RESIDUAL:
         b_err += b_k  # K == V, so BK == BV
-    return b_err - b_v
+    return b_err - b_v, b_nh
+
+
+@triton.jit
+def write_norm(b_k, b_err, b_nh, a1, a2, rk, rv, rb, mk, mv,
+               K: tl.constexpr, V: tl.constexpr, Dh: tl.constexpr, BT: tl.constexpr, BH: tl.constexpr,
+               ACT: tl.constexpr, PRECISION: tl.constexpr):
+    """Each row's write norm ``|G_t| = sqrt(|k|^2 |Delta|^2 + |Hk|^2 |Err|^2)`` ``[BT]`` at the
+    anchor (``clipping.py``), given ``Err`` and ``|Hk|^2``: one more pass over the Dh blocks for
+    ``|Delta|^2``, ``Delta = (Err a2^T) * act'(K a1)``."""
+    b_nd = tl.zeros([BT], dtype=tl.float32)
+    for jb in range(0, (Dh + BH - 1) // BH):
+        off1, m1, off2, m2 = block_offsets(jb, rk, rv, rb, mk, mv, K, V, Dh, BH)
+        b_a1 = tl.load(a1 + off1, mask=m1, other=0.0)  # [BK, BH]
+        b_a2 = tl.load(a2 + off2, mask=m2, other=0.0)  # [BH, BV]
+        _, b_d1, _ = activation(tl.dot(b_k, b_a1, input_precision=PRECISION), ACT)
+        b_delta = tl.dot(b_err, tl.trans(b_a2), input_precision=PRECISION) * b_d1  # [BT, BH]
+        b_nd += tl.sum(b_delta * b_delta, axis=1)
+    return tl.sqrt(tl.sum(b_k * b_k, axis=1) * b_nd + b_nh * tl.sum(b_err * b_err, axis=1))
+
+
+@triton.jit
+def clipped_theta(b_th, b_norm, max_norm):
+    """``theta' = theta min(1, c / (theta |G|))`` and where it clipped (``clipping.clipped_step``:
+    the step is exactly ``c / |G|`` there, and no ``1 / 0`` in the branch not taken)."""
+    clipped = b_th * b_norm > max_norm
+    return tl.where(clipped, max_norm / tl.where(clipped, b_norm, 1.0), b_th), clipped
 
 
 @triton.jit
@@ -157,9 +200,12 @@ def chunk_mlp_memory_fwd_kernel(
     W1, S1, A1,  # [N, H, K, Dh] float32, in place: initial state in, final state out (A1: current anchor)
     W2, S2, A2,  # [N, H, Dh, V] float32, likewise
     tile_W1, tile_S1, tile_W2, tile_S2,  # [n_tiles, H, K, Dh] / [n_tiles, H, Dh, V] float32 tile-start states
-    T, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, Dh: tl.constexpr, C: tl.constexpr,
+    norms,  # [B*T, H] float32: each token's write norm (written with CLIP)
+    T, max_norm,  # max_norm: the clipping bound c (used with CLIP)
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, Dh: tl.constexpr, C: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BH: tl.constexpr, ACT: tl.constexpr,
-    RESIDUAL: tl.constexpr, IS_VARLEN: tl.constexpr, STORE_TILES: tl.constexpr, PRECISION: tl.constexpr,
+    RESIDUAL: tl.constexpr, IS_VARLEN: tl.constexpr, STORE_TILES: tl.constexpr, CLIP: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     i_nh = tl.program_id(0)
     i_n, h = i_nh // H, i_nh % H
@@ -194,8 +240,13 @@ def chunk_mlp_memory_fwd_kernel(
             tl.debug_barrier()  # the copies are read by other threads in passes 1 and 2
 
         # (1) the error at the anchor, summed over Dh
-        b_err = anchor_error(b_k, b_v, A1 + base1, A2 + base2, rk, rv, rb, mk, mv,
-                             K, V, Dh, BT, BV, BH, ACT, RESIDUAL, PRECISION)  # [BT, BV]
+        b_err, b_nh = anchor_error(b_k, b_v, A1 + base1, A2 + base2, rk, rv, rb, mk, mv,
+                                   K, V, Dh, BT, BV, BH, ACT, RESIDUAL, CLIP, PRECISION)  # [BT, BV], [BT]
+        if CLIP:  # (1b) the write norms; every later use of theta takes the clipped step
+            b_norm = write_norm(b_k, b_err, b_nh, A1 + base1, A2 + base2, rk, rv, rb, mk, mv,
+                                K, V, Dh, BT, BH, ACT, PRECISION)  # [BT]
+            tl.store(norms + p * H + h, b_norm, mask=valid)
+            b_th, clipped = clipped_theta(b_th, b_norm, max_norm)
         b_x2 = b_th[:, None] * b_err
 
         # (2) read and write, Dh block by block
@@ -249,9 +300,11 @@ def chunk_mlp_memory_bwd_kernel(
     dW2, dS2, dA2,  # [N, H, Dh, V] float32, likewise (dA: adjoint of the current chunk's anchor)
     dq, dk, dv,  # [B*T, H, K|V] in the input dtype
     dalpha, deta, dtheta,  # [B*T, H] in the gates' dtypes
-    T, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, Dh: tl.constexpr, C: tl.constexpr,
+    norms,  # [B*T, H] float32: the forward's write norms (read with CLIP)
+    T, max_norm,  # max_norm: the clipping bound c (used with CLIP)
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, Dh: tl.constexpr, C: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BH: tl.constexpr, ACT: tl.constexpr,
-    RESIDUAL: tl.constexpr, IS_VARLEN: tl.constexpr, PRECISION: tl.constexpr,
+    RESIDUAL: tl.constexpr, IS_VARLEN: tl.constexpr, CLIP: tl.constexpr, PRECISION: tl.constexpr,
 ):
     i_nh = tl.program_id(0)
     i_n, h = i_nh // H, i_nh % H
@@ -275,6 +328,9 @@ def chunk_mlp_memory_bwd_kernel(
         p = bos - off + j * BT + r
         valid = (p >= bos) & (p < eos)
         b_q, b_k, b_v, b_a, b_e, b_th = load_tile(q, k, v, alpha, eta, theta, p, valid, h, H, K, V, rk, rv, mk, mv)
+        if CLIP:  # the forward's norms, so the clipping decision is the forward's, bit for bit
+            b_norm = tl.load(norms + p * H + h, mask=valid, other=0.0)  # [BT]
+            b_th, clipped = clipped_theta(b_th, b_norm, max_norm)
         m = valid.to(tl.float32)
         prev_valid = valid & (r > 0) & (p - 1 >= bos)
         a_prev = 1.0 - tl.load(alpha + (p - 1) * H + h, mask=prev_valid, other=0.0).to(tl.float32)  # [BT]
@@ -298,8 +354,8 @@ def chunk_mlp_memory_bwd_kernel(
         b_P1 = b_QK * Gam
 
         # (A) the error at the anchor
-        b_err = anchor_error(b_k, b_v, a1, a2, rk, rv, rb, mk, mv,
-                             K, V, Dh, BT, BV, BH, ACT, RESIDUAL, PRECISION)  # [BT, BV]
+        b_err, b_nh = anchor_error(b_k, b_v, a1, a2, rk, rv, rb, mk, mv,
+                                   K, V, Dh, BT, BV, BH, ACT, RESIDUAL, CLIP, PRECISION)  # [BT, BV], [BT]
         b_x2 = b_th[:, None] * b_err
         dP2 = tl.where(lower, -tl.dot(b_do, tl.trans(b_x2), input_precision=PRECISION), 0.0)  # [BT, BT]
         dPk = dP2 * Gam  # adjoint of Hq Hk^T
@@ -317,6 +373,8 @@ def chunk_mlp_memory_bwd_kernel(
         dg = tl.zeros([BT], dtype=tl.float32)
         dh = tl.zeros([BT], dtype=tl.float32)
         dth = tl.zeros([BT], dtype=tl.float32)
+        b_nd = tl.zeros([BT], dtype=tl.float32)  # |Delta|^2 (CLIP)
+        b_R = tl.zeros([BT, BV], dtype=tl.float32)  # (Delta * act'(Z)) a2, summed over Dh (CLIP)
         sA = tl.sum(tl.zeros([BT], dtype=tl.float32), axis=0)  # <dW', W>, <dW', S>, <dS', S> over both layers
         sB = sA
         sE = sA
@@ -362,6 +420,9 @@ def chunk_mlp_memory_bwd_kernel(
             sA += tl.sum(b_dW1 * b_W1) + tl.sum(b_dW2 * b_W2)
             sB += tl.sum(b_dW1 * b_S1) + tl.sum(b_dW2 * b_S2)
             sE += tl.sum(b_dS1 * b_S1) + tl.sum(b_dS2 * b_S2)
+            if CLIP:
+                b_nd += tl.sum(b_delta * b_delta, axis=1)
+                b_R += tl.dot(b_delta * b_d1, b_a2, input_precision=PRECISION)
         tl.debug_barrier()  # pass C rewrites the adjoint blocks that pass B read
 
         dP1 = tl.where(lower, dP1, 0.0)
@@ -371,6 +432,15 @@ def chunk_mlp_memory_bwd_kernel(
         dh -= tl.sum(b_x2 * b_U2s, axis=1)
         dth += tl.sum(b_dx2 * b_err, axis=1)
         b_derr += b_th[:, None] * b_dx2
+        if CLIP:
+            # dth holds the adjoint of the clipped step. Where it clipped, theta' = c / |G| takes no
+            # gradient from theta and |G|^2 = |k|^2 |Delta|^2 + |Hk|^2 |Err|^2 gets s = -dth theta' / (2 |G|^2)
+            s = tl.where(clipped, -dth * b_th / (2.0 * tl.where(clipped, b_norm * b_norm, 1.0)), 0.0)  # [BT]
+            dth = tl.where(clipped, 0.0, dth)
+            sk = 2.0 * s * tl.sum(b_k * b_k, axis=1)  # Delta's extra adjoint is sk * Delta
+            se = 2.0 * s * tl.sum(b_err * b_err, axis=1)  # Hk's is se * Hk
+            b_derr += sk[:, None] * b_R + (2.0 * s * b_nh)[:, None] * b_err
+            b_dk += (2.0 * s * b_nd)[:, None] * b_k
         dQK = dP1 * Gam
         b_dq += tl.dot(dQK, b_k, input_precision=PRECISION)
         b_dk += tl.dot(tl.trans(dQK), b_q, input_precision=PRECISION)
@@ -408,7 +478,7 @@ def chunk_mlp_memory_bwd_kernel(
             b_dW2 = tl.load(dW2 + base2 + off2, mask=m2, other=0.0)
             b_dS2 = tl.load(dS2 + base2 + off2, mask=m2, other=0.0)
             b_dA2 = tl.load(dA2 + base2 + off2, mask=m2, other=0.0)
-            b_hk, b_d1, b_d2, b_ea, _, _, _, _, b_hq, b_dq1 = recompute_block(
+            b_hk, b_d1, b_d2, b_ea, b_delta, _, _, _, b_hq, b_dq1 = recompute_block(
                 b_q, b_k, b_err, b_P1, A, Bv, b_th, b_a1, b_a2, b_W1, b_S1, ACT, PRECISION)
             b_dhq = A[:, None] * tl.dot(b_do, tl.trans(b_W2), input_precision=PRECISION) \
                 + Bv[:, None] * tl.dot(b_do, tl.trans(b_S2), input_precision=PRECISION) \
@@ -418,11 +488,15 @@ def chunk_mlp_memory_bwd_kernel(
                 - g[:, None] * tl.dot(b_k, b_dW1, input_precision=PRECISION) \
                 - hh[:, None] * tl.dot(b_k, b_dS1, input_precision=PRECISION)
             b_ddelta = b_th[:, None] * b_dx1
+            if CLIP:
+                b_ddelta += sk[:, None] * b_delta
             b_rr = b_ddelta * b_d1
             b_dhk = tl.dot(tl.trans(dPk), b_hq, input_precision=PRECISION) \
                 - tl.dot(g[:, None] * b_x2, tl.trans(b_dW2), input_precision=PRECISION) \
                 - tl.dot(hh[:, None] * b_x2, tl.trans(b_dS2), input_precision=PRECISION) \
                 + tl.dot(b_derr, tl.trans(b_a2), input_precision=PRECISION)  # [BT, BH]
+            if CLIP:
+                b_dhk += se[:, None] * b_hk
             b_dz = b_ddelta * b_ea * b_d2 + b_dhk * b_d1  # [BT, BH]
             b_dA1 += tl.dot(tl.trans(b_k), b_dz, input_precision=PRECISION)
             b_dA2 += tl.dot(tl.trans(b_rr), b_err, input_precision=PRECISION) \

@@ -55,7 +55,7 @@ def test_clipped_packed_sequences_equal_separate_runs(name, device, data):
 
 @pytest.mark.parametrize("name", list(KERNELS))
 def test_clipped_kernels_are_bitwise_deterministic(name, device):
-    case = make_case(seed=8, B=2, T=45, H=2, K=8, V=8, dtype=bf16, chunk_size=16, state="MS", family="mlp",
+    case = make_case(seed=8, B=2, T=27, H=2, K=8, V=8, dtype=bf16, chunk_size=16, state="MS", family="mlp",
                      hidden=20, device=device)
     check_deterministic(KERNELS[name][0], dataclasses.replace(case, extra={**case.extra, "max_update_norm": 3e-3}))
 
@@ -87,7 +87,7 @@ def test_the_bound_bites_and_a_loose_one_changes_nothing(name, device):
     a tight one their outputs and gradients move far beyond the tolerance, toward the clipped
     float64 reference."""
     op = KERNELS[name][0]
-    case = make_case(seed=6, B=2, T=40, H=2, K=12, V=12, dtype=f32, chunk_size=16, state="MS", family="mlp",
+    case = make_case(seed=6, B=2, T=35, H=2, K=12, V=12, dtype=f32, chunk_size=16, state="MS", family="mlp",
                      hidden=24, device=device)
     free = _run(op, case, None)
     for x, y in zip(_run(op, case, 1e6), free):

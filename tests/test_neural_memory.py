@@ -5,7 +5,7 @@ import torch
 from layer_helpers import decode_token_by_token
 
 from titans_layers.modules import NeuralMemory
-from titans_layers.testing import assert_close
+from titans_layers.testing import assert_close, relative_error
 
 MEMORIES = ["linear", "mlp"]
 D, H = 32, 2
@@ -74,12 +74,18 @@ def test_cached_decoding_with_left_padding():
     assert_close("decoded, row 1", got[1], full[1], 1e-5)
 
 
+@pytest.mark.parametrize("max_update_norm", [None, 1e-3], ids=["free", "clipped"])
 @pytest.mark.parametrize("memory", MEMORIES)
-def test_triton_dispatch_equals_pytorch_path(memory):
-    """The Triton ops (natively on CUDA, interpreted on CPU) give the PyTorch path's results."""
+def test_triton_dispatch_equals_pytorch_path(memory, max_update_norm):
+    """The Triton ops (natively on CUDA, interpreted on CPU) give the PyTorch path's results, with
+    update clipping too (a bound that clips most writes; the linear kernels do not clip yet)."""
+    if max_update_norm is not None and memory == "linear":
+        with pytest.raises(ValueError, match="max_update_norm"):
+            make_layer(memory, chunk_size=16, backend="triton", max_update_norm=max_update_norm)
+        return
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    ref = make_layer(memory, chunk_size=16, backend="torch").to(device)
-    tri = make_layer(memory, chunk_size=16, backend="triton").to(device)
+    ref = make_layer(memory, chunk_size=16, backend="torch", max_update_norm=max_update_norm).to(device)
+    tri = make_layer(memory, chunk_size=16, backend="triton", max_update_norm=max_update_norm).to(device)
     tri.load_state_dict(ref.state_dict())
     x = inputs(T=37).to(device)
     outs, grads = [], []
@@ -92,6 +98,10 @@ def test_triton_dispatch_equals_pytorch_path(memory):
     assert_close("output", outs[1], outs[0], tol)
     for name in grads[0]:
         assert_close(f"grad of {name}", grads[1][name], grads[0][name], 10 * tol)
+    if max_update_norm is not None:  # the bound bites: without it the output is far off
+        free = make_layer(memory, chunk_size=16, backend="torch").to(device)
+        with torch.no_grad():
+            assert relative_error(free(x)[0], outs[0]) > 1e-2
 
 
 @pytest.mark.parametrize("memory", MEMORIES)

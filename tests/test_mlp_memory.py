@@ -118,13 +118,14 @@ def test_final_state_is_named_and_float32(device):
     assert state.offset.tolist() == [1, 1] and state.chunk_size == 4
 
 
-@pytest.mark.parametrize("chunk_size", [16, 64])
-def test_chunked_prefill_then_token_by_token_decode(chunk_size, device):
-    """Decoding one token per call with fused_recurrent after a chunked prefill equals one chunked call."""
+@pytest.mark.parametrize("chunk_size,max_update_norm", [(16, None), (64, None), (16, 3e-3)])
+def test_chunked_prefill_then_token_by_token_decode(chunk_size, max_update_norm, device):
+    """Decoding one token per call with fused_recurrent after a chunked prefill equals one chunked
+    call, with update clipping too."""
     case = make_case(seed=3, B=2, T=chunk_size + 9, H=2, K=16, V=16, dtype=f32, chunk_size=chunk_size, state="MS",
                      family="mlp", hidden=40, activation="gelu", residual=True, device=device)
     prefill = chunk_size // 2 + 3  # ends mid-chunk
-    kw = dict(chunk_size=chunk_size, output_final_state=True, **case.extra)
+    kw = dict(chunk_size=chunk_size, output_final_state=True, max_update_norm=max_update_norm, **case.extra)
     o_full, st_full = chunk_mlp_memory(*case.inputs, initial_state=case.initial_state, **kw)
     o, state = chunk_mlp_memory(*(x[:, :prefill] for x in case.inputs), initial_state=case.initial_state, **kw)
     outs = [o]

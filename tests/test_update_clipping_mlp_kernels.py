@@ -1,7 +1,8 @@
 """Update clipping (``max_update_norm``) in the MLP family's Triton kernels, ``chunk_mlp_memory`` and
 ``fused_recurrent_mlp_memory``: against the float64 clipped per-token reference (outputs, final
 states, every gradient), at any split point, packed, at gates of exactly 0 and 1, and bit-identical
-to the unclipped kernels when the bound never bites."""
+to the unclipped kernels when the bound never bites. (Clipped chunked prefill then token-by-token
+decoding: ``tests/test_mlp_memory.py``.)"""
 
 import dataclasses
 
@@ -11,7 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from titans_layers.ops.mlp_memory import chunk_mlp_memory, fused_recurrent_mlp_memory, naive_recurrent_mlp_memory
-from titans_layers.testing import (assert_close, check_against_reference, check_continuation, check_deterministic,
+from titans_layers.testing import (check_against_reference, check_continuation, check_deterministic,
                                    check_varlen, make_case, op_cases, relative_error, tolerance)
 from titans_layers.testing.contract import run_with_grads
 
@@ -98,26 +99,6 @@ def test_the_bound_bites_and_a_loose_one_changes_nothing(name, device):
         tol = tolerance(f32, device, "grad" if i >= 5 else "output")
         assert relative_error(x, ref) <= tol, i
         assert relative_error(y, ref) > 100 * tol, i  # without the bound the result is far off
-
-
-def test_clipped_chunked_prefill_then_token_by_token_decode(device):
-    """Decoding one token per call with the clipped fused_recurrent kernel after a clipped chunked
-    prefill that ends mid-chunk equals one clipped chunked call."""
-    C = 16
-    case = make_case(seed=3, B=2, T=C + 9, H=2, K=16, V=16, dtype=f32, chunk_size=C, state="MS", family="mlp",
-                     hidden=40, activation="gelu", residual=True, device=device)
-    kw = dict(chunk_size=C, output_final_state=True, max_update_norm=3e-3, **case.extra)
-    o_full, st_full = chunk_mlp_memory(*case.inputs, initial_state=case.initial_state, **kw)
-    prefill = C // 2 + 3
-    o, state = chunk_mlp_memory(*(x[:, :prefill] for x in case.inputs), initial_state=case.initial_state, **kw)
-    outs = [o]
-    for t in range(prefill, case.q.shape[1]):
-        o, state = fused_recurrent_mlp_memory(*(x[:, t:t + 1] for x in case.inputs), initial_state=state, **kw)
-        outs.append(o)
-    tol = tolerance(f32, device)
-    assert_close("decoded outputs", torch.cat(outs, dim=1), o_full, tol)
-    for field in ("W1", "W2", "S1", "S2", "anchor1", "anchor2"):
-        assert_close(f"decoded final {field}", getattr(state, field), getattr(st_full, field), tol)
 
 
 @pytest.mark.parametrize("op", [chunk_mlp_memory, fused_recurrent_mlp_memory], ids=["chunk", "fused_recurrent"])

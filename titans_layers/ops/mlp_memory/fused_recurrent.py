@@ -33,7 +33,7 @@ from titans_layers.ops.common.traceable import traceable
 from titans_layers.ops.common.triton_utils import sequence_range
 from titans_layers.ops.mlp_memory.chunk import (KERNEL_CHUNK_SIZES, ChunkPlan, block_sizes, chunk_bwd, chunk_fwd,
                                                 pack_final_state, prepare_kernel_call)
-from titans_layers.ops.mlp_memory.chunk_kernels import activation, clipped_theta
+from titans_layers.ops.mlp_memory.chunk_kernels import activation, block_offsets, clipped_theta
 from titans_layers.ops.mlp_memory.naive import ACTIVATIONS, naive_chunk_mlp_memory
 from titans_layers.ops.mlp_memory.state import MLPMemoryState
 from titans_layers.ops.momentum_delta_rule.chunk_kernels import load_token
@@ -66,10 +66,7 @@ def fused_recurrent_mlp_memory_fwd_kernel(
         # (0) a new chunk takes its gradients at the current weights
         if off == 0:
             for jb in range(0, NH):
-                rh = jb * BH + rb
-                mh = rh < Dh
-                off1, m1 = rk[:, None] * Dh + rh[None, :], mk[:, None] & mh[None, :]  # [BK, BH]
-                off2, m2 = rh[:, None] * V + rv[None, :], mh[:, None] & mv[None, :]  # [BH, BV]
+                off1, m1, off2, m2 = block_offsets(jb, rk, rv, rb, mk, mv, K, V, Dh, BH)  # [BK, BH], [BH, BV]
                 tl.store(A1 + base1 + off1, tl.load(W1 + base1 + off1, mask=m1, other=0.0), mask=m1)
                 tl.store(A2 + base2 + off2, tl.load(W2 + base2 + off2, mask=m2, other=0.0), mask=m2)
             tl.debug_barrier()  # pass 1 reads the copies from other threads
@@ -79,10 +76,7 @@ def fused_recurrent_mlp_memory_fwd_kernel(
         b_err = tl.zeros([BV], dtype=tl.float32)
         b_nh = tl.sum(tl.zeros([BH], dtype=tl.float32), axis=0)
         for jb in range(0, NH):
-            rh = jb * BH + rb
-            mh = rh < Dh
-            off1, m1 = rk[:, None] * Dh + rh[None, :], mk[:, None] & mh[None, :]
-            off2, m2 = rh[:, None] * V + rv[None, :], mh[:, None] & mv[None, :]
+            off1, m1, off2, m2 = block_offsets(jb, rk, rv, rb, mk, mv, K, V, Dh, BH)  # [BK, BH], [BH, BV]
             b_a1 = tl.load(A1 + base1 + off1, mask=m1, other=0.0)  # [BK, BH]
             b_a2 = tl.load(A2 + base2 + off2, mask=m2, other=0.0)  # [BH, BV]
             b_hk, _, _ = activation(tl.sum(b_k[:, None] * b_a1, axis=0), ACT)  # [BH]
@@ -95,10 +89,7 @@ def fused_recurrent_mlp_memory_fwd_kernel(
         if CLIP:  # (1b) |delta|^2 over Dh blocks, the write norm, and the clipped step
             b_nd = tl.sum(tl.zeros([BH], dtype=tl.float32), axis=0)
             for jb in range(0, NH):
-                rh = jb * BH + rb
-                mh = rh < Dh
-                off1, m1 = rk[:, None] * Dh + rh[None, :], mk[:, None] & mh[None, :]
-                off2, m2 = rh[:, None] * V + rv[None, :], mh[:, None] & mv[None, :]
+                off1, m1, off2, m2 = block_offsets(jb, rk, rv, rb, mk, mv, K, V, Dh, BH)  # [BK, BH], [BH, BV]
                 b_a1 = tl.load(A1 + base1 + off1, mask=m1, other=0.0)
                 b_a2 = tl.load(A2 + base2 + off2, mask=m2, other=0.0)
                 _, b_d1, _ = activation(tl.sum(b_k[:, None] * b_a1, axis=0), ACT)  # [BH]
@@ -110,10 +101,7 @@ def fused_recurrent_mlp_memory_fwd_kernel(
         # (2) write, then read with the new weights
         b_o = tl.zeros([BV], dtype=tl.float32)
         for jb in range(0, NH):
-            rh = jb * BH + rb
-            mh = rh < Dh
-            off1, m1 = rk[:, None] * Dh + rh[None, :], mk[:, None] & mh[None, :]
-            off2, m2 = rh[:, None] * V + rv[None, :], mh[:, None] & mv[None, :]
+            off1, m1, off2, m2 = block_offsets(jb, rk, rv, rb, mk, mv, K, V, Dh, BH)  # [BK, BH], [BH, BV]
             b_a1 = tl.load(A1 + base1 + off1, mask=m1, other=0.0)
             b_a2 = tl.load(A2 + base2 + off2, mask=m2, other=0.0)
             b_W1 = tl.load(W1 + base1 + off1, mask=m1, other=0.0)  # [BK, BH]

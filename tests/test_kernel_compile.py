@@ -7,7 +7,7 @@ import torch
 from titans_layers.ops.common.triton_utils import block_sizes
 from titans_layers.ops.mlp_memory.chunk import block_sizes as mlp_block_sizes
 from titans_layers.ops.mlp_memory.chunk import tile_size as mlp_tile_size
-from titans_layers.ops.momentum_delta_rule.chunk import tile_size
+from titans_layers.ops.momentum_delta_rule.chunk import CLIP_BWD_MAX_TILE, launch_blocks, launch_warps, tile_size
 from titans_layers.testing.compile import compile_in_subprocess
 
 CHUNK = "titans_layers.ops.momentum_delta_rule.chunk_kernels"
@@ -21,16 +21,23 @@ INPUTS = ("q", "k", "v", "alpha", "eta", "theta", "o", "do", "dv")
 INDICES = ("offset", "cu_seqlens", "tile_indptr")
 
 
-def _args(kernel, dim, chunk_size, dtype):
-    BK, BV = block_sizes(dim, dim)
+def _args(kernel, dim, chunk_size, dtype, clip=False):
+    """Arguments as the launchers pass them; ``clip``: the update-clipping variant (all of V in one
+    program: one V block, or for the split backward V in sub-blocks of the unclipped width)."""
+    BK, BV = launch_blocks(dim, dim, clip)[:2] if kernel != SPLIT else block_sizes(dim, dim)
     pointers = {name: f"*{dtype}" for name in INPUTS}
     pointers.update({name: "*i64" for name in INDICES})
     constexprs = dict(H=16, K=dim, V=dim, C=chunk_size, BK=BK, BV=BV, IS_VARLEN=True)
+    if kernel == SPLIT:
+        constexprs["NVS"] = -(-dim // BV)
+    else:
+        constexprs["CLIP"] = clip
     if kernel.startswith(CHUNK):
         constexprs.update(BT=tile_size(chunk_size), PRECISION="ieee" if dtype == "fp32" else "tf32")
     if kernel.endswith("fwd_kernel") and kernel.startswith(CHUNK):
         constexprs["STORE_TILES"] = True
-    return dict(pointers=pointers, scalars={"T": "i32", "n_tokens": "i32"}, constexprs=constexprs)
+    return dict(pointers=pointers, scalars={"T": "i32", "n_tokens": "i32", "max_norm": "fp32"},
+                constexprs=constexprs, num_warps=launch_warps(BK, BV))
 
 
 @pytest.mark.parametrize("capability", [80, 90])
@@ -38,6 +45,22 @@ def _args(kernel, dim, chunk_size, dtype):
 @pytest.mark.parametrize("kernel", KERNELS, ids=lambda k: k.split(":")[1])
 def test_kernel_compiles_for_gpu(kernel, config, capability):
     compile_in_subprocess(kernel, capability=capability, **_args(kernel, *config))
+
+
+# Update clipping holds all of V in one program, at the largest tiles each kernel gets: the forward
+# and the decode kernel one [128, 128] block; the backward one block up to CLIP_BWD_MAX_TILE
+# (64 x 64; fp32 needs the most shared memory), the split backward beyond (V in sub-blocks).
+SPLIT = f"{CHUNK}:chunk_momentum_delta_rule_bwd_split_kernel"
+CLIP_CASES = [(KERNELS[0], (128, 64, "bf16")), (KERNELS[2], (128, 64, "bf16")), (KERNELS[1], (64, 64, "fp32")),
+              (SPLIT, (128, 64, "fp32"))]
+
+
+@pytest.mark.parametrize("capability", [80, 90])
+@pytest.mark.parametrize("kernel, config", CLIP_CASES,
+                         ids=[f"{k.split(':')[1]}-K{c[0]}-{c[2]}" for k, c in CLIP_CASES])
+def test_clipping_kernel_compiles_for_gpu(kernel, config, capability):
+    assert kernel != KERNELS[1] or config[0] ** 2 <= CLIP_BWD_MAX_TILE  # the single-block backward's tile
+    compile_in_subprocess(kernel, capability=capability, **_args(kernel, *config, clip=True))
 
 
 MLP_CHUNK = "titans_layers.ops.mlp_memory.chunk_kernels"

@@ -7,17 +7,22 @@ from dataclasses import dataclass
 import torch
 import triton
 
-from titans_layers.ops.common.clipping import reject_clipping
+from titans_layers.ops.common.clipping import check_max_update_norm
 from titans_layers.ops.common.layout import sequence_lengths
 from titans_layers.ops.common.traceable import traceable
 from titans_layers.ops.common.triton_utils import block_sizes, check_head_dims, check_triton_device, dot_precision
 from titans_layers.ops.common.validation import OpShape, check_chunk_size, check_op_inputs
 from titans_layers.ops.momentum_delta_rule.chunk_kernels import (chunk_momentum_delta_rule_bwd_kernel,
+                                                                 chunk_momentum_delta_rule_bwd_split_kernel,
                                                                  chunk_momentum_delta_rule_fwd_kernel)
 from titans_layers.ops.momentum_delta_rule.state import MomentumDeltaRuleState, resolve_initial_state
 
 KERNEL_CHUNK_SIZES = (16, 32, 64)
 MAX_TILE = 32
+# Largest [BK, BV] state tile the clipped backward keeps in one block (registers): beyond it the
+# single-block backward needs more shared memory than an A100 or H100 block has (fp32 at 128 x 64:
+# 234 KB), so it walks V in sub-blocks of the unclipped width instead (the split kernel).
+CLIP_BWD_MAX_TILE = 64 * 64
 
 
 @dataclass
@@ -58,17 +63,34 @@ def make_plan(shape: OpShape, chunk_size: int, offsets: list[int], cu_seqlens, d
                      indptr[-1])
 
 
+def launch_blocks(K: int, V: int, clip: bool) -> tuple[int, int, int]:
+    """(BK, BV, NV). Clipping needs each token's error norm over all of V, so it takes one V block
+    (``chunk_kernels`` module docstring); without it V splits into blocks of ``block_sizes``."""
+    BK, BV = block_sizes(K, V)
+    if clip:
+        BV = max(16, triton.next_power_of_2(V))
+    return BK, BV, triton.cdiv(V, BV)
+
+
+def launch_warps(BK: int, BV: int) -> int:
+    """Warps per program: 4, or 8 for the state tiles beyond 64 x 64 that only clipping launches
+    (K, V > 64 in one V block), to halve the registers each thread holds."""
+    return 8 if BK * BV > 64 * 64 else 4
+
+
 def varlen_args(cu_seqlens, plan: ChunkPlan):
     """The kernels' ``cu_seqlens`` argument (any long tensor when unused) and ``IS_VARLEN``."""
     return (cu_seqlens if cu_seqlens is not None else plan.tile_indptr), cu_seqlens is not None
 
 
-def chunk_fwd(q, k, v, alpha, eta, theta, M0, S0, W0, offset, cu_seqlens, plan: ChunkPlan, store_tiles: bool):
-    """Launch the forward kernel. Returns o ``[B, T, H, V]``, the final ``(M, S, anchor)`` and,
-    when ``store_tiles``, the tile-start states ``[n_tiles, H, K, V]`` (else None)."""
+def chunk_fwd(q, k, v, alpha, eta, theta, M0, S0, W0, offset, cu_seqlens, plan: ChunkPlan, store_tiles: bool,
+              max_update_norm: float | None = None):
+    """Launch the forward kernel. Returns o ``[B, T, H, V]``, the final ``(M, S, anchor)``,
+    when ``store_tiles`` the tile-start states ``[n_tiles, H, K, V]`` (else None), and when
+    ``store_tiles`` and clipping each token's gradient norm ``[B, T, H]`` float32 (else None)."""
     s = plan.shape
-    BK, BV = block_sizes(s.K, s.V)
-    NV = triton.cdiv(s.V, BV)
+    clip = max_update_norm is not None
+    BK, BV, NV = launch_blocks(s.K, s.V, clip)
     o = torch.empty_like(v)
     MT, ST, WT = (torch.empty(s.N, s.H, s.K, s.V, dtype=torch.float32, device=q.device) for _ in range(3))
     if store_tiles:
@@ -76,21 +98,32 @@ def chunk_fwd(q, k, v, alpha, eta, theta, M0, S0, W0, offset, cu_seqlens, plan: 
         tile_S = torch.empty_like(tile_M)
     else:
         tile_M = tile_S = MT  # never written
+    keep_norms = store_tiles and clip
+    norms = torch.empty(alpha.shape, dtype=torch.float32, device=q.device) if keep_norms else MT  # else unused
     cu, is_varlen = varlen_args(cu_seqlens, plan)
     chunk_momentum_delta_rule_fwd_kernel[(NV, s.N * s.H)](
         q, k, v, alpha, eta, theta, M0, S0, W0, offset, cu, plan.tile_indptr, o, MT, ST, WT, tile_M, tile_S,
-        s.T, H=s.H, K=s.K, V=s.V, C=plan.chunk_size, BT=plan.tile_size, BK=BK, BV=BV, IS_VARLEN=is_varlen,
-        STORE_TILES=store_tiles, PRECISION=dot_precision(q.dtype), num_stages=1)
-    return o, MT, ST, WT, (tile_M if store_tiles else None), (tile_S if store_tiles else None)
+        norms, s.T, max_update_norm if clip else 0.0, H=s.H, K=s.K, V=s.V, C=plan.chunk_size, BT=plan.tile_size,
+        BK=BK, BV=BV, IS_VARLEN=is_varlen, STORE_TILES=store_tiles, PRECISION=dot_precision(q.dtype), CLIP=clip,
+        num_warps=launch_warps(BK, BV), num_stages=1)
+    return (o, MT, ST, WT, (tile_M if store_tiles else None), (tile_S if store_tiles else None),
+            (norms if keep_norms else None))
 
 
 def chunk_bwd(q, k, v, alpha, eta, theta, W0, offset, cu_seqlens, plan: ChunkPlan, tile_M, tile_S,
-              do, dMT, dST, dWT):
+              do, dMT, dST, dWT, max_update_norm: float | None = None, norms=None):
     """Launch the backward kernel. Returns the gradients of q, k, v, alpha, eta, theta and of the
-    initial ``(M, S, anchor)`` (float32)."""
+    initial ``(M, S, anchor)`` (float32). Clipping takes the forward's per-token ``norms`` and one
+    program per (sequence, head): all of V in one block up to ``CLIP_BWD_MAX_TILE`` state
+    elements, else the split kernel (V in sub-blocks of ``block_sizes``' width)."""
     s = plan.shape
-    BK, BV = block_sizes(s.K, s.V)
-    NV = triton.cdiv(s.V, BV)
+    clip = max_update_norm is not None
+    if clip and norms is None:
+        raise RuntimeError("the clipped backward needs the per-token norms its forward stored")
+    BK, BV, NV = launch_blocks(s.K, s.V, clip)
+    split = clip and BK * BV > CLIP_BWD_MAX_TILE
+    if split:
+        BK, BV = block_sizes(s.K, s.V)
     n_tokens = s.B * s.T
     state = (s.N, s.H, s.K, s.V)
     zeros = lambda x: torch.zeros(state, dtype=torch.float32, device=q.device) if x is None else x.float().contiguous()
@@ -101,42 +134,52 @@ def chunk_bwd(q, k, v, alpha, eta, theta, W0, offset, cu_seqlens, plan: ChunkPla
     dalpha, deta, dtheta = (q.new_empty(NV, *alpha.shape, dtype=torch.float32) for _ in range(3))
     dM0, dS0, dW0 = (torch.empty(state, dtype=torch.float32, device=q.device) for _ in range(3))
     cu, is_varlen = varlen_args(cu_seqlens, plan)
-    chunk_momentum_delta_rule_bwd_kernel[(NV, s.N * s.H)](
-        q, k, v, alpha, eta, theta, W0, offset, cu, plan.tile_indptr, tile_M, tile_S, do.contiguous(),
-        dMT, dST, dWT, dq, dk, dv, dalpha, deta, dtheta, dM0, dS0, dW0,
-        s.T, n_tokens, H=s.H, K=s.K, V=s.V, C=plan.chunk_size, BT=plan.tile_size, BK=BK, BV=BV,
-        IS_VARLEN=is_varlen, PRECISION=dot_precision(q.dtype), num_stages=1)
+    if split:
+        chunk_momentum_delta_rule_bwd_split_kernel[(1, s.N * s.H)](
+            q, k, v, alpha, eta, theta, W0, offset, cu, plan.tile_indptr, tile_M, tile_S, do.contiguous(),
+            dMT, dST, dWT, dq, dk, dv, dalpha, deta, dtheta, dM0, dS0, dW0, norms, s.T, max_update_norm,
+            H=s.H, K=s.K, V=s.V, C=plan.chunk_size, BT=plan.tile_size, BK=BK, BV=BV, NVS=triton.cdiv(s.V, BV),
+            IS_VARLEN=is_varlen, PRECISION=dot_precision(q.dtype), num_warps=launch_warps(BK, BV), num_stages=1)
+    else:
+        chunk_momentum_delta_rule_bwd_kernel[(NV, s.N * s.H)](
+            q, k, v, alpha, eta, theta, W0, offset, cu, plan.tile_indptr, tile_M, tile_S, do.contiguous(),
+            dMT, dST, dWT, dq, dk, dv, dalpha, deta, dtheta, dM0, dS0, dW0, norms if clip else dM0,
+            s.T, n_tokens, max_update_norm if clip else 0.0, H=s.H, K=s.K, V=s.V, C=plan.chunk_size,
+            BT=plan.tile_size, BK=BK, BV=BV, IS_VARLEN=is_varlen, PRECISION=dot_precision(q.dtype), CLIP=clip,
+            num_warps=launch_warps(BK, BV), num_stages=1)
     return (dq.sum(0).to(q.dtype), dk.sum(0).to(k.dtype), dv, dalpha.sum(0).to(alpha.dtype),
             deta.sum(0).to(eta.dtype), dtheta.sum(0).to(theta.dtype), dM0, dS0, dW0)
 
 
 class ChunkMomentumDeltaRuleFunction(torch.autograd.Function):
     """Forward and backward through the Triton chunk kernels; the backward recomputes each tile
-    from the tile-start states the forward stored (only when ``store_tiles``: a gradient is needed).
-    Written with ``setup_context`` so ``torch.func`` transforms (used under ``torch.compile``) work."""
+    from the tile-start states (and, when clipping, the per-token norms) the forward stored (only
+    when ``store_tiles``: a gradient is needed). Written with ``setup_context`` so ``torch.func``
+    transforms (used under ``torch.compile``) work."""
 
     @staticmethod
-    def forward(q, k, v, alpha, eta, theta, M0, S0, W0, offset, cu_seqlens, plan, store_tiles):
-        return chunk_fwd(q, k, v, alpha, eta, theta, M0, S0, W0, offset, cu_seqlens, plan, store_tiles=store_tiles)
+    def forward(q, k, v, alpha, eta, theta, M0, S0, W0, offset, cu_seqlens, plan, store_tiles, max_update_norm):
+        return chunk_fwd(q, k, v, alpha, eta, theta, M0, S0, W0, offset, cu_seqlens, plan, store_tiles=store_tiles,
+                         max_update_norm=max_update_norm)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        q, k, v, alpha, eta, theta, M0, S0, W0, offset, cu_seqlens, plan, store_tiles = inputs
-        *_, tile_M, tile_S = output
+        q, k, v, alpha, eta, theta, M0, S0, W0, offset, cu_seqlens, plan, store_tiles, max_update_norm = inputs
+        *_, tile_M, tile_S, norms = output
         if store_tiles:
-            ctx.save_for_backward(q, k, v, alpha, eta, theta, W0, offset, cu_seqlens, tile_M, tile_S)
-        ctx.plan, ctx.store_tiles = plan, store_tiles
-        ctx.mark_non_differentiable(*(t for t in (tile_M, tile_S) if t is not None))
+            ctx.save_for_backward(q, k, v, alpha, eta, theta, W0, offset, cu_seqlens, tile_M, tile_S, norms)
+        ctx.plan, ctx.store_tiles, ctx.max_update_norm = plan, store_tiles, max_update_norm
+        ctx.mark_non_differentiable(*(t for t in (tile_M, tile_S, norms) if t is not None))
 
     @staticmethod
     def backward(ctx, do, dMT, dST, dWT, *_):
         if not ctx.store_tiles:
             raise RuntimeError("chunk_momentum_delta_rule ran without keeping its tile states (no input needed a "
                                "gradient at call time), so it cannot be differentiated")
-        q, k, v, alpha, eta, theta, W0, offset, cu_seqlens, tile_M, tile_S = ctx.saved_tensors
+        q, k, v, alpha, eta, theta, W0, offset, cu_seqlens, tile_M, tile_S, norms = ctx.saved_tensors
         grads = chunk_bwd(q, k, v, alpha, eta, theta, W0, offset, cu_seqlens, ctx.plan, tile_M, tile_S,
-                          do, dMT, dST, dWT)
-        return (*grads, None, None, None, None)
+                          do, dMT, dST, dWT, max_update_norm=ctx.max_update_norm, norms=norms)
+        return (*grads, None, None, None, None, None)
 
 
 def needs_grad(*tensors) -> bool:
@@ -179,15 +222,19 @@ def chunk_momentum_delta_rule(q, k, v, alpha, eta, theta, *, chunk_size: int = 1
             (weights ``[N or 1, H, K, V]``); receives gradients.
         output_final_state: also return the state after the last token.
         cu_seqlens: ``[N + 1]`` offsets of packed sequences (B == 1), or None.
-        max_update_norm: must be None: update clipping is not in the kernels yet (ValueError).
+        max_update_norm: None, or a bound ``c`` on each token's write ``||theta_t G_t||_F``: the
+            step becomes ``theta_t * min(1, c / (theta_t ||G_t||_F))`` with G_t the gradient at
+            the chunk's anchor (:mod:`titans_layers.ops.common.clipping`), forward and backward.
+            A clipped call runs one program per (sequence, head) holding all of V (see
+            ``chunk_kernels``).
 
     Returns:
         ``(o, final_state)``: o ``[B, T, H, V]`` in q's dtype; final_state a float32
         :class:`MomentumDeltaRuleState` or None. Runs on CUDA, or on CPU under ``TRITON_INTERPRET=1``.
     """
-    reject_clipping(max_update_norm, "chunk_momentum_delta_rule")
+    clip = check_max_update_norm(max_update_norm)
     inputs, states, offset, plan = prepare_kernel_call("chunk_momentum_delta_rule", q, k, v, alpha, eta, theta,
                                                        chunk_size, initial_state, cu_seqlens, KERNEL_CHUNK_SIZES)
-    o, MT, ST, WT, _, _ = ChunkMomentumDeltaRuleFunction.apply(*inputs, *states, offset, cu_seqlens, plan,
-                                                               needs_grad(*inputs, *states))
+    o, MT, ST, WT, *_ = ChunkMomentumDeltaRuleFunction.apply(*inputs, *states, offset, cu_seqlens, plan,
+                                                             needs_grad(*inputs, *states), clip)
     return o, (pack_final_state(MT, ST, WT, plan, q.device) if output_final_state else None)

@@ -16,6 +16,41 @@ reloads each tile's start state (and its chunk's anchor, the start state of the 
 tile), recomputes the tile and carries the adjoints of ``(M, S, anchor)``.
 Gradients of q, k and the gates sum over V blocks: each block writes its own partial, summed
 afterwards (deterministic, no atomics).
+
+Update clipping (``max_update_norm = c``, :mod:`titans_layers.ops.common.clipping`), under the
+constexpr flag ``CLIP`` (compiled out, no cost, when off). Token t's step becomes
+``theta'_t = c / n_t`` where ``theta_t n_t > c``, else ``theta_t``, with
+``n_t = ||G_t||_F = |k_t| |e_t|`` and ``e_t = k_t W_anchor - v_t`` the error row at the chunk's
+anchor (the tile's ``U``), computed as ``sqrt(|k|^2) * sqrt(|e|^2)`` (correctly rounded square
+roots; no overflow of the product of squares). The division happens only in the branch taken
+(``clip_step``), so zero keys, zero errors and theta = 0 stay finite and exact; theta' replaces
+theta everywhere theta was used.
+
+- One program holds all of V. ``|e_t|`` sums over all of V, so a program holding a block of V
+  columns cannot clip alone (and V blocks have no way to exchange partial sums mid-sequence: the
+  anchor, hence ``e``, depends on every earlier clip decision; in the backward the clip adjoint
+  of each token needs ``dtheta'``, a sum over all of V). With ``CLIP`` the forward and the decode
+  kernel use a single V block (NV = 1, BV = next power of 2 of V, V <= 128): the state tiles grow
+  from ``[K, <=64]`` to ``[K, V]`` (8 warps beyond 64 x 64), so at large heads a clipped call keeps
+  up to 4x more state per program and runs fewer programs than an unclipped one. The backward
+  does the same up to ``CLIP_BWD_MAX_TILE`` (64 x 64) state elements; beyond, one block would need
+  more shared memory than an A100/H100 has (fp32 at 128 x 64: 234 KB), so
+  :func:`chunk_momentum_delta_rule_bwd_split_kernel` walks V in sub-blocks of the unclipped
+  width, with the adjoint state in global memory and two passes per tile. With a bound that never
+  bites the results equal the unclipped kernel's bit for bit when V fits one block anyway (V <= 64,
+  or <= 32 for K > 64); otherwise only the summation order of the V-block partials of dq, dk and
+  the gates differs.
+- Saved norms. The forward stores each token's ``n_t`` in a ``[B*T, H]`` float32 buffer next to
+  the tile states; the backward reloads it and re-derives ``theta'`` with the same helper, so the
+  clip decision (a discontinuity of the gradient) is the forward's bit for bit even where the
+  backward's recomputed ``e`` rounds differently (on a GPU the two kernels' ``tl.dot`` need not
+  round alike). The norm's derivatives use the backward's recomputed ``|k|^2`` and ``|e|^2``.
+- Backward. The tile backward yields the adjoint ``dtheta'`` of the used step. Unclipped tokens:
+  ``dtheta = dtheta'``. Clipped tokens: ``dtheta = 0`` (theta' = c / n does not depend on theta)
+  and ``dn = -dtheta' theta' / n``; with ``w = dn / n``: ``dk += w |e|^2 k`` directly, and
+  ``de += w |k|^2 e``, which joins the adjoint of ``U`` before it flows into ``dk (dU W^T)``,
+  ``dv (-dU)`` and the anchor's adjoint ``(k^T dU)``. Both additions sit behind
+  ``where(clipped, ...)`` so unclipped rows keep their exact bits.
 """
 
 from __future__ import annotations
@@ -68,6 +103,20 @@ def load_token(q, k, v, alpha, eta, theta, t, h, H, K, V, rk, rv, mk, mv):
 
 
 @triton.jit
+def write_norm(kk, ee):
+    """``||G_t||_F = |k_t| |e_t|`` from the squared norms (``[BT]``, or scalars)."""
+    return tl.sqrt_rn(kk) * tl.sqrt_rn(ee)
+
+
+@triton.jit
+def clip_step(th, norm, max_norm):
+    """The clipped step and where it was clipped: ``c / norm`` where ``th * norm > c``, else ``th``
+    unchanged. The division runs only where clipped (there norm > 0): no 1/0 in the other branch."""
+    clipped = th * norm > max_norm
+    return tl.where(clipped, tl.div_rn(max_norm, tl.where(clipped, norm, 1.0)), th), clipped
+
+
+@triton.jit
 def chunk_momentum_delta_rule_fwd_kernel(
     q, k, v, alpha, eta, theta,  # [B*T, H, K|V], gates [B*T, H]
     M0, S0, W0, offset,  # initial state [N, H, K, V] float32, offset [N]
@@ -75,9 +124,11 @@ def chunk_momentum_delta_rule_fwd_kernel(
     o,  # [B*T, H, V]
     MT, ST, WT,  # final state [N, H, K, V] float32
     tile_M, tile_S,  # [total tiles, H, K, V] float32 (tile-start states)
-    T, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BT: tl.constexpr,
+    norms,  # [B*T, H] float32: each token's ||G_t|| (written when CLIP and STORE_TILES)
+    T, max_norm,  # sequence length; the bound c on each write (read when CLIP)
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BT: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr, IS_VARLEN: tl.constexpr, STORE_TILES: tl.constexpr,
-    PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, CLIP: tl.constexpr,
 ):
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
     i_n, h = i_nh // H, i_nh % H
@@ -114,7 +165,13 @@ def chunk_momentum_delta_rule_fwd_kernel(
         g = take_row(Gam, r, BT - 1)
         hh = take_row(D_e, r, BT - 1)
 
-        b_X = b_th[:, None] * (tl.dot(b_k, b_W, input_precision=PRECISION) - b_v)  # [BT, BV]
+        b_U = tl.dot(b_k, b_W, input_precision=PRECISION) - b_v  # [BT, BV] errors at the anchor
+        if CLIP:  # one V block holds all of V: the norms are complete
+            b_norm = write_norm(tl.sum(b_k * b_k, axis=1), tl.sum(b_U * b_U, axis=1))  # [BT]
+            b_th, _ = clip_step(b_th, b_norm, max_norm)
+            if STORE_TILES:
+                tl.store(norms + p * H + h, b_norm, mask=valid)
+        b_X = b_th[:, None] * b_U  # [BT, BV]
         b_P = tl.dot(b_q, tl.trans(b_k), input_precision=PRECISION) * Gam  # [BT, BT]
         b_o = A[:, None] * tl.dot(b_q, b_M, input_precision=PRECISION) \
             + Bv[:, None] * tl.dot(b_q, b_S, input_precision=PRECISION) \
@@ -145,9 +202,12 @@ def chunk_momentum_delta_rule_bwd_kernel(
     dv,  # [B*T, H, V]
     dalpha, deta, dtheta,  # [NV, B*T, H] float32 partials
     dM0, dS0, dW0,  # [N, H, K, V] float32
+    norms,  # [B*T, H] float32: the forward's ||G_t|| per token (read when CLIP)
     T, n_tokens,  # sequence length (unpacked input); B*T, the rows of one V block's partial
+    max_norm,  # the bound c on each write (read when CLIP)
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BT: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr, IS_VARLEN: tl.constexpr, PRECISION: tl.constexpr,
+    CLIP: tl.constexpr,
 ):
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
     i_n, h = i_nh // H, i_nh % H
@@ -202,6 +262,9 @@ def chunk_momentum_delta_rule_bwd_kernel(
         A_c, B_c, E_c = take(A, r, BT - 1), take(Bv, r, BT - 1), take(E, r, BT - 1)
         b_QK = tl.dot(b_q, tl.trans(b_k), input_precision=PRECISION)  # [BT, BT]
         b_U = tl.dot(b_k, b_W, input_precision=PRECISION) - b_v  # [BT, BV]
+        if CLIP:  # the forward's norms: the same clip decisions, bit for bit
+            b_norm = tl.load(norms + p * H + h, mask=valid, other=0.0)  # [BT]
+            b_th, clipped = clip_step(b_th, b_norm, max_norm)
         b_X = b_th[:, None] * b_U
         b_QM = tl.dot(b_q, b_M, input_precision=PRECISION)
         b_QS = tl.dot(b_q, b_S, input_precision=PRECISION)
@@ -220,7 +283,14 @@ def chunk_momentum_delta_rule_bwd_kernel(
         dg = -tl.sum(b_X * b_KdM, axis=1)
         dh = -tl.sum(b_X * b_KdS, axis=1)
         b_dU = b_th[:, None] * b_dX
-        dth = tl.sum(b_dX * b_U, axis=1)
+        dth = tl.sum(b_dX * b_U, axis=1)  # adjoint of the step used (theta' when clipping)
+        if CLIP:
+            # clipped: theta' = c / n, so dtheta = 0 and dn = -dtheta' theta' / n; w = dn / n.
+            # n = |k| |e|: dk += w |e|^2 k, de += w |k|^2 e (de joins dU: dk, dv, the anchor)
+            safe = tl.where(clipped, b_norm, 1.0)
+            w = tl.where(clipped, -dth * (b_th / safe) / safe, 0.0)  # [BT]
+            b_dU = tl.where(clipped[:, None], b_dU + (w * tl.sum(b_k * b_k, axis=1))[:, None] * b_U, b_dU)
+            dth = tl.where(clipped, 0.0, dth)
         dQK = dP * Gam
         dGam = dP * b_QK + tl.where(last_row, dg[None, :], 0.0)
 
@@ -231,6 +301,8 @@ def chunk_momentum_delta_rule_bwd_kernel(
             - tl.dot(g[:, None] * b_X, tl.trans(b_dM), input_precision=PRECISION) \
             - tl.dot(hh[:, None] * b_X, tl.trans(b_dS), input_precision=PRECISION) \
             + tl.dot(b_dU, tl.trans(b_W), input_precision=PRECISION)
+        if CLIP:
+            b_dk = tl.where(clipped[:, None], b_dk + (w * tl.sum(b_U * b_U, axis=1))[:, None] * b_k, b_dk)
         b_dW = b_dW + tl.dot(tl.trans(b_k), b_dU, input_precision=PRECISION)
         b_dM_start = tl.dot(tl.trans(A[:, None] * b_q), b_do, input_precision=PRECISION) + A_c * b_dM
         b_dS = tl.dot(tl.trans(Bv[:, None] * b_q), b_do, input_precision=PRECISION) + B_c * b_dM + E_c * b_dS
@@ -254,3 +326,193 @@ def chunk_momentum_delta_rule_bwd_kernel(
     tl.store(dM0 + s_off, b_dM, mask=s_mask)
     tl.store(dS0 + s_off, b_dS, mask=s_mask)
     tl.store(dW0 + s_off, b_dW, mask=s_mask)
+
+
+@triton.jit
+def load_anchor(W0, tile_M, j, R: tl.constexpr, row, w_row, rv, s_mask):
+    """Columns rv of the anchor of tile j: the initial anchor in the first chunk, later the
+    start state of the chunk's first tile (``row``, ``w_row``: the rows in W0 and in tile_M)."""
+    if j < R:
+        b_W = tl.load(W0 + row + rv[None, :], mask=s_mask, other=0.0)
+    else:
+        b_W = tl.load(tile_M + w_row + rv[None, :], mask=s_mask, other=0.0)
+    return b_W
+
+
+@triton.jit
+def chunk_momentum_delta_rule_bwd_split_kernel(
+    q, k, v, alpha, eta, theta,  # [B*T, H, K|V], gates [B*T, H]
+    W0, offset, cu_seqlens, tile_indptr,  # initial anchor [N, H, K, V]; offset [N]; [N + 1]; [N + 1]
+    tile_M, tile_S,  # [total tiles, H, K, V] float32 tile-start states from the forward
+    do, dMT, dST, dWT,  # [B*T, H, V]; gradients of the final state [N, H, K, V] float32
+    dq, dk,  # [B*T, H, K] float32
+    dv,  # [B*T, H, V]
+    dalpha, deta, dtheta,  # [B*T, H] float32
+    dM0, dS0, dW0,  # [N, H, K, V] float32: the running adjoints of (M, S, anchor), then the result
+    norms,  # [B*T, H] float32: the forward's ||G_t|| per token
+    T, max_norm,  # sequence length (unpacked input); the bound c on each write
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BT: tl.constexpr,
+    BK: tl.constexpr, BV: tl.constexpr, NVS: tl.constexpr, IS_VARLEN: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """The clipped backward for heads whose ``[K, V]`` state tile is too large for one block
+    (module docstring): one program per (sequence, head) holds all of V, but walks it in NVS
+    sub-blocks of BV columns, keeping the adjoints of ``(M, S, anchor)`` in its rows of
+    ``dM0, dS0, dW0`` instead of registers. Per tile, pass 1 sums over the sub-blocks what needs
+    all of V (``dtheta'``, ``|e|^2``, the gate and q/k adjoints); the clip adjoint ``w`` follows;
+    pass 2 recomputes each sub-block's ``dX`` and applies the adjoint of ``U`` (dk, dv, the anchor)
+    and the state recursion. Same arithmetic as the single-block kernel, summed in another order."""
+    i_nh = tl.program_id(1)
+    i_n, h = i_nh // H, i_nh % H
+    bos, eos, off, j0, n_tiles, first_tile = sequence_bounds(cu_seqlens, tile_indptr, offset, i_n, T, BT, IS_VARLEN)
+    R: tl.constexpr = C // BT
+    r = tl.arange(0, BT)
+    rk = tl.arange(0, BK)
+    mk = rk < K
+    row = ((i_n * H + h) * K + rk[:, None]).to(tl.int64) * V  # [BK, 1] this head's state rows
+    lower = r[:, None] >= r[None, :]
+    last_row = r[:, None] == BT - 1
+    is_last = r == BT - 1
+
+    ends_mid_chunk = (off + eos - bos) % C != 0
+    for jv in range(NVS):
+        rv = jv * BV + tl.arange(0, BV)
+        s_off, s_mask = row + rv[None, :], mk[:, None] & (rv < V)[None, :]
+        b_dWT = tl.load(dWT + s_off, mask=s_mask, other=0.0)
+        tl.store(dM0 + s_off, tl.load(dMT + s_off, mask=s_mask, other=0.0) + tl.where(ends_mid_chunk, 0.0, b_dWT),
+                 mask=s_mask)
+        tl.store(dS0 + s_off, tl.load(dST + s_off, mask=s_mask, other=0.0), mask=s_mask)
+        tl.store(dW0 + s_off, tl.where(ends_mid_chunk, b_dWT, 0.0), mask=s_mask)
+    tl.debug_barrier()
+    for ii in range(n_tiles):
+        i = n_tiles - 1 - ii
+        j = j0 + i
+        p = bos - off + j * BT + r
+        valid = (p >= bos) & (p < eos)
+        tok_k = (p[:, None] * H + h) * K + rk[None, :]
+        b_q = tl.load(q + tok_k, mask=valid[:, None] & mk[None, :], other=0.0).to(tl.float32)  # [BT, BK]
+        b_k = tl.load(k + tok_k, mask=valid[:, None] & mk[None, :], other=0.0).to(tl.float32)
+        b_a = 1.0 - tl.load(alpha + p * H + h, mask=valid, other=0.0).to(tl.float32)  # [BT]
+        b_e = tl.load(eta + p * H + h, mask=valid, other=1.0).to(tl.float32)
+        b_th = tl.load(theta + p * H + h, mask=valid, other=0.0).to(tl.float32)
+        m = valid.to(tl.float32)
+        prev_valid = valid & (r > 0) & (p - 1 >= bos)
+        a_prev = 1.0 - tl.load(alpha + (p - 1) * H + h, mask=prev_valid, other=0.0).to(tl.float32)
+        e_prev = tl.load(eta + (p - 1) * H + h, mask=prev_valid, other=1.0).to(tl.float32)
+        t_row = ((first_tile + i) * H + h) * K * V + rk[:, None] * V  # [BK, 1] in the tile states
+        w_row = ((first_tile + (j // R) * R - j0) * H + h) * K * V + rk[:, None] * V  # the chunk's first tile
+
+        # recompute the tile's gate coefficients
+        D_a = segment_products(b_a, r)
+        D_e = segment_products(b_e, r)
+        D_em = D_e * m[:, None]
+        A = tl.cumprod(b_a, axis=0)
+        E = tl.cumprod(b_e, axis=0)
+        Em = E * m
+        Gam = tl.dot(D_a, D_em, input_precision="ieee")
+        Bv = tl.sum(D_a * Em[None, :], axis=1)
+        g = take_row(Gam, r, BT - 1)
+        hh = take_row(D_e, r, BT - 1)
+        A_c, B_c, E_c = take(A, r, BT - 1), take(Bv, r, BT - 1), take(E, r, BT - 1)
+        b_QK = tl.dot(b_q, tl.trans(b_k), input_precision=PRECISION)  # [BT, BT]
+        b_QKG = b_QK * Gam
+        b_norm = tl.load(norms + p * H + h, mask=valid, other=0.0)  # the forward's decisions
+        b_th, clipped = clip_step(b_th, b_norm, max_norm)
+
+        # pass 1: everything that sums over V
+        dA = tl.zeros([BT], dtype=tl.float32)
+        dBv = tl.zeros([BT], dtype=tl.float32)
+        dg = tl.zeros([BT], dtype=tl.float32)
+        dh = tl.zeros([BT], dtype=tl.float32)
+        dth = tl.zeros([BT], dtype=tl.float32)  # adjoint of theta'
+        ee = tl.zeros([BT], dtype=tl.float32)  # |e|^2
+        dM_M = tl.zeros([BK], dtype=tl.float32)  # row sums of dM * M, dM * S, dS * S
+        dM_S = tl.zeros([BK], dtype=tl.float32)
+        dS_S = tl.zeros([BK], dtype=tl.float32)
+        dP = tl.zeros([BT, BT], dtype=tl.float32)  # do X^T
+        b_dq = tl.zeros([BT, BK], dtype=tl.float32)
+        b_dk = tl.zeros([BT, BK], dtype=tl.float32)
+        for jv in range(NVS):
+            rv = jv * BV + tl.arange(0, BV)
+            mv = rv < V
+            s_mask = mk[:, None] & mv[None, :]
+            tok_v = (p[:, None] * H + h) * V + rv[None, :]
+            b_v = tl.load(v + tok_v, mask=valid[:, None] & mv[None, :], other=0.0).to(tl.float32)  # [BT, BV]
+            b_do = tl.load(do + tok_v, mask=valid[:, None] & mv[None, :], other=0.0).to(tl.float32)
+            b_M = tl.load(tile_M + t_row + rv[None, :], mask=s_mask, other=0.0)  # [BK, BV]
+            b_S = tl.load(tile_S + t_row + rv[None, :], mask=s_mask, other=0.0)
+            b_W = load_anchor(W0, tile_M, j, R, row, w_row, rv, s_mask)
+            b_dM = tl.load(dM0 + row + rv[None, :], mask=s_mask, other=0.0)
+            b_dS = tl.load(dS0 + row + rv[None, :], mask=s_mask, other=0.0)
+            b_U = tl.dot(b_k, b_W, input_precision=PRECISION) - b_v
+            b_X = b_th[:, None] * b_U
+            dA += tl.sum(b_do * tl.dot(b_q, b_M, input_precision=PRECISION), axis=1)
+            dBv += tl.sum(b_do * tl.dot(b_q, b_S, input_precision=PRECISION), axis=1)
+            dM_M += tl.sum(b_dM * b_M, axis=1)
+            dM_S += tl.sum(b_dM * b_S, axis=1)
+            dS_S += tl.sum(b_dS * b_S, axis=1)
+            dP += tl.dot(b_do, tl.trans(b_X), input_precision=PRECISION)
+            b_KdM = tl.dot(b_k, b_dM, input_precision=PRECISION)
+            b_KdS = tl.dot(b_k, b_dS, input_precision=PRECISION)
+            b_dX = -tl.dot(tl.trans(b_QKG), b_do, input_precision=PRECISION) \
+                - g[:, None] * b_KdM - hh[:, None] * b_KdS
+            dg -= tl.sum(b_X * b_KdM, axis=1)
+            dh -= tl.sum(b_X * b_KdS, axis=1)
+            dth += tl.sum(b_dX * b_U, axis=1)
+            ee += tl.sum(b_U * b_U, axis=1)
+            b_dq += A[:, None] * tl.dot(b_do, tl.trans(b_M), input_precision=PRECISION) \
+                + Bv[:, None] * tl.dot(b_do, tl.trans(b_S), input_precision=PRECISION)
+            b_dk -= tl.dot(g[:, None] * b_X, tl.trans(b_dM), input_precision=PRECISION) \
+                + tl.dot(hh[:, None] * b_X, tl.trans(b_dS), input_precision=PRECISION)
+        dA += tl.where(is_last, tl.sum(dM_M), 0.0)
+        dBv += tl.where(is_last, tl.sum(dM_S), 0.0)
+        # clipped: theta' = c / n, so dtheta = 0 and dn = -dtheta' theta' / n; w = dn / n
+        safe = tl.where(clipped, b_norm, 1.0)
+        w = tl.where(clipped, -dth * (b_th / safe) / safe, 0.0)  # [BT]
+        kk = tl.sum(b_k * b_k, axis=1)
+        dP = tl.where(lower, -dP, 0.0)
+        dQK = dP * Gam
+        dGam = dP * b_QK + tl.where(last_row, dg[None, :], 0.0)
+        b_dq += tl.dot(dQK, b_k, input_precision=PRECISION)
+        b_dk += tl.dot(tl.trans(dQK), b_q, input_precision=PRECISION)
+        b_dk = tl.where(clipped[:, None], b_dk + (w * ee)[:, None] * b_k, b_dk)
+        da, de = gate_grads(dGam, dA, dBv, tl.sum(dS_S), dh, D_a, D_e, D_em, Em, m, a_prev, e_prev, r, last_row,
+                            is_last)
+        tl.store(dq + tok_k, b_dq, mask=valid[:, None] & mk[None, :])
+        tl.store(dalpha + p * H + h, -da, mask=valid)
+        tl.store(deta + p * H + h, de, mask=valid)
+        tl.store(dtheta + p * H + h, tl.where(clipped, 0.0, dth), mask=valid)
+
+        # pass 2: the adjoint of U (theta' dX, plus the norm's share where clipped) into dk, dv and
+        # the anchor; the state adjoints step back to the tile start
+        chunk_start = (j % R == 0) & (i > 0)
+        for jv in range(NVS):
+            rv = jv * BV + tl.arange(0, BV)
+            mv = rv < V
+            s_mask = mk[:, None] & mv[None, :]
+            tok_v = (p[:, None] * H + h) * V + rv[None, :]
+            b_v = tl.load(v + tok_v, mask=valid[:, None] & mv[None, :], other=0.0).to(tl.float32)
+            b_do = tl.load(do + tok_v, mask=valid[:, None] & mv[None, :], other=0.0).to(tl.float32)
+            b_W = load_anchor(W0, tile_M, j, R, row, w_row, rv, s_mask)
+            b_dM = tl.load(dM0 + row + rv[None, :], mask=s_mask, other=0.0)
+            b_dS = tl.load(dS0 + row + rv[None, :], mask=s_mask, other=0.0)
+            b_dW = tl.load(dW0 + row + rv[None, :], mask=s_mask, other=0.0)
+            b_U = tl.dot(b_k, b_W, input_precision=PRECISION) - b_v
+            b_dX = -tl.dot(tl.trans(b_QKG), b_do, input_precision=PRECISION) \
+                - g[:, None] * tl.dot(b_k, b_dM, input_precision=PRECISION) \
+                - hh[:, None] * tl.dot(b_k, b_dS, input_precision=PRECISION)
+            b_dU = b_th[:, None] * b_dX
+            b_dU = tl.where(clipped[:, None], b_dU + (w * kk)[:, None] * b_U, b_dU)
+            b_dk += tl.dot(b_dU, tl.trans(b_W), input_precision=PRECISION)
+            b_dW = b_dW + tl.dot(tl.trans(b_k), b_dU, input_precision=PRECISION)
+            tl.store(dv + tok_v, (-b_dU).to(dv.dtype.element_ty), mask=valid[:, None] & mv[None, :])
+            # the previous tile ends where this one starts; at a chunk start it is also the anchor
+            b_dM_prev = tl.dot(tl.trans(A[:, None] * b_q), b_do, input_precision=PRECISION) + A_c * b_dM \
+                + tl.where(chunk_start, b_dW, 0.0)
+            b_dS = tl.dot(tl.trans(Bv[:, None] * b_q), b_do, input_precision=PRECISION) + B_c * b_dM + E_c * b_dS
+            b_dW = tl.where(chunk_start, 0.0, b_dW)
+            tl.debug_barrier()  # every thread has read this sub-block's adjoints before they are overwritten
+            tl.store(dM0 + row + rv[None, :], b_dM_prev, mask=s_mask)
+            tl.store(dS0 + row + rv[None, :], b_dS, mask=s_mask)
+            tl.store(dW0 + row + rv[None, :], b_dW, mask=s_mask)
+        tl.store(dk + tok_k, b_dk, mask=valid[:, None] & mk[None, :])
+        tl.debug_barrier()  # the next tile reads what this one stored

@@ -7,6 +7,13 @@ prefill with ``chunk_momentum_delta_rule`` followed by decoding with this op equ
 
 Gradients: the backward is the chunkwise backward (``chunk.py``), which recomputes the tile-start
 states; for chunk sizes the chunk kernels do not take it differentiates ``naive_chunk`` instead.
+
+Update clipping (``max_update_norm``, constexpr ``CLIP``): as in the chunk kernels
+(``chunk_kernels`` docstring), token t's step becomes ``c / (|k_t| |e_t|)`` where
+``theta_t |k_t| |e_t| > c``, with ``e_t`` the error at the anchor; ``|e_t|`` needs all of V, so a
+clipped call runs one V block per program. The backward reruns the chunk forward, whose stored
+norms decide the clipping there (the same formula; its ``e`` may round differently from this
+kernel's, which matters only for a token on the bound to within rounding).
 """
 
 from __future__ import annotations
@@ -15,12 +22,13 @@ import torch
 import triton
 import triton.language as tl
 
-from titans_layers.ops.common.clipping import reject_clipping
+from titans_layers.ops.common.clipping import check_max_update_norm
 from titans_layers.ops.common.traceable import traceable
-from titans_layers.ops.common.triton_utils import block_sizes, sequence_range
+from titans_layers.ops.common.triton_utils import sequence_range
 from titans_layers.ops.momentum_delta_rule.chunk import (KERNEL_CHUNK_SIZES, ChunkPlan, chunk_bwd, chunk_fwd,
-                                                         pack_final_state, prepare_kernel_call)
-from titans_layers.ops.momentum_delta_rule.chunk_kernels import load_token
+                                                         launch_blocks, launch_warps, pack_final_state,
+                                                         prepare_kernel_call)
+from titans_layers.ops.momentum_delta_rule.chunk_kernels import clip_step, load_token, write_norm
 from titans_layers.ops.momentum_delta_rule.naive import naive_chunk_momentum_delta_rule
 from titans_layers.ops.momentum_delta_rule.state import MomentumDeltaRuleState
 
@@ -30,8 +38,9 @@ def fused_recurrent_momentum_delta_rule_fwd_kernel(
     q, k, v, alpha, eta, theta,  # [B*T, H, K|V], gates [B*T, H]
     M0, S0, W0, offset, cu_seqlens,  # initial state [N, H, K, V] float32; offset [N]; [N + 1]
     o, MT, ST, WT,  # [B*T, H, V]; final state [N, H, K, V] float32
-    T, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
-    BK: tl.constexpr, BV: tl.constexpr, IS_VARLEN: tl.constexpr,
+    T, max_norm,  # sequence length; the bound c on each write (read when CLIP)
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
+    BK: tl.constexpr, BV: tl.constexpr, IS_VARLEN: tl.constexpr, CLIP: tl.constexpr,
 ):
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
     i_n, h = i_nh // H, i_nh % H
@@ -49,6 +58,8 @@ def fused_recurrent_momentum_delta_rule_fwd_kernel(
         b_W = tl.where(off == 0, b_M, b_W)  # a new chunk takes its gradients at the current weights
         b_q, b_k, b_v, b_a, b_e, b_th = load_token(q, k, v, alpha, eta, theta, t, h, H, K, V, rk, rv, mk, mv)
         b_u = tl.sum(b_k[:, None] * b_W, axis=0) - b_v  # [BV] error at the anchor
+        if CLIP:  # one V block holds all of V
+            b_th, _ = clip_step(b_th, write_norm(tl.sum(b_k * b_k), tl.sum(b_u * b_u)), max_norm)
         b_S = b_e * b_S - b_th * (b_k[:, None] * b_u[None, :])
         b_M = b_a * b_M + b_S
         b_o = tl.sum(b_q[:, None] * b_M, axis=0)  # [BV]
@@ -59,16 +70,19 @@ def fused_recurrent_momentum_delta_rule_fwd_kernel(
     tl.store(WT + s_off, tl.where(off == 0, b_M, b_W), mask=s_mask)
 
 
-def fused_recurrent_fwd(q, k, v, alpha, eta, theta, M0, S0, W0, offset, cu_seqlens, plan: ChunkPlan):
+def fused_recurrent_fwd(q, k, v, alpha, eta, theta, M0, S0, W0, offset, cu_seqlens, plan: ChunkPlan,
+                        max_update_norm: float | None = None):
     """Launch the decode kernel. Returns o ``[B, T, H, V]`` and the final ``(M, S, anchor)``."""
     s = plan.shape
-    BK, BV = block_sizes(s.K, s.V)
+    clip = max_update_norm is not None
+    BK, BV, NV = launch_blocks(s.K, s.V, clip)
     o = torch.empty_like(v)
     MT, ST, WT = (torch.empty(s.N, s.H, s.K, s.V, dtype=torch.float32, device=q.device) for _ in range(3))
     cu = cu_seqlens if cu_seqlens is not None else offset
-    fused_recurrent_momentum_delta_rule_fwd_kernel[(triton.cdiv(s.V, BV), s.N * s.H)](
-        q, k, v, alpha, eta, theta, M0, S0, W0, offset, cu, o, MT, ST, WT,
-        s.T, H=s.H, K=s.K, V=s.V, C=plan.chunk_size, BK=BK, BV=BV, IS_VARLEN=cu_seqlens is not None)
+    fused_recurrent_momentum_delta_rule_fwd_kernel[(NV, s.N * s.H)](
+        q, k, v, alpha, eta, theta, M0, S0, W0, offset, cu, o, MT, ST, WT, s.T, max_update_norm if clip else 0.0,
+        H=s.H, K=s.K, V=s.V, C=plan.chunk_size, BK=BK, BV=BV, IS_VARLEN=cu_seqlens is not None, CLIP=clip,
+        num_warps=launch_warps(BK, BV))
     return o, MT, ST, WT
 
 
@@ -77,31 +91,32 @@ class FusedRecurrentMomentumDeltaRuleFunction(torch.autograd.Function):
     ``torch.func`` transforms work."""
 
     @staticmethod
-    def forward(q, k, v, alpha, eta, theta, M0, S0, W0, offset, cu_seqlens, plan):
-        return fused_recurrent_fwd(q, k, v, alpha, eta, theta, M0, S0, W0, offset, cu_seqlens, plan)
+    def forward(q, k, v, alpha, eta, theta, M0, S0, W0, offset, cu_seqlens, plan, max_update_norm):
+        return fused_recurrent_fwd(q, k, v, alpha, eta, theta, M0, S0, W0, offset, cu_seqlens, plan, max_update_norm)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        *tensors, plan = inputs
+        *tensors, plan, max_update_norm = inputs
         ctx.save_for_backward(*tensors)
-        ctx.plan = plan
+        ctx.plan, ctx.max_update_norm = plan, max_update_norm
 
     @staticmethod
     def backward(ctx, do, dMT, dST, dWT):
         q, k, v, alpha, eta, theta, M0, S0, W0, offset, cu_seqlens = ctx.saved_tensors
-        plan = ctx.plan
+        plan, clip = ctx.plan, ctx.max_update_norm
         if plan.chunk_size in KERNEL_CHUNK_SIZES:
-            *_, tile_M, tile_S = chunk_fwd(q, k, v, alpha, eta, theta, M0, S0, W0, offset, cu_seqlens, plan,
-                                           store_tiles=True)
+            *_, tile_M, tile_S, norms = chunk_fwd(q, k, v, alpha, eta, theta, M0, S0, W0, offset, cu_seqlens, plan,
+                                                  store_tiles=True, max_update_norm=clip)
             grads = chunk_bwd(q, k, v, alpha, eta, theta, W0, offset, cu_seqlens, plan, tile_M, tile_S,
-                              do, dMT, dST, dWT)
-            return (*grads, None, None, None)
+                              do, dMT, dST, dWT, max_update_norm=clip, norms=norms)
+            return (*grads, None, None, None, None)
         with torch.enable_grad():
             inputs = [x.detach().requires_grad_() for x in (q, k, v, alpha, eta, theta, M0, S0, W0)]
             state = MomentumDeltaRuleState(M=inputs[6], S=inputs[7], anchor=inputs[8], offset=offset,
                                            chunk_size=plan.chunk_size)
             o, final = naive_chunk_momentum_delta_rule(*inputs[:6], chunk_size=plan.chunk_size, initial_state=state,
-                                                       output_final_state=True, cu_seqlens=cu_seqlens)
+                                                       output_final_state=True, cu_seqlens=cu_seqlens,
+                                                       max_update_norm=clip)
             pairs = [(x, g) for x, g in ((o, do), (final.M, dMT), (final.S, dST), (final.anchor, dWT))
                      if g is not None and x.requires_grad]
             grads = [None] * len(inputs)
@@ -109,7 +124,7 @@ class FusedRecurrentMomentumDeltaRuleFunction(torch.autograd.Function):
                 outputs, cotangents = zip(*pairs)
                 grads = torch.autograd.grad(outputs, inputs, cotangents, allow_unused=True)
         grads = [torch.zeros_like(x) if g is None else g for g, x in zip(grads, inputs)]
-        return (*grads, None, None, None)
+        return (*grads, None, None, None, None)
 
 
 @traceable("momentum_delta_rule", "fused_recurrent")
@@ -121,13 +136,15 @@ def fused_recurrent_momentum_delta_rule(q, k, v, alpha, eta, theta, *, chunk_siz
     Meant for decoding one or a few tokens per call with ``initial_state`` from a previous call;
     any sequence length works. Same arguments, returns and results as
     :func:`chunk_momentum_delta_rule`, except that ``chunk_size`` may be any int >= 1.
-    Differentiable (through the chunkwise backward).
+    Differentiable (through the chunkwise backward). ``max_update_norm``: None, or the bound on
+    each token's write, as in :func:`chunk_momentum_delta_rule` (a clipped call holds all of V in
+    one block).
 
     Shapes: q, k ``[B, T, H, K]``; v ``[B, T, H, V]``; alpha, eta, theta ``[B, T, H]``;
     returns o ``[B, T, H, V]`` and optionally a :class:`MomentumDeltaRuleState`.
     """
-    reject_clipping(max_update_norm, "fused_recurrent_momentum_delta_rule")
+    clip = check_max_update_norm(max_update_norm)
     inputs, states, offset, plan = prepare_kernel_call("fused_recurrent_momentum_delta_rule", q, k, v, alpha, eta,
                                                        theta, chunk_size, initial_state, cu_seqlens, None)
-    o, MT, ST, WT = FusedRecurrentMomentumDeltaRuleFunction.apply(*inputs, *states, offset, cu_seqlens, plan)
+    o, MT, ST, WT = FusedRecurrentMomentumDeltaRuleFunction.apply(*inputs, *states, offset, cu_seqlens, plan, clip)
     return o, (pack_final_state(MT, ST, WT, plan, q.device) if output_final_state else None)

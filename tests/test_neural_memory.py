@@ -78,11 +78,7 @@ def test_cached_decoding_with_left_padding():
 @pytest.mark.parametrize("memory", MEMORIES)
 def test_triton_dispatch_equals_pytorch_path(memory, max_update_norm):
     """The Triton ops (natively on CUDA, interpreted on CPU) give the PyTorch path's results, with
-    update clipping too (a bound that clips most writes; the linear kernels do not clip yet)."""
-    if max_update_norm is not None and memory == "linear":
-        with pytest.raises(ValueError, match="max_update_norm"):
-            make_layer(memory, chunk_size=16, backend="triton", max_update_norm=max_update_norm)
-        return
+    update clipping too (a bound that clips most writes)."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     ref = make_layer(memory, chunk_size=16, backend="torch", max_update_norm=max_update_norm).to(device)
     tri = make_layer(memory, chunk_size=16, backend="triton", max_update_norm=max_update_norm).to(device)

@@ -59,9 +59,7 @@ class NeuralMemory(nn.Module):
             keys and ``theta <= max_step_size`` a linear memory already takes bounded steps. Turn it
             on for deep (MLP) memories, whose gradient is not bounded by the key norm, and for long
             streams of untrusted input: a run of high-norm tokens then moves the memory by at most
-            ``c`` per token instead of by its error. The MLP memory clips in its Triton kernels
-            too; the linear memory's kernels do not clip yet, so a clipped linear layer runs the
-            PyTorch op.
+            ``c`` per token instead of by its error. Every op clips, the Triton kernels included.
         use_output_gate, use_output_norm, norm_eps: output gate (sigmoid), per-head RMSNorm.
         backend: "auto" (the Triton ops on CUDA when ``chunk_size`` is 16, 32 or 64 and the head dim
             is at most 128, the PyTorch ops otherwise), "triton" or "torch". Both give the same results.
@@ -97,9 +95,6 @@ class NeuralMemory(nn.Module):
             raise ValueError(f"`backend='triton'` needs `chunk_size` in {KERNEL_CHUNK_SIZES} and a head dim <= "
                              f"{MAX_HEAD_DIM}, got chunk_size = {chunk_size}, head_dim = {self.head_dim}")
         self.max_update_norm = check_max_update_norm(max_update_norm)
-        if backend == "triton" and max_update_norm is not None and memory == "linear":
-            raise ValueError("`backend='triton'` cannot take `max_update_norm` with `memory='linear'`: the linear "
-                             "memory's Triton kernels do not clip updates yet; use backend='auto' or 'torch'")
         self.memory, self.activation, self.mlp_residual = memory, activation, mlp_residual
         self.max_step_size, self.backend, self.layer_idx = float(max_step_size), backend, layer_idx
         self.use_short_conv, self.use_output_gate, self.use_output_norm = use_short_conv, use_output_gate, \
@@ -140,7 +135,7 @@ class NeuralMemory(nn.Module):
         """The op for this call: Triton (chunkwise, or the decode kernel for a few tokens without
         gradients) on CUDA where the kernels apply, else the PyTorch dual form."""
         chunk, fused, torch_op = OPS[self.memory]
-        if self.backend == "torch" or (self.max_update_norm is not None and self.memory == "linear"):
+        if self.backend == "torch":
             return torch_op
         if self.backend == "auto" and (device.type != "cuda" or not self.kernels_fit):
             return torch_op

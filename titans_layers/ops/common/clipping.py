@@ -36,10 +36,3 @@ def clipped_step(theta: torch.Tensor, write_norm: torch.Tensor, max_update_norm:
     safe_norm = torch.where(clipped, write_norm, torch.ones_like(write_norm))  # no 1/0 in the branch not taken
     # where clipped the step is c / ||G||, exactly independent of theta (a zero gradient, not a rounding residue)
     return torch.where(clipped, max_update_norm / safe_norm, theta)
-
-
-def reject_clipping(max_update_norm, op_name: str) -> None:
-    """The Triton kernels do not clip yet: refuse a bound instead of silently ignoring it."""
-    if max_update_norm is not None:
-        raise ValueError(f"`max_update_norm` is not implemented in the Triton kernels of `{op_name}`; "
-                         f"use the naive_chunk_* op (the layers do this automatically)")

@@ -10,7 +10,7 @@ from titans_layers.ops.mlp_memory import dual_form
 from titans_layers.ops.mlp_memory import (MLPMemoryState, chunk_mlp_memory, fused_recurrent_mlp_memory,
                                          naive_chunk_mlp_memory, naive_recurrent_mlp_memory)
 from titans_layers.testing import (assert_close, check_against_reference, check_continuation, check_deterministic,
-                                   check_errors, check_varlen, make_case, op_cases, tolerance)
+                                   check_errors, check_varlen, make_case, op_cases, pin_gates, tolerance)
 
 f16, bf16, f32, f64 = torch.float16, torch.bfloat16, torch.float32, torch.float64
 
@@ -70,8 +70,7 @@ def test_gates_exactly_zero_or_one(name, activation, gates, device):
     C = IMPLS[name][1]["chunk_sizes"][-1]
     case = make_case(seed=4, B=2, T=C + 7, H=2, K=8, V=8, dtype=f32, chunk_size=C, state="MS", family="mlp",
                      hidden=16, activation=activation, residual=True, device=device)
-    for gate, value in gates.items():
-        setattr(case, gate, torch.full_like(getattr(case, gate), value))
+    case = pin_gates(case, **gates)
     check_against_reference(IMPLS[name][0], case)
 
 

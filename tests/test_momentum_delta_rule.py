@@ -8,8 +8,9 @@ from hypothesis import strategies as st
 
 from titans_layers.ops import (chunk_momentum_delta_rule, fused_recurrent_momentum_delta_rule,
                                naive_chunk_momentum_delta_rule, naive_recurrent_momentum_delta_rule)
-from titans_layers.testing import (assert_close, check_against_reference, check_continuation, check_deterministic,
-                                   check_errors, check_varlen, make_case, op_cases, tolerance)
+from titans_layers.testing import (GATE_PATTERNS, assert_close, check_against_reference, check_continuation,
+                                   check_deterministic, check_errors, check_varlen, make_case, op_cases, pin_gates,
+                                   tolerance)
 
 f16, bf16, f32, f64 = torch.float16, torch.bfloat16, torch.float32, torch.float64
 
@@ -71,16 +72,6 @@ def test_malformed_calls_raise_clear_errors(name, device):
     check_errors(IMPLS[name][0], device)
 
 
-GATE_PATTERNS = {
-    "alpha = 1 (erase)": dict(alpha=1.0),
-    "eta = 1, alpha = 0 (no decay)": dict(eta=1.0, alpha=0.0),
-    "eta = 0 (no momentum)": dict(eta=0.0),
-    "theta = 0 (no write)": dict(theta=0.0),
-    "all gates 0": dict(alpha=0.0, eta=0.0, theta=0.0),
-    "all gates 1": dict(alpha=1.0, eta=1.0, theta=1.0),
-}
-
-
 @pytest.mark.parametrize("pattern", list(GATE_PATTERNS))
 @pytest.mark.parametrize("name", NAMES)
 def test_gates_exactly_zero_or_one(name, pattern, device):
@@ -89,8 +80,7 @@ def test_gates_exactly_zero_or_one(name, pattern, device):
     C = IMPLS[name][1]["chunk_sizes"][-1]
     case = make_case(seed=7, B=2, T=2 * C + 5, H=2, K=12, V=20, dtype=dtype, chunk_size=C, state="MS",
                      device=device)
-    for gate, value in GATE_PATTERNS[pattern].items():
-        setattr(case, gate, torch.full_like(getattr(case, gate), value))
+    case = pin_gates(case, **GATE_PATTERNS[pattern])
     check_against_reference(IMPLS[name][0], case)
 
 

@@ -28,8 +28,8 @@ import titans_layers.ops.momentum_delta_rule.chunk as chunk_module
 import titans_layers.ops.momentum_delta_rule.naive as naive_module
 from titans_layers.ops import (chunk_momentum_delta_rule, fused_recurrent_momentum_delta_rule,
                                naive_chunk_momentum_delta_rule)
-from titans_layers.testing import (assert_close, check_against_reference, check_continuation, check_deterministic,
-                                   check_varlen, make_case, tolerance)
+from titans_layers.testing import (GATE_PATTERNS, assert_close, check_against_reference, check_continuation,
+                                   check_deterministic, check_varlen, make_case, pin_gates, tolerance)
 from titans_layers.testing.compare import assert_identical
 from titans_layers.testing.contract import run_with_grads
 
@@ -160,23 +160,12 @@ def _case(device, *, C=16, T=37, K=12, V=20, bound=0.5, dtype=f32, seed=5, state
                                 device=device, **kw), bound)
 
 
-GATE_PATTERNS = {
-    "alpha = 1 (erase)": dict(alpha=1.0),
-    "eta = 1, alpha = 0 (no decay)": dict(eta=1.0, alpha=0.0),
-    "eta = 0 (no momentum)": dict(eta=0.0),
-    "theta = 0 (no write)": dict(theta=0.0),
-    "all gates 0": dict(alpha=0.0, eta=0.0, theta=0.0),
-    "all gates 1": dict(alpha=1.0, eta=1.0, theta=1.0),
-}
-
-
 @pytest.mark.parametrize("pattern", list(GATE_PATTERNS))
 @pytest.mark.parametrize("name", list(OPS))
 def test_clipped_gates_exactly_zero_or_one(name, pattern, device):
     """Gates at exactly 0 or 1 with a bound that clips some tokens: finite and exact."""
     case = _case(device, bound=0.3)
-    for gate, value in GATE_PATTERNS[pattern].items():
-        setattr(case, gate, torch.full_like(getattr(case, gate), value))
+    case = pin_gates(case, **GATE_PATTERNS[pattern])
     check_against_reference(OPS[name][0], case)
 
 
@@ -308,8 +297,7 @@ def test_split_backward_matches_float64_reference(split_backward, device, data):
                                      "all gates 1"])
 def test_split_backward_gates_exactly_zero_or_one(split_backward, pattern, device):
     case = _case(device, V=40, bound=0.3)
-    for gate, value in GATE_PATTERNS[pattern].items():
-        setattr(case, gate, torch.full_like(getattr(case, gate), value))
+    case = pin_gates(case, **GATE_PATTERNS[pattern])
     check_against_reference(chunk_momentum_delta_rule, case)
     assert split_backward.launches == 1
 

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from titans_layers.ops.mlp_memory import chunk_mlp_memory, fused_recurrent_mlp_memory, naive_recurrent_mlp_memory
 from titans_layers.testing import (check_against_reference, check_continuation, check_deterministic,
-                                   check_varlen, make_case, op_cases, relative_error, tolerance)
+                                   check_varlen, make_case, op_cases, pin_gates, relative_error, tolerance)
 from titans_layers.testing.contract import run_with_grads
 
 bf16, f32, f64 = torch.bfloat16, torch.float32, torch.float64
@@ -69,8 +69,7 @@ def test_clipped_gates_exactly_zero_or_one(name, gates, device):
     forget and momentum gates at their ends."""
     case = make_case(seed=4, B=2, T=23, H=2, K=8, V=8, dtype=f32, chunk_size=16, state="MS", family="mlp",
                      hidden=16, activation="gelu", residual=True, device=device)
-    for gate, value in gates.items():
-        setattr(case, gate, torch.full_like(getattr(case, gate), value))
+    case = pin_gates(case, **gates)
     check_against_reference(KERNELS[name][0], dataclasses.replace(case, extra={**case.extra, "max_update_norm": 0.01}))
 
 

@@ -12,7 +12,7 @@ from titans_layers.testing.compare import assert_close, relative_error, toleranc
 from titans_layers.testing.contract import (check_against_reference, check_continuation, check_deterministic,
                                             check_errors, check_varlen, malformed_calls, verify_mlp_memory,
                                             verify_momentum_delta_rule, verify_op)
-from titans_layers.testing.cases import OpCase, make_case
+from titans_layers.testing.cases import GATE_PATTERNS, OpCase, make_case, pin_gates
 
 
 
@@ -24,6 +24,7 @@ def __getattr__(name):
 
 
 __all__ = [
+    "GATE_PATTERNS",
     "OpCase",
     "assert_close",
     "check_against_reference",
@@ -34,6 +35,7 @@ __all__ = [
     "make_case",
     "malformed_calls",
     "op_cases",
+    "pin_gates",
     "relative_error",
     "tolerance",
     "verify_mlp_memory",

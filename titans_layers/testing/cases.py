@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -112,3 +112,19 @@ def make_case(*, seed: int, B: int, T: int, H: int, K: int, V: int, dtype: torch
     return OpCase(q=cast(q), k=cast(k), v=cast(v), alpha=cast(alpha), eta=cast(eta), theta=cast(theta),
                   chunk_size=chunk_size, initial_state=initial_state, cu_seqlens=cu_seqlens, split=split, seed=seed,
                   family=family, extra=extra)
+
+
+# Gates pinned at exactly 0 or 1 on every token (SPEC §1 promise 4), by name: arguments of :func:`pin_gates`.
+GATE_PATTERNS = {
+    "alpha = 1 (erase)": dict(alpha=1.0),
+    "eta = 1, alpha = 0 (no decay)": dict(eta=1.0, alpha=0.0),
+    "eta = 0 (no momentum)": dict(eta=0.0),
+    "theta = 0 (no write)": dict(theta=0.0),
+    "all gates 0": dict(alpha=0.0, eta=0.0, theta=0.0),
+    "all gates 1": dict(alpha=1.0, eta=1.0, theta=1.0),
+}
+
+
+def pin_gates(case: OpCase, **values: float) -> OpCase:
+    """``case`` with each named gate (``alpha``, ``eta``, ``theta``) set to one value on every token."""
+    return replace(case, **{gate: torch.full_like(getattr(case, gate), value) for gate, value in values.items()})

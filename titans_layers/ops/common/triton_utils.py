@@ -104,3 +104,27 @@ def gate_grads(dGam, dA, dBv, dE_last, dh, D_a, D_e, D_em, Em, m, a_prev, e_prev
     da = subdiagonal(RA, r) + tl.cumprod(a_prev, axis=0) * tl.sum(D_a * dA[:, None], axis=0)
     de = subdiagonal(RE, r) + tl.cumprod(e_prev, axis=0) * tl.sum(D_e * dE[:, None], axis=0)
     return da, de
+
+
+@triton.jit
+def tile_gates(b_a, b_e, m, r, BT: tl.constexpr):
+    """Gate coefficients of one tile (``common/chunk_gates.py``): D_a, D_e, Gamma ``[BT, BT]``;
+    A, E, B, g (Gamma's last row), h (D_e's last row) ``[BT]``. ``m`` ``[BT]``: 1 on real tokens."""
+    D_a = segment_products(b_a, r)  # [BT, BT]
+    D_e = segment_products(b_e, r)
+    A = tl.cumprod(b_a, axis=0)  # [BT]
+    E = tl.cumprod(b_e, axis=0)
+    Gam = tl.dot(D_a, D_e * m[:, None], input_precision="ieee")  # [BT, BT]
+    Bv = tl.sum(D_a * (E * m)[None, :], axis=1)  # [BT]
+    g = take_row(Gam, r, BT - 1)
+    hh = take_row(D_e, r, BT - 1)
+    return D_a, D_e, A, E, Gam, Bv, g, hh
+
+
+@triton.jit
+def clip_step(th, norm, max_norm):
+    """Update clipping (``common/clipping.py``): the step ``c / norm`` where ``th * norm > c``, else
+    ``th`` unchanged, and where it was clipped. The division runs only where clipped (there
+    norm > 0): no 1/0 in the other branch."""
+    clipped = th * norm > max_norm
+    return tl.where(clipped, tl.div_rn(max_norm, tl.where(clipped, norm, 1.0)), th), clipped

@@ -80,7 +80,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from titans_layers.ops.common.triton_utils import gate_grads, segment_products, take, take_row
+from titans_layers.ops.common.triton_utils import clip_step, gate_grads, take, tile_gates
 from titans_layers.ops.momentum_delta_rule.chunk_kernels import load_tile, sequence_bounds
 
 
@@ -99,21 +99,6 @@ def activation(z, ACT: tl.constexpr):
         d1 = cdf + z * pdf
         d2 = pdf * (2.0 - z * z)
     return y, d1, d2
-
-
-@triton.jit
-def tile_gates(b_a, b_e, m, r, BT: tl.constexpr):
-    """Gate coefficients of one tile (``common/chunk_gates.py``): D_a, D_e, Gamma ``[BT, BT]``;
-    A, E, B, g (Gamma's last row), h (D_e's last row) ``[BT]``."""
-    D_a = segment_products(b_a, r)  # [BT, BT]
-    D_e = segment_products(b_e, r)
-    A = tl.cumprod(b_a, axis=0)  # [BT]
-    E = tl.cumprod(b_e, axis=0)
-    Gam = tl.dot(D_a, D_e * m[:, None], input_precision="ieee")  # [BT, BT]
-    Bv = tl.sum(D_a * (E * m)[None, :], axis=1)  # [BT]
-    g = take_row(Gam, r, BT - 1)
-    hh = take_row(D_e, r, BT - 1)
-    return D_a, D_e, A, E, Gam, Bv, g, hh
 
 
 @triton.jit
@@ -166,14 +151,6 @@ def write_norm(b_k, b_err, b_nh, a1, a2, rk, rv, rb, mk, mv,
         b_delta = tl.dot(b_err, tl.trans(b_a2), input_precision=PRECISION) * b_d1  # [BT, BH]
         b_nd += tl.sum(b_delta * b_delta, axis=1)
     return tl.sqrt(tl.sum(b_k * b_k, axis=1) * b_nd + b_nh * tl.sum(b_err * b_err, axis=1))
-
-
-@triton.jit
-def clipped_theta(b_th, b_norm, max_norm):
-    """``theta' = theta min(1, c / (theta |G|))`` and where it clipped (``clipping.clipped_step``:
-    the step is exactly ``c / |G|`` there, and no ``1 / 0`` in the branch not taken)."""
-    clipped = b_th * b_norm > max_norm
-    return tl.where(clipped, max_norm / tl.where(clipped, b_norm, 1.0), b_th), clipped
 
 
 @triton.jit
@@ -246,7 +223,7 @@ def chunk_mlp_memory_fwd_kernel(
             b_norm = write_norm(b_k, b_err, b_nh, A1 + base1, A2 + base2, rk, rv, rb, mk, mv,
                                 K, V, Dh, BT, BH, ACT, PRECISION)  # [BT]
             tl.store(norms + p * H + h, b_norm, mask=valid)
-            b_th, clipped = clipped_theta(b_th, b_norm, max_norm)
+            b_th, clipped = clip_step(b_th, b_norm, max_norm)
         b_x2 = b_th[:, None] * b_err
 
         # (2) read and write, Dh block by block
@@ -330,7 +307,7 @@ def chunk_mlp_memory_bwd_kernel(
         b_q, b_k, b_v, b_a, b_e, b_th = load_tile(q, k, v, alpha, eta, theta, p, valid, h, H, K, V, rk, rv, mk, mv)
         if CLIP:  # the forward's norms, so the clipping decision is the forward's, bit for bit
             b_norm = tl.load(norms + p * H + h, mask=valid, other=0.0)  # [BT]
-            b_th, clipped = clipped_theta(b_th, b_norm, max_norm)
+            b_th, clipped = clip_step(b_th, b_norm, max_norm)
         m = valid.to(tl.float32)
         prev_valid = valid & (r > 0) & (p - 1 >= bos)
         a_prev = 1.0 - tl.load(alpha + (p - 1) * H + h, mask=prev_valid, other=0.0).to(tl.float32)  # [BT]

@@ -30,10 +30,10 @@ import triton.language as tl
 
 from titans_layers.ops.common.clipping import check_max_update_norm
 from titans_layers.ops.common.traceable import traceable
-from titans_layers.ops.common.triton_utils import sequence_range
+from titans_layers.ops.common.triton_utils import clip_step, sequence_range
 from titans_layers.ops.mlp_memory.chunk import (KERNEL_CHUNK_SIZES, ChunkPlan, block_sizes, chunk_bwd, chunk_fwd,
                                                 pack_final_state, prepare_kernel_call)
-from titans_layers.ops.mlp_memory.chunk_kernels import activation, block_offsets, clipped_theta
+from titans_layers.ops.mlp_memory.chunk_kernels import activation, block_offsets
 from titans_layers.ops.mlp_memory.naive import ACTIVATIONS, naive_chunk_mlp_memory
 from titans_layers.ops.mlp_memory.state import MLPMemoryState
 from titans_layers.ops.momentum_delta_rule.chunk_kernels import load_token
@@ -96,7 +96,7 @@ def fused_recurrent_mlp_memory_fwd_kernel(
                 b_delta = tl.sum(b_a2 * b_err[None, :], axis=1) * b_d1  # [BH]
                 b_nd += tl.sum(b_delta * b_delta)
             b_norm = tl.sqrt(tl.sum(b_k * b_k) * b_nd + b_nh * tl.sum(b_err * b_err))
-            b_th, clipped = clipped_theta(b_th, b_norm, max_norm)
+            b_th, clipped = clip_step(b_th, b_norm, max_norm)
 
         # (2) write, then read with the new weights
         b_o = tl.zeros([BV], dtype=tl.float32)

@@ -58,7 +58,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from titans_layers.ops.common.triton_utils import gate_grads, segment_products, sequence_range, take, take_row
+from titans_layers.ops.common.triton_utils import clip_step, gate_grads, sequence_range, take, tile_gates
 
 
 @triton.jit
@@ -109,14 +109,6 @@ def write_norm(kk, ee):
 
 
 @triton.jit
-def clip_step(th, norm, max_norm):
-    """The clipped step and where it was clipped: ``c / norm`` where ``th * norm > c``, else ``th``
-    unchanged. The division runs only where clipped (there norm > 0): no 1/0 in the other branch."""
-    clipped = th * norm > max_norm
-    return tl.where(clipped, tl.div_rn(max_norm, tl.where(clipped, norm, 1.0)), th), clipped
-
-
-@triton.jit
 def chunk_momentum_delta_rule_fwd_kernel(
     q, k, v, alpha, eta, theta,  # [B*T, H, K|V], gates [B*T, H]
     M0, S0, W0, offset,  # initial state [N, H, K, V] float32, offset [N]
@@ -156,14 +148,7 @@ def chunk_momentum_delta_rule_fwd_kernel(
             tl.store(tile_M + t_off, b_M, mask=s_mask)
             tl.store(tile_S + t_off, b_S, mask=s_mask)
 
-        D_a = segment_products(b_a, r)  # [BT, BT]
-        D_e = segment_products(b_e, r)
-        A = tl.cumprod(b_a, axis=0)  # [BT]
-        E = tl.cumprod(b_e, axis=0)
-        Gam = tl.dot(D_a, D_e * m[:, None], input_precision="ieee")  # [BT, BT]
-        Bv = tl.sum(D_a * (E * m)[None, :], axis=1)  # [BT]
-        g = take_row(Gam, r, BT - 1)
-        hh = take_row(D_e, r, BT - 1)
+        D_a, D_e, A, E, Gam, Bv, g, hh = tile_gates(b_a, b_e, m, r, BT)  # [BT, BT] and [BT]
 
         b_U = tl.dot(b_k, b_W, input_precision=PRECISION) - b_v  # [BT, BV] errors at the anchor
         if CLIP:  # one V block holds all of V: the norms are complete
@@ -249,16 +234,9 @@ def chunk_momentum_delta_rule_bwd_kernel(
             b_W = tl.load(tile_M + w_off, mask=s_mask, other=0.0)
 
         # recompute the tile
-        D_a = segment_products(b_a, r)
-        D_e = segment_products(b_e, r)
+        D_a, D_e, A, E, Gam, Bv, g, hh = tile_gates(b_a, b_e, m, r, BT)  # [BT, BT] and [BT]
         D_em = D_e * m[:, None]
-        A = tl.cumprod(b_a, axis=0)
-        E = tl.cumprod(b_e, axis=0)
         Em = E * m
-        Gam = tl.dot(D_a, D_em, input_precision="ieee")
-        Bv = tl.sum(D_a * Em[None, :], axis=1)
-        g = take_row(Gam, r, BT - 1)
-        hh = take_row(D_e, r, BT - 1)
         A_c, B_c, E_c = take(A, r, BT - 1), take(Bv, r, BT - 1), take(E, r, BT - 1)
         b_QK = tl.dot(b_q, tl.trans(b_k), input_precision=PRECISION)  # [BT, BT]
         b_U = tl.dot(b_k, b_W, input_precision=PRECISION) - b_v  # [BT, BV]
@@ -402,16 +380,9 @@ def chunk_momentum_delta_rule_bwd_split_kernel(
         w_row = ((first_tile + (j // R) * R - j0) * H + h) * K * V + rk[:, None] * V  # the chunk's first tile
 
         # recompute the tile's gate coefficients
-        D_a = segment_products(b_a, r)
-        D_e = segment_products(b_e, r)
+        D_a, D_e, A, E, Gam, Bv, g, hh = tile_gates(b_a, b_e, m, r, BT)  # [BT, BT] and [BT]
         D_em = D_e * m[:, None]
-        A = tl.cumprod(b_a, axis=0)
-        E = tl.cumprod(b_e, axis=0)
         Em = E * m
-        Gam = tl.dot(D_a, D_em, input_precision="ieee")
-        Bv = tl.sum(D_a * Em[None, :], axis=1)
-        g = take_row(Gam, r, BT - 1)
-        hh = take_row(D_e, r, BT - 1)
         A_c, B_c, E_c = take(A, r, BT - 1), take(Bv, r, BT - 1), take(E, r, BT - 1)
         b_QK = tl.dot(b_q, tl.trans(b_k), input_precision=PRECISION)  # [BT, BT]
         b_QKG = b_QK * Gam

@@ -24,11 +24,11 @@ import triton.language as tl
 
 from titans_layers.ops.common.clipping import check_max_update_norm
 from titans_layers.ops.common.traceable import traceable
-from titans_layers.ops.common.triton_utils import sequence_range
+from titans_layers.ops.common.triton_utils import clip_step, sequence_range
 from titans_layers.ops.momentum_delta_rule.chunk import (KERNEL_CHUNK_SIZES, ChunkPlan, chunk_bwd, chunk_fwd,
                                                          launch_blocks, launch_warps, pack_final_state,
                                                          prepare_kernel_call)
-from titans_layers.ops.momentum_delta_rule.chunk_kernels import clip_step, load_token, write_norm
+from titans_layers.ops.momentum_delta_rule.chunk_kernels import load_token, write_norm
 from titans_layers.ops.momentum_delta_rule.naive import naive_chunk_momentum_delta_rule
 from titans_layers.ops.momentum_delta_rule.state import MomentumDeltaRuleState
 

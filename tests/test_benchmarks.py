@@ -52,3 +52,28 @@ def test_cpu_peak_memory_counts_what_one_call_allocates(threads):
         torch.set_num_threads(before)
     assert 60 <= touched <= 200, touched
     assert nothing < 16, nothing
+
+
+def test_mlp_launch_settings_get_their_own_columns_and_ratios(capsys):
+    """``benchmark_mlp_memory --launches``: each setting is its own provider column with ratios to
+    the default launch and to fla; settings are parsed before anything runs, and off CUDA refused."""
+    mlp = benchmark_mlp_memory
+    assert mlp.parse_launch("default") == {} and mlp.parse_launch("BT=16, fwd_warps=4") == {"BT": 16, "fwd_warps": 4}
+    assert mlp.launch_provider(mlp.OURS, "BT=16") == "mlp_memory[BT=16]"
+    assert mlp.launch_provider(mlp.FLA_GATED, "BT=16") == mlp.FLA_GATED
+    with pytest.raises(ValueError, match="field=int"):
+        mlp.parse_launch("BT:16")
+    with pytest.raises(SystemExit):
+        mlp.parse_args(["--cpu", "--launches", "default;BT=16"])
+    assert "CUDA only" in capsys.readouterr().err
+    args = mlp.parse_args(["--cpu", "--providers", "mlp_memory,fla_chunk_gated_delta_rule"])
+    args.launches = ["default", "BT=16"]
+    shape = dict(mode="fwd", B=1, T=64, H=1, K=16, V=16, Dh=32, chunk_size=16, dtype="fp32", p20_ms=None,
+                 p80_ms=None, tokens_per_s=None, peak_mem_mb=None, error=None)
+    entries = [mlp.Entry(provider=p, median_ms=ms, **shape)
+               for p, ms in (("mlp_memory", 2.0), ("mlp_memory[BT=16]", 3.0), ("fla_chunk_gated_delta_rule", 1.0))]
+    report = mlp.markdown_report(entries, {}, {"device_type": "cuda"}, args)
+    header = next(line for line in report.splitlines() if line.startswith("| B |"))
+    assert "mlp_memory[BT=16] / mlp" in header and "mlp_memory[BT=16] / gated_delta" in header
+    row = next(line for line in report.splitlines() if line.startswith("| 1 | 64 |"))
+    assert "1.50x" in row and "3.00x" in row  # 3 / 2 and 3 / 1

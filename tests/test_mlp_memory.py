@@ -200,9 +200,32 @@ def test_gradients_through_a_mid_chunk_state(op, lengths, device):
 def test_float32_wide_heads_run_in_16_token_tiles(device):
     """float32 inputs with K or V > 64 use 16-token tiles (four per chunk of 64) to fit shared memory:
     that path, continuation from mid-chunk included, matches the reference too."""
-    from titans_layers.ops.mlp_memory.chunk import tile_size
-    assert tile_size(64, 72, 72, f32) == 16 and tile_size(64, 64, 64, f32) == 32 and tile_size(64, 72, 72, bf16) == 32
+    from titans_layers.ops.mlp_memory.chunk import mlp_launch
+    tile = lambda K, dtype: mlp_launch(64, K, K, 20, dtype).BT
+    assert tile(72, f32) == 16 and tile(64, f32) == 32 and tile(72, bf16) == 32
     case = make_case(seed=9, B=1, T=70, H=1, K=72, V=72, dtype=f32, chunk_size=64, state="MS", family="mlp",
                      hidden=20, split=37, residual=True, device=device)
     check_against_reference(chunk_mlp_memory, case)
     check_continuation(chunk_mlp_memory, case)
+
+
+@pytest.mark.parametrize("launch", [dict(BT=16), dict(fwd_BH=16, bwd_BH=32), dict(fwd_BH=64, BT=16, fwd_warps=4)],
+                         ids=["tile16", "bh16-32", "bh64-tile16-warps4"])
+def test_launch_overrides_keep_the_results(launch, device):
+    """Other tile sizes, Dh blocks and warps (what ``benchmark_mlp_memory --launches`` sweeps on a
+    GPU) compute the same function: the reference, and continuation across a mid-chunk split."""
+    from titans_layers.ops.mlp_memory.chunk import mlp_launch, override_mlp_launch
+    case = make_case(seed=11, B=2, T=70, H=2, K=16, V=16, dtype=f32, chunk_size=32, state="MS", family="mlp",
+                     hidden=40, split=21, device=device)  # Dh = 40: a partial last block at BH = 16, 32, 64
+    with override_mlp_launch(**launch):
+        assert all(getattr(mlp_launch(32, 16, 16, 40, f32), k) == v for k, v in launch.items())
+        check_against_reference(chunk_mlp_memory, case)
+        check_continuation(chunk_mlp_memory, case)
+    assert mlp_launch(32, 16, 16, 40, f32).BT == 32  # restored on leaving
+
+
+def test_launch_override_names_unknown_fields():
+    from titans_layers.ops.mlp_memory.chunk import override_mlp_launch
+    with pytest.raises(ValueError, match="unknown fields.*tile"):
+        with override_mlp_launch(tile=16):
+            pass

@@ -50,6 +50,15 @@ Usage (from the repo root)::
     python -m benchmarks.ops.benchmark_mlp_memory --cpu --threads 8      # the CPU path vs titans-pytorch
     python -m benchmarks.ops.benchmark_mlp_memory --seqlens 4096 --chunk-sizes 64 --expansions 2,4
     python -m benchmarks.ops.benchmark_mlp_memory --quick                # smoke test (CPU: seconds)
+    python -m benchmarks.ops.benchmark_mlp_memory --seqlens 4096,16384 --chunk-sizes 64 --providers \
+        mlp_memory,fla_chunk_gated_delta_rule --launches "default;BT=16;fwd_warps=4,bwd_warps=4"
+
+``--launches``: ";"-separated launch settings of our Triton kernels, each "default" or
+comma-separated ``field=value`` of ``titans_layers.ops.mlp_memory.chunk.MLPLaunch`` (``BT``,
+``fwd_BH``, ``bwd_BH``, ``fwd_warps``, ``bwd_warps``). Ours runs once per setting, as the provider
+``mlp_memory`` (default) or ``mlp_memory[<setting>]``, each with its own column and ratio to fla
+and to the default: one GPU run compares tile sizes and warps. CUDA only (the CPU path has no
+launch).
 
 Writes ``<out>/ops_mlp_memory_<device>_<timestamp>.json`` (environment, arguments, one entry per
 provider x mode x shape) and a ``.md`` with the same stem (also printed).
@@ -225,24 +234,46 @@ def skip_reason(provider: str, device: torch.device) -> str | None:
 # Running
 # --------------------------------------------------------------------------------------------
 
-def run_entry(provider: str, mode: str, s: MLPShape, args, device) -> Entry:
-    """Build the inputs of one (provider, mode, shape), measure it and release its memory."""
+def run_entry(provider: str, mode: str, s: MLPShape, args, device, launch: str = "default") -> Entry:
+    """Build the inputs of one (provider, mode, shape), measure it and release its memory; ours
+    under the launch setting ``launch`` (``--launches``)."""
+    from titans_layers.ops.mlp_memory.chunk import override_mlp_launch
+
     dtype = common.DTYPES[args.dtype]
     torch.manual_seed(0)
     forward = leaves = fn = None
     try:
-        forward, leaves = builder(provider, args.activation)(s, dtype, device, requires_grad=(mode == "fwdbwd"))
-        fn = make_closure(forward, s, mode, dtype, device)
-        m = common.measure(fn, device, warmup_ms=args.warmup_ms, rep_ms=args.rep_ms, host_reps=args.host_reps,
-                           grad_to_none=leaves if mode == "fwdbwd" else ())
+        with override_mlp_launch(**parse_launch(launch)):
+            forward, leaves = builder(provider, args.activation)(s, dtype, device, requires_grad=(mode == "fwdbwd"))
+            fn = make_closure(forward, s, mode, dtype, device)
+            m = common.measure(fn, device, warmup_ms=args.warmup_ms, rep_ms=args.rep_ms, host_reps=args.host_reps,
+                               grad_to_none=leaves if mode == "fwdbwd" else ())
     except Exception as exc:  # noqa: BLE001 - e.g. OOM while building the inputs
         m = common.Measurement(error=common.describe_error(exc))
     finally:
         forward = leaves = fn = None  # noqa: F841 - drop the inputs before freeing memory
         common.free_memory(device)
     tps = s.B * s.T / (m.median_ms / 1e3) if m.median_ms else None
-    return Entry(provider, mode, s.B, s.T, s.H, s.K, s.V, s.Dh, s.chunk_size, args.dtype,
+    return Entry(launch_provider(provider, launch), mode, s.B, s.T, s.H, s.K, s.V, s.Dh, s.chunk_size, args.dtype,
                  m.median_ms, m.p20_ms, m.p80_ms, tps, m.peak_mem_mb, m.error)
+
+
+def parse_launch(launch: str) -> dict[str, int]:
+    """``"BT=16,fwd_warps=4"`` -> ``{"BT": 16, "fwd_warps": 4}``; ``"default"`` -> ``{}``."""
+    if launch == "default":
+        return {}
+    fields = {}
+    for item in launch.split(","):
+        name, sep, value = item.partition("=")
+        if not sep or not value.strip().isdigit():
+            raise ValueError(f"--launches: expected 'default' or field=int pairs, got {launch!r}")
+        fields[name.strip()] = int(value)
+    return fields
+
+
+def launch_provider(provider: str, launch: str) -> str:
+    """The provider name of ours under a launch setting: ``mlp_memory[BT=16]`` (or the plain name)."""
+    return provider if provider != OURS or launch == "default" else f"{OURS}[{launch}]"
 
 
 def shapes(args) -> list[MLPShape]:
@@ -268,8 +299,9 @@ def run(args, device) -> tuple[list[Entry], dict[str, str]]:
     for s in shapes(args):
         for mode in args.modes:
             for provider in active:
-                entries.append(run_entry(provider, mode, s, args, device))
-                print(format_entry(entries[-1]), flush=True)
+                for launch in (args.launches if provider == OURS else ["default"]):
+                    entries.append(run_entry(provider, mode, s, args, device, launch))
+                    print(format_entry(entries[-1]), flush=True)
     return entries, skipped
 
 
@@ -299,6 +331,11 @@ def mode_section(rows: list[dict], mode: str, env: dict, args) -> list[str]:
     titles = {"fwd": "Forward", "fwdbwd": "Forward + backward"}
     columns = [(p, LABELS[p]) for p in args.providers]
     ratios = [r for r in RATIOS if r[0] in args.providers and r[1] in args.providers]
+    if OURS in args.providers:  # a column per other launch setting, with its ratios to ours and to fla
+        variants = [launch_provider(OURS, launch) for launch in args.launches if launch != "default"]
+        columns += [(v, v) for v in variants]
+        ratios += [(v, OURS, f"{v} / mlp") for v in variants]
+        ratios += [(v, FLA_GATED, f"{v} / gated_delta") for v in variants if FLA_GATED in args.providers]
     mode_rows = [r for r in rows if r["mode"] == mode]
     parts = [f"## {titles[mode]}", "", "Median ms:", "",
              common.comparison_table(mode_rows, row_keys=ROW_KEYS, columns=columns, ratios=ratios), "",
@@ -348,6 +385,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="comma-separated modes: fwd (forward only), fwdbwd (forward + backward) (default both)")
     p.add_argument("--providers", type=common.choice_list(PROVIDERS), default=list(PROVIDERS),
                    help=f"comma-separated providers to run (default {','.join(PROVIDERS)})")
+    p.add_argument("--launches", type=lambda text: [x.strip() for x in text.split(";") if x.strip()],
+                   default=["default"],
+                   help="';'-separated launch settings of our Triton kernels to compare, each 'default' or "
+                        "field=int pairs such as 'BT=16,fwd_warps=4' (module docstring; CUDA only)")
     p.add_argument("--cpu", action="store_true", help="run on the CPU even when CUDA is available")
     p.add_argument("--threads", type=int, help="torch CPU threads (torch.set_num_threads; default torch's own)")
     p.add_argument("--warmup-ms", type=int, help=f"do_bench warm-up time, ms (default {FULL['warmup_ms']})")
@@ -362,6 +403,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.device = "cpu" if args.cpu or not torch.cuda.is_available() else "cuda"
     defaults = FULL if args.device == "cuda" else CPU
     common.apply_preset(args, QUICK if args.quick else defaults)
+    for launch in args.launches:
+        parse_launch(launch)  # a malformed setting fails here, not after the first measurements
+    if args.launches != ["default"] and args.device != "cuda":
+        p.error("--launches sets the Triton kernels' launch, which runs on CUDA only")
     return common.apply_preset(args, dict(dtype=defaults["dtype"]))
 
 

@@ -1,13 +1,16 @@
 """Compile Triton kernels for a GPU without one: catches kernels that only the interpreter accepts,
-and tiles that would not fit the GPU's shared memory."""
+and tiles that would not fit the GPU's shared memory, and reads each kernel's registers and
+register spills from the assembler (``ptxas -v``), all without a GPU."""
 
 from __future__ import annotations
 
 import importlib
 import json
 import os
+import re
 import subprocess
 import sys
+import tempfile
 
 import triton
 from triton.backends.compiler import GPUTarget
@@ -44,11 +47,43 @@ def compile_for_gpu(kernel, *, capability: int, pointers: dict[str, str], scalar
     return compiled
 
 
+def register_usage(compiled, capability: int) -> dict[str, int]:
+    """Registers per thread and local-memory spills of a kernel compiled by :func:`compile_for_gpu`.
+
+    Re-assembles its PTX with Triton's own ``ptxas`` and the flags Triton passes (so the figures
+    are those of the cubin it built) and parses ``-v``'s report. Returns ``{"registers": per
+    thread, "spill_stores": bytes, "spill_loads": bytes, "stack": bytes of stack frame}`` (spills:
+    bytes per thread, counted once per instruction, as ptxas reports them).
+    """
+    from triton.backends.nvidia.compiler import get_ptxas, sm_arch_from_capability
+
+    with tempfile.TemporaryDirectory() as tmp:
+        ptx = os.path.join(tmp, "kernel.ptx")
+        with open(ptx, "w") as f:
+            f.write(compiled.asm["ptx"])
+        proc = subprocess.run([get_ptxas(capability).path, "-lineinfo", "-v", "--regAllocOptLevel=2",
+                               f"--gpu-name={sm_arch_from_capability(capability)}", ptx, "-o",
+                               os.path.join(tmp, "kernel.cubin")], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise AssertionError(f"ptxas failed on {compiled.metadata.name}:\n{proc.stderr[-2000:]}")
+    log = proc.stderr
+
+    def number(pattern: str) -> int:
+        found = re.search(pattern, log)
+        if found is None:
+            raise AssertionError(f"no {pattern!r} in the ptxas report:\n{log[-2000:]}")
+        return int(found.group(1))
+
+    return {"registers": number(r"Used (\d+) registers"), "spill_stores": number(r"(\d+) bytes spill stores"),
+            "spill_loads": number(r"(\d+) bytes spill loads"), "stack": number(r"(\d+) bytes stack frame")}
+
+
 def compile_in_subprocess(kernel: str, *, capability: int, pointers: dict[str, str], scalars: dict[str, str],
                           constexprs: dict, num_warps: int = 4, num_stages: int = 1) -> dict:
     """:func:`compile_for_gpu` in a fresh Python with ``TRITON_INTERPRET=0``, so it works while
     this process runs Triton's interpreter. ``kernel``: "package.module:kernel_name".
-    Returns ``{"shared": bytes, "capability": ...}``; raises AssertionError with the child's error."""
+    Returns ``{"shared": bytes, "capability": ...}`` and :func:`register_usage`'s figures;
+    raises AssertionError with the child's error."""
     spec = dict(kernel=kernel, capability=capability, pointers=pointers, scalars=scalars, constexprs=constexprs,
                 num_warps=num_warps, num_stages=num_stages)
     env = dict(os.environ, TRITON_INTERPRET="0")
@@ -64,7 +99,8 @@ def _main(spec_json: str) -> None:
     module, name = spec.pop("kernel").split(":")
     kernel = getattr(importlib.import_module(module), name)
     compiled = compile_for_gpu(kernel, **spec)
-    print(json.dumps({"shared": compiled.metadata.shared, "capability": spec["capability"]}))
+    print(json.dumps({"shared": compiled.metadata.shared, "capability": spec["capability"],
+                      **register_usage(compiled, spec["capability"])}))
 
 
 if __name__ == "__main__":

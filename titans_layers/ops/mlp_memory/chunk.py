@@ -3,6 +3,9 @@ autograd.Function (kernel design: ``chunk_kernels.py``)."""
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+
 import torch
 import triton
 
@@ -18,25 +21,75 @@ from titans_layers.ops.momentum_delta_rule.chunk import ChunkPlan, make_plan, va
 KERNEL_CHUNK_SIZES = (16, 32, 64)
 
 
-def tile_size(chunk_size: int, K: int, V: int, dtype: torch.dtype) -> int:
-    """Tokens per kernel tile (it divides the chunk): the chunk, or 32-token pieces of it; 16 for
-    float32 inputs with K or V above 64, whose 32-bit ``tl.dot`` operands would need more shared
-    memory than an A100 block has (200 KB forward, 245 KB backward at K = V = 128, BT = 32)."""
-    if dtype == torch.float32 and max(K, V) > 64:
-        return 16
-    return min(chunk_size, 32)
+@dataclass(frozen=True)
+class MLPLaunch:
+    """How the MLP-memory kernels are launched for one problem size (:func:`mlp_launch`).
+
+    ``BT``: tokens per kernel tile (it divides the chunk); ``BK``, ``BV``: the K and V tiles (all
+    of each, a power of two >= 16, as ``tl.dot`` wants); ``fwd_BH``, ``bwd_BH``: hidden units per
+    Dh block in the forward (and decode) and the backward kernel; ``*_warps``: warps per program;
+    ``decode_stages``: software-pipelining stages of the decode kernel (the chunk kernels take 1).
+    """
+
+    BT: int
+    BK: int
+    BV: int
+    fwd_BH: int
+    bwd_BH: int
+    fwd_warps: int = 8
+    bwd_warps: int = 8
+    decode_warps: int = 4
+    decode_stages: int = 3
 
 
-def block_sizes(K: int, V: int, Dh: int) -> tuple[int, int, int, int]:
-    """Tile sizes ``(BK, BV, BH_fwd, BH_bwd)``: all of K and V in one tile (powers of two >= 16,
-    as ``tl.dot`` wants); Dh in blocks of 32 columns in the forward and of 16 in the backward,
-    which holds twelve ``[BK|BV, BH]`` state and adjoint blocks per step: with BH = 16 it needs
-    72 KB of shared memory at K = V = 64 in bf16 (100 KB with BH = 32, more than an sm_86/sm_89
-    block may have)."""
-    BK = max(16, triton.next_power_of_2(K))
-    BV = max(16, triton.next_power_of_2(V))
-    BH = min(32, max(16, triton.next_power_of_2(Dh)))
-    return BK, BV, BH, 16
+_LAUNCH_OVERRIDE: dict = {}
+
+
+def mlp_launch(chunk_size: int, K: int, V: int, Dh: int, dtype: torch.dtype) -> MLPLaunch:
+    """The launch of the MLP-memory kernels for chunk size C, head dims K, V, hidden width Dh and
+    input dtype (with any :func:`override_mlp_launch` fields in effect).
+
+    Tiles: BT = min(C, 32), but 16 for float32 inputs with K or V above 64, whose 32-bit ``tl.dot``
+    operands would need more shared memory than an A100 block has (200 KB forward, 245 KB
+    backward at K = V = 128, BT = 32). Dh in blocks of 32 columns in the forward and of 16 in the
+    backward, which holds twelve ``[BK|BV, BH]`` state and adjoint blocks per step: with BH = 16
+    it needs 72 KB of shared memory at K = V = 64 in bf16 (100 KB with BH = 32, more than an
+    sm_86/sm_89 block may have).
+
+    Warps: 8 for the chunk kernels. Their ``[BT, K]`` operands and accumulators live in registers
+    all tile long and ask for more than a thread's 255: compiled with 4 warps (the bf16 kernels at
+    K = V = 64, Dh = 256, sm_90), the forward spills 1.5 KB a thread and the backward 5.7 KB;
+    with 8, 0.8 and 3.9 KB, and the float32 kernels no longer fall into ptxas's 32-register
+    allocation (30-55 KB of spills). Static figures (``python -m benchmarks.kernel_resources``),
+    not timings: ``benchmarks/ops/sweep_mlp_launch.py`` times the alternatives on a GPU.
+    """
+    BT = 16 if dtype == torch.float32 and max(K, V) > 64 else min(chunk_size, 32)
+    launch = MLPLaunch(BT=BT, BK=max(16, triton.next_power_of_2(K)), BV=max(16, triton.next_power_of_2(V)),
+                       fwd_BH=min(32, max(16, triton.next_power_of_2(Dh))), bwd_BH=16)
+    if _LAUNCH_OVERRIDE:
+        launch = replace(launch, **_LAUNCH_OVERRIDE)
+        if launch.BT < 16 or chunk_size % launch.BT:
+            launch = replace(launch, BT=min(chunk_size, 32))  # chunk sizes the override's tile cannot take
+    return launch
+
+
+@contextmanager
+def override_mlp_launch(**fields):
+    """Within the block, :func:`mlp_launch` returns its launch with ``fields`` replaced (e.g.
+    ``fwd_warps=8, BT=16``): for sweeping launch settings on a GPU (``benchmarks/ops/
+    sweep_mlp_launch.py``), not for production. A ``BT`` that is below 16 or does not divide the
+    chunk size is ignored for that call."""
+    unknown = set(fields) - set(MLPLaunch.__dataclass_fields__)
+    if unknown:
+        raise ValueError(f"override_mlp_launch: unknown fields {sorted(unknown)}; "
+                         f"expected some of {sorted(MLPLaunch.__dataclass_fields__)}")
+    saved = dict(_LAUNCH_OVERRIDE)
+    _LAUNCH_OVERRIDE.update(fields)
+    try:
+        yield
+    finally:
+        _LAUNCH_OVERRIDE.clear()
+        _LAUNCH_OVERRIDE.update(saved)
 
 
 def _state_copy(x: torch.Tensor) -> torch.Tensor:
@@ -58,7 +111,7 @@ def chunk_fwd(q, k, v, alpha, eta, theta, W1, W2, S1, S2, A1, A2, offset, cu_seq
     """
     s = plan.shape
     Dh = W1.shape[-1]
-    BK, BV, BH, _ = block_sizes(s.K, s.V, Dh)
+    launch = mlp_launch(plan.chunk_size, s.K, s.V, Dh, q.dtype)
     o = torch.empty_like(v)
     W1T, W2T, S1T, S2T, A1T, A2T = (_state_copy(x) for x in (W1, W2, S1, S2, A1, A2))
     if store_tiles:
@@ -75,8 +128,9 @@ def chunk_fwd(q, k, v, alpha, eta, theta, W1, W2, S1, S2, A1, A2, offset, cu_seq
         chunk_mlp_memory_fwd_kernel[(s.N * s.H,)](
             q, k, v, alpha, eta, theta, offset, cu, plan.tile_indptr, o, W1T, S1T, A1T, W2T, S2T, A2T, *tiles,
             norms if clip else W1T, s.T, max_norm if clip else 0.0, H=s.H, K=s.K, V=s.V, Dh=Dh, C=plan.chunk_size,
-            BT=plan.tile_size, BK=BK, BV=BV, BH=BH, ACT=act, RESIDUAL=residual, IS_VARLEN=is_varlen,
-            STORE_TILES=store_tiles, CLIP=clip, PRECISION=dot_precision(q.dtype), num_stages=1)
+            BT=plan.tile_size, BK=launch.BK, BV=launch.BV, BH=launch.fwd_BH, ACT=act, RESIDUAL=residual,
+            IS_VARLEN=is_varlen, STORE_TILES=store_tiles, CLIP=clip, PRECISION=dot_precision(q.dtype),
+            num_warps=launch.fwd_warps, num_stages=1)
     return o, (W1T, W2T, S1T, S2T, A1T, A2T), (tiles if store_tiles else None), norms
 
 
@@ -93,7 +147,7 @@ def chunk_bwd(q, k, v, alpha, eta, theta, A1, A2, offset, cu_seqlens, plan: Chun
     """
     s = plan.shape
     Dh = A1.shape[-1]
-    BK, BV, _, BH = block_sizes(s.K, s.V, Dh)
+    launch = mlp_launch(plan.chunk_size, s.K, s.V, Dh, q.dtype)
     adj = lambda g, like: torch.zeros(like.shape, dtype=torch.float32, device=like.device) if g is None \
         else _state_copy(g)
     dW1, dS1, dA1 = adj(dW1T, A1), adj(dS1T, A1), adj(dA1T, A1)
@@ -108,8 +162,8 @@ def chunk_bwd(q, k, v, alpha, eta, theta, A1, A2, offset, cu_seqlens, plan: Chun
             q, k, v, alpha, eta, theta, offset, cu, plan.tile_indptr, A1, A2, *tiles, do,
             dW1, dS1, dA1, dW2, dS2, dA2, dq, dk, dv, dalpha, deta, dtheta, norms if clip else dW1,
             s.T, max_norm if clip else 0.0, H=s.H, K=s.K, V=s.V, Dh=Dh, C=plan.chunk_size, BT=plan.tile_size,
-            BK=BK, BV=BV, BH=BH, ACT=act, RESIDUAL=residual, IS_VARLEN=is_varlen, CLIP=clip,
-            PRECISION=dot_precision(q.dtype), num_stages=1)
+            BK=launch.BK, BV=launch.BV, BH=launch.bwd_BH, ACT=act, RESIDUAL=residual, IS_VARLEN=is_varlen, CLIP=clip,
+            PRECISION=dot_precision(q.dtype), num_warps=launch.bwd_warps, num_stages=1)
     return dq, dk, dv, dalpha, deta, dtheta, dW1, dW2, dS1, dS2, dA1, dA2
 
 
@@ -151,7 +205,8 @@ def prepare_kernel_call(op_name, q, k, v, alpha, eta, theta, chunk_size, initial
     check_head_dims(shape.K, shape.V)
     init = resolve_mlp_state(initial_state, shape, C, q.device)
     check_triton_device(op_name, q)
-    plan = make_plan(shape, C, init.offsets, cu_seqlens, q.device, tile=tile_size(C, shape.K, shape.V, q.dtype))
+    Dh = init.W1.shape[-1]
+    plan = make_plan(shape, C, init.offsets, cu_seqlens, q.device, tile=mlp_launch(C, shape.K, shape.V, Dh, q.dtype).BT)
     inputs = tuple(x.contiguous() for x in (q, k, v, alpha, eta, theta))
     states = tuple(x.contiguous() for x in (init.W1, init.W2, init.S1, init.S2, init.anchor1, init.anchor2))
     return inputs, states, init.offset, plan, ACTIVATIONS.index(activation)

@@ -73,6 +73,16 @@ Design.
   float32 inputs, TF32 otherwise.
 - Parallelism is one program per (sequence, head): the walk over a sequence is serial, so a GPU
   is filled only when N * H is at least its SM count.
+- Registers (``python -m benchmarks.kernel_resources``; launch settings: ``chunk.mlp_launch``).
+  Everything of size ``[BT, K | V | BT]`` stays in registers for a whole tile, and the ``tl.dot``
+  shapes are small (``[BT, K] x [K, BH]`` with BH = 16-32), so Triton lays the warps out along
+  the BH columns and every warp holds all BT rows of the token-side operand. Together this asks
+  for more than a thread's 255 registers and the kernels spill (per thread, bf16, K = V = 64,
+  Dh = 256, 8 warps, sm_90: forward 0.8 KB, backward 3.9 KB). 16-token tiles spill far less
+  (forward 8 bytes, backward 1.2 KB) at twice the state traffic per token and twice the
+  backward's tile-state memory; ``benchmark_mlp_memory --launches`` times both on a GPU. Putting
+  the hidden units on the rows (``Z^T = a1^T K^T``, so the token-side operands split across the
+  warps) is the restructuring that would cut the register demand itself.
 """
 
 from __future__ import annotations

@@ -31,7 +31,7 @@ import triton.language as tl
 from titans_layers.ops.common.clipping import check_max_update_norm
 from titans_layers.ops.common.traceable import traceable
 from titans_layers.ops.common.triton_utils import clip_step, sequence_range
-from titans_layers.ops.mlp_memory.chunk import (KERNEL_CHUNK_SIZES, ChunkPlan, block_sizes, chunk_bwd, chunk_fwd,
+from titans_layers.ops.mlp_memory.chunk import (KERNEL_CHUNK_SIZES, ChunkPlan, chunk_bwd, chunk_fwd, mlp_launch,
                                                 pack_final_state, prepare_kernel_call)
 from titans_layers.ops.mlp_memory.chunk_kernels import activation, block_offsets
 from titans_layers.ops.mlp_memory.naive import ACTIVATIONS, naive_chunk_mlp_memory
@@ -135,7 +135,7 @@ def fused_recurrent_fwd(q, k, v, alpha, eta, theta, W1, W2, S1, S2, A1, A2, offs
     (A: the last chunk's anchor)."""
     s = plan.shape
     Dh = W1.shape[-1]
-    BK, BV, BH, _ = block_sizes(s.K, s.V, Dh)
+    launch = mlp_launch(plan.chunk_size, s.K, s.V, Dh, q.dtype)
     o = torch.empty_like(v)
     W1T, W2T, S1T, S2T, A1T, A2T = (x.detach().to(torch.float32).clone(memory_format=torch.contiguous_format)
                                     for x in (W1, W2, S1, S2, A1, A2))
@@ -143,8 +143,9 @@ def fused_recurrent_fwd(q, k, v, alpha, eta, theta, W1, W2, S1, S2, A1, A2, offs
     if s.N * s.H > 0:
         fused_recurrent_mlp_memory_fwd_kernel[(s.N * s.H,)](
             q, k, v, alpha, eta, theta, offset, cu, o, W1T, S1T, A1T, W2T, S2T, A2T,
-            s.T, 0.0 if max_norm is None else max_norm, H=s.H, K=s.K, V=s.V, Dh=Dh, C=plan.chunk_size, BK=BK,
-            BV=BV, BH=BH, ACT=act, RESIDUAL=residual, IS_VARLEN=cu_seqlens is not None, CLIP=max_norm is not None)
+            s.T, 0.0 if max_norm is None else max_norm, H=s.H, K=s.K, V=s.V, Dh=Dh, C=plan.chunk_size, BK=launch.BK,
+            BV=launch.BV, BH=launch.fwd_BH, ACT=act, RESIDUAL=residual, IS_VARLEN=cu_seqlens is not None,
+            CLIP=max_norm is not None, num_warps=launch.decode_warps, num_stages=launch.decode_stages)
     return o, (W1T, W2T, S1T, S2T, A1T, A2T)
 
 

@@ -72,9 +72,15 @@ def launch_blocks(K: int, V: int, clip: bool) -> tuple[int, int, int]:
     return BK, BV, triton.cdiv(V, BV)
 
 
-def launch_warps(BK: int, BV: int) -> int:
-    """Warps per program: 4, or 8 for the state tiles beyond 64 x 64 that only clipping launches
-    (K, V > 64 in one V block), to halve the registers each thread holds."""
+def launch_warps(BK: int, BV: int, decode: bool = False) -> int:
+    """Warps per program. The chunk kernels: 8. Their tile-long ``[BT, K]`` operands and
+    accumulators ask for more registers than a thread has, and 8 warps cut the spills (per thread,
+    bf16, K = V = 64, sm_90: forward 2.2 to 1.0 KB, backward 8.2 to 2.6 KB) and keep the float32
+    kernels out of ptxas's 32-register fallback (14-29 KB of spills at 4 warps); static figures
+    from ``python -m benchmarks.kernel_resources``. The decode kernel (``decode``): 4, or 8 for
+    the state tiles beyond 64 x 64 that only clipping launches (K, V > 64 in one V block)."""
+    if not decode:
+        return 8
     return 8 if BK * BV > 64 * 64 else 4
 
 

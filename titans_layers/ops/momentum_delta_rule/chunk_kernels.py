@@ -31,8 +31,9 @@ theta everywhere theta was used.
   anchor, hence ``e``, depends on every earlier clip decision; in the backward the clip adjoint
   of each token needs ``dtheta'``, a sum over all of V). With ``CLIP`` the forward and the decode
   kernel use a single V block (NV = 1, BV = next power of 2 of V, V <= 128): the state tiles grow
-  from ``[K, <=64]`` to ``[K, V]`` (8 warps beyond 64 x 64), so at large heads a clipped call keeps
-  up to 4x more state per program and runs fewer programs than an unclipped one. The backward
+  from ``[K, <=64]`` to ``[K, V]`` (the decode kernel takes 8 warps beyond 64 x 64), so at large
+  heads a clipped call keeps up to 4x more state per program and runs fewer programs than an
+  unclipped one. The backward
   does the same up to ``CLIP_BWD_MAX_TILE`` (64 x 64) state elements; beyond, one block would need
   more shared memory than an A100/H100 has (fp32 at 128 x 64: 234 KB), so
   :func:`chunk_momentum_delta_rule_bwd_split_kernel` walks V in sub-blocks of the unclipped

@@ -32,6 +32,9 @@ from titans_layers.ops.momentum_delta_rule.chunk_kernels import load_token, writ
 from titans_layers.ops.momentum_delta_rule.naive import naive_chunk_momentum_delta_rule
 from titans_layers.ops.momentum_delta_rule.state import MomentumDeltaRuleState
 
+# software-pipelining stages of the decode kernel's launch (Triton's default; the compile check uses it)
+DECODE_STAGES = 3
+
 
 @triton.jit
 def fused_recurrent_momentum_delta_rule_fwd_kernel(
@@ -82,7 +85,7 @@ def fused_recurrent_fwd(q, k, v, alpha, eta, theta, M0, S0, W0, offset, cu_seqle
     fused_recurrent_momentum_delta_rule_fwd_kernel[(NV, s.N * s.H)](
         q, k, v, alpha, eta, theta, M0, S0, W0, offset, cu, o, MT, ST, WT, s.T, max_update_norm if clip else 0.0,
         H=s.H, K=s.K, V=s.V, C=plan.chunk_size, BK=BK, BV=BV, IS_VARLEN=cu_seqlens is not None, CLIP=clip,
-        num_warps=launch_warps(BK, BV))
+        num_warps=launch_warps(BK, BV, decode=True), num_stages=DECODE_STAGES)
     return o, MT, ST, WT
 
 

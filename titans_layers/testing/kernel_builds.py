@@ -1,0 +1,125 @@
+"""Every Triton kernel of the library at the block sizes, warps and stages its launcher uses, at the
+largest tiles and on each precision path: what ``tests/test_kernel_compile.py`` compiles for sm_80
+and sm_90 and ``python -m benchmarks.kernel_resources`` reports (shared memory, registers, spills)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from titans_layers.ops.common.triton_utils import block_sizes
+from titans_layers.ops.mlp_memory.chunk import mlp_launch
+from titans_layers.ops.momentum_delta_rule.chunk import CLIP_BWD_MAX_TILE, launch_blocks, launch_warps, tile_size
+from titans_layers.ops.momentum_delta_rule.fused_recurrent import DECODE_STAGES
+
+LINEAR_CHUNK = "titans_layers.ops.momentum_delta_rule.chunk_kernels"
+LINEAR_FUSED = "titans_layers.ops.momentum_delta_rule.fused_recurrent"
+MLP_CHUNK = "titans_layers.ops.mlp_memory.chunk_kernels"
+MLP_FUSED = "titans_layers.ops.mlp_memory.fused_recurrent"
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+INDICES = ("offset", "cu_seqlens", "tile_indptr")
+# pointer arguments in the input dtype (the rest are float32 state buffers, or the int64 INDICES)
+LINEAR_INPUTS = ("q", "k", "v", "alpha", "eta", "theta", "o", "do", "dv")
+MLP_INPUTS = ("q", "k", "v", "alpha", "eta", "theta", "o", "do", "dq", "dk", "dv", "dalpha", "deta", "dtheta")
+
+
+@dataclass(frozen=True)
+class KernelBuild:
+    """One kernel compiled as its launcher would launch it: ``kernel`` is "package.module:name";
+    the rest are :func:`titans_layers.testing.compile.compile_for_gpu`'s keyword arguments."""
+
+    kernel: str
+    label: str
+    pointers: dict = field(hash=False)
+    scalars: dict = field(hash=False)
+    constexprs: dict = field(hash=False)
+    num_warps: int = 4
+    num_stages: int = 1
+
+    @property
+    def name(self) -> str:
+        """The kernel's function name."""
+        return self.kernel.split(":")[1]
+
+    def compile_kwargs(self) -> dict:
+        """Keyword arguments of ``compile_for_gpu`` / ``compile_in_subprocess`` (besides ``capability``)."""
+        return dict(pointers=self.pointers, scalars=self.scalars, constexprs=self.constexprs,
+                    num_warps=self.num_warps, num_stages=self.num_stages)
+
+
+def _pointers(inputs: tuple[str, ...], dtype: str) -> dict[str, str]:
+    pointers = {name: f"*{dtype}" for name in inputs}
+    pointers.update({name: "*i64" for name in INDICES})
+    return pointers
+
+
+def linear_build(kernel: str, dim: int, chunk_size: int, dtype: str, clip: bool = False) -> KernelBuild:
+    """A linear-family kernel at K = V = ``dim``. ``clip``: the update-clipping variant (all of V in
+    one program: one V block, or for the split backward V in sub-blocks of the unclipped width)."""
+    split = kernel.endswith("bwd_split_kernel")
+    BK, BV = block_sizes(dim, dim) if split else launch_blocks(dim, dim, clip)[:2]
+    constexprs = dict(H=16, K=dim, V=dim, C=chunk_size, BK=BK, BV=BV, IS_VARLEN=True)
+    if split:
+        constexprs["NVS"] = -(-dim // BV)
+    else:
+        constexprs["CLIP"] = clip
+    if kernel.startswith(LINEAR_CHUNK):
+        constexprs.update(BT=tile_size(chunk_size), PRECISION="ieee" if dtype == "fp32" else "tf32")
+        if kernel.endswith("fwd_kernel"):
+            constexprs["STORE_TILES"] = True
+    decode = kernel.startswith(LINEAR_FUSED)
+    stages = DECODE_STAGES if decode else 1
+    label = f"K{dim}-C{chunk_size}-{dtype}" + ("-clip" if clip else "")
+    return KernelBuild(kernel, label, _pointers(LINEAR_INPUTS, dtype),
+                       {"T": "i32", "n_tokens": "i32", "max_norm": "fp32"}, constexprs,
+                       num_warps=launch_warps(BK, BV, decode), num_stages=stages)
+
+
+def mlp_build(kernel: str, dim: int, hidden: int, chunk_size: int, dtype: str, act: int, residual: bool,
+              clip: bool) -> KernelBuild:
+    """An MLP-memory kernel at K = V = ``dim``, Dh = ``hidden``, activation code ``act``."""
+    launch = mlp_launch(chunk_size, dim, dim, hidden, DTYPES[dtype])
+    part = "decode" if kernel.startswith(MLP_FUSED) else ("bwd" if kernel.endswith("bwd_kernel") else "fwd")
+    warps, stages, BH = {"fwd": (launch.fwd_warps, 1, launch.fwd_BH), "bwd": (launch.bwd_warps, 1, launch.bwd_BH),
+                         "decode": (launch.decode_warps, launch.decode_stages, launch.fwd_BH)}[part]
+    constexprs = dict(H=16, K=dim, V=dim, Dh=hidden, C=chunk_size, BK=launch.BK, BV=launch.BV, BH=BH, ACT=act,
+                      RESIDUAL=residual, IS_VARLEN=True, CLIP=clip)
+    if part != "decode":
+        constexprs.update(BT=launch.BT, PRECISION="ieee" if dtype == "fp32" else "tf32")
+    if part == "fwd":
+        constexprs["STORE_TILES"] = True
+    label = f"K{dim}-Dh{hidden}-C{chunk_size}-{dtype}" + ("-clip" if clip else "")
+    return KernelBuild(kernel, label, _pointers(MLP_INPUTS, dtype), {"T": "i32", "max_norm": "fp32"}, constexprs,
+                       num_warps=warps, num_stages=stages)
+
+
+LINEAR_KERNELS = [f"{LINEAR_CHUNK}:chunk_momentum_delta_rule_fwd_kernel",
+                  f"{LINEAR_CHUNK}:chunk_momentum_delta_rule_bwd_kernel",
+                  f"{LINEAR_FUSED}:fused_recurrent_momentum_delta_rule_fwd_kernel"]
+LINEAR_SPLIT = f"{LINEAR_CHUNK}:chunk_momentum_delta_rule_bwd_split_kernel"
+# (K = V, chunk size, input dtype): the largest tiles, and each precision path
+LINEAR_CONFIGS = [(64, 64, "bf16"), (128, 64, "bf16"), (128, 16, "fp32")]
+# Update clipping holds all of V in one program, at the largest tiles each kernel gets: the forward
+# and the decode kernel one [128, 128] block; the backward one block up to CLIP_BWD_MAX_TILE
+# (64 x 64; fp32 needs the most shared memory), the split backward beyond (V in sub-blocks).
+LINEAR_CLIP_CASES = [(LINEAR_KERNELS[0], (128, 64, "bf16")), (LINEAR_KERNELS[2], (128, 64, "bf16")),
+                     (LINEAR_KERNELS[1], (64, 64, "fp32")), (LINEAR_SPLIT, (128, 64, "fp32"))]
+assert LINEAR_CLIP_CASES[2][1][0] ** 2 <= CLIP_BWD_MAX_TILE  # the single-block backward's tile
+
+MLP_KERNELS = [f"{MLP_CHUNK}:chunk_mlp_memory_fwd_kernel", f"{MLP_CHUNK}:chunk_mlp_memory_bwd_kernel",
+               f"{MLP_FUSED}:fused_recurrent_mlp_memory_fwd_kernel"]
+# (K = V, Dh, chunk size, input dtype, activation code, residual, update clipping): the largest tiles,
+# each precision path, both activations, with and without clipping (its extra pass and adjoints are
+# compiled at the largest tiles, where shared memory is tightest)
+MLP_CONFIGS = [(64, 256, 64, "bf16", 0, False, False), (128, 256, 64, "bf16", 1, True, True),
+               (128, 256, 64, "fp32", 0, True, True), (64, 256, 64, "fp32", 1, False, False)]
+
+
+def kernel_builds() -> list[KernelBuild]:
+    """Every kernel build the compile check covers (25; each compiled for sm_80 and sm_90)."""
+    builds = [linear_build(kernel, *config) for kernel in LINEAR_KERNELS for config in LINEAR_CONFIGS]
+    builds += [linear_build(kernel, *config, clip=True) for kernel, config in LINEAR_CLIP_CASES]
+    builds += [mlp_build(kernel, *config) for kernel in MLP_KERNELS for config in MLP_CONFIGS]
+    return builds

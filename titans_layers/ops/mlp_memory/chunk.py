@@ -61,7 +61,7 @@ def mlp_launch(chunk_size: int, K: int, V: int, Dh: int, dtype: torch.dtype) -> 
     K = V = 64, Dh = 256, sm_90), the forward spills 1.5 KB a thread and the backward 5.7 KB;
     with 8, 0.8 and 3.9 KB, and the float32 kernels no longer fall into ptxas's 32-register
     allocation (30-55 KB of spills). Static figures (``python -m benchmarks.kernel_resources``),
-    not timings: ``benchmarks/ops/sweep_mlp_launch.py`` times the alternatives on a GPU.
+    not timings: ``benchmark_mlp_memory --launches`` times the alternatives on a GPU.
     """
     BT = 16 if dtype == torch.float32 and max(K, V) > 64 else min(chunk_size, 32)
     launch = MLPLaunch(BT=BT, BK=max(16, triton.next_power_of_2(K)), BV=max(16, triton.next_power_of_2(V)),
@@ -76,9 +76,9 @@ def mlp_launch(chunk_size: int, K: int, V: int, Dh: int, dtype: torch.dtype) -> 
 @contextmanager
 def override_mlp_launch(**fields):
     """Within the block, :func:`mlp_launch` returns its launch with ``fields`` replaced (e.g.
-    ``fwd_warps=8, BT=16``): for sweeping launch settings on a GPU (``benchmarks/ops/
-    sweep_mlp_launch.py``), not for production. A ``BT`` that is below 16 or does not divide the
-    chunk size is ignored for that call."""
+    ``fwd_warps=4, BT=16``): for comparing launch settings on a GPU (``benchmark_mlp_memory
+    --launches``), not for production. A ``BT`` that is below 16 or does not divide the chunk
+    size is ignored for that call."""
     unknown = set(fields) - set(MLPLaunch.__dataclass_fields__)
     if unknown:
         raise ValueError(f"override_mlp_launch: unknown fields {sorted(unknown)}; "
@@ -162,8 +162,8 @@ def chunk_bwd(q, k, v, alpha, eta, theta, A1, A2, offset, cu_seqlens, plan: Chun
             q, k, v, alpha, eta, theta, offset, cu, plan.tile_indptr, A1, A2, *tiles, do,
             dW1, dS1, dA1, dW2, dS2, dA2, dq, dk, dv, dalpha, deta, dtheta, norms if clip else dW1,
             s.T, max_norm if clip else 0.0, H=s.H, K=s.K, V=s.V, Dh=Dh, C=plan.chunk_size, BT=plan.tile_size,
-            BK=launch.BK, BV=launch.BV, BH=launch.bwd_BH, ACT=act, RESIDUAL=residual, IS_VARLEN=is_varlen, CLIP=clip,
-            PRECISION=dot_precision(q.dtype), num_warps=launch.bwd_warps, num_stages=1)
+            BK=launch.BK, BV=launch.BV, BH=launch.bwd_BH, ACT=act, RESIDUAL=residual, IS_VARLEN=is_varlen,
+            CLIP=clip, PRECISION=dot_precision(q.dtype), num_warps=launch.bwd_warps, num_stages=1)
     return dq, dk, dv, dalpha, deta, dtheta, dW1, dW2, dS1, dS2, dA1, dA2
 
 
@@ -205,8 +205,8 @@ def prepare_kernel_call(op_name, q, k, v, alpha, eta, theta, chunk_size, initial
     check_head_dims(shape.K, shape.V)
     init = resolve_mlp_state(initial_state, shape, C, q.device)
     check_triton_device(op_name, q)
-    Dh = init.W1.shape[-1]
-    plan = make_plan(shape, C, init.offsets, cu_seqlens, q.device, tile=mlp_launch(C, shape.K, shape.V, Dh, q.dtype).BT)
+    tile = mlp_launch(C, shape.K, shape.V, init.W1.shape[-1], q.dtype).BT
+    plan = make_plan(shape, C, init.offsets, cu_seqlens, q.device, tile=tile)
     inputs = tuple(x.contiguous() for x in (q, k, v, alpha, eta, theta))
     states = tuple(x.contiguous() for x in (init.W1, init.W2, init.S1, init.S2, init.anchor1, init.anchor2))
     return inputs, states, init.offset, plan, ACTIVATIONS.index(activation)

@@ -56,12 +56,9 @@ def mlp_launch(chunk_size: int, K: int, V: int, Dh: int, dtype: torch.dtype) -> 
     it needs 72 KB of shared memory at K = V = 64 in bf16 (100 KB with BH = 32, more than an
     sm_86/sm_89 block may have).
 
-    Warps: 8 for the chunk kernels. Their ``[BT, K]`` operands and accumulators live in registers
-    all tile long and ask for more than a thread's 255: compiled with 4 warps (the bf16 kernels at
-    K = V = 64, Dh = 256, sm_90), the forward spills 1.5 KB a thread and the backward 5.7 KB;
-    with 8, 0.8 and 3.9 KB, and the float32 kernels no longer fall into ptxas's 32-register
-    allocation (30-55 KB of spills). Static figures (``python -m benchmarks.kernel_resources``),
-    not timings: ``benchmark_mlp_memory --launches`` times the alternatives on a GPU.
+    Warps: 8 for the chunk kernels, which spill fewer registers than with 4 (figures and why:
+    the Registers entry of ``chunk_kernels.py``); ``benchmark_mlp_memory --launches`` times the
+    alternatives on a GPU.
     """
     BT = 16 if dtype == torch.float32 and max(K, V) > 64 else min(chunk_size, 32)
     launch = MLPLaunch(BT=BT, BK=max(16, triton.next_power_of_2(K)), BV=max(16, triton.next_power_of_2(V)),

@@ -78,7 +78,9 @@ Design.
   shapes are small (``[BT, K] x [K, BH]`` with BH = 16-32), so Triton lays the warps out along
   the BH columns and every warp holds all BT rows of the token-side operand. Together this asks
   for more than a thread's 255 registers and the kernels spill (per thread, bf16, K = V = 64,
-  Dh = 256, 8 warps, sm_90: forward 0.8 KB, backward 3.9 KB). 16-token tiles spill far less
+  Dh = 256, sm_90: forward 1.5 KB with 4 warps, 0.8 KB with the 8 they launch with; backward
+  5.7 and 3.9 KB; the float32 kernels fall into ptxas's 32-register allocation with 30-55 KB of
+  spills at 4 warps, about 2 KB at 8). 16-token tiles spill far less
   (forward 8 bytes, backward 1.2 KB) at twice the state traffic per token and twice the
   backward's tile-state memory; ``benchmark_mlp_memory --launches`` times both on a GPU. Putting
   the hidden units on the rows (``Z^T = a1^T K^T``, so the token-side operands split across the

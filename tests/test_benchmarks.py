@@ -77,3 +77,11 @@ def test_mlp_launch_settings_get_their_own_columns_and_ratios(capsys):
     assert "mlp_memory[BT=16] / mlp" in header and "mlp_memory[BT=16] / gated_delta" in header
     row = next(line for line in report.splitlines() if line.startswith("| 1 | 64 |"))
     assert "1.50x" in row and "3.00x" in row  # 3 / 2 and 3 / 1
+
+
+def test_mlp_benchmark_sweeps_batch_sizes():
+    """``benchmark_mlp_memory --batch 1,8``: every shape at each B (our kernels' grid is B * H)."""
+    args = benchmark_mlp_memory.parse_args(["--cpu", "--batch", "1,3", "--seqlens", "40,80", "--heads", "2"])
+    shapes = benchmark_mlp_memory.shapes(args)
+    assert sorted((s.B, s.T) for s in shapes) == sorted([(1, 40), (1, 80), (3, 40), (3, 80)] * 3)  # 3 chunk sizes
+    assert benchmark_mlp_memory.parse_args(["--cpu"]).batch == [1]

@@ -224,6 +224,38 @@ def test_launch_overrides_keep_the_results(launch, device):
     assert mlp_launch(32, 16, 16, 40, f32).BT == 32  # restored on leaving
 
 
+def test_low_precision_dot_operands(device):
+    """``MLPLaunch.lowp_dots``: the kernels' ``tl.dot`` operands rounded to the bfloat16 / float16
+    input dtype (emulated exactly under the interpreter) keep the SPEC tolerances against the float64
+    reference, forward, states and every gradient, across a mid-chunk split; and the setting reaches
+    the kernels (the outputs differ from the tf32 launch's)."""
+    from titans_layers.ops.mlp_memory.chunk import override_mlp_launch
+    for dtype in (bf16, f16):
+        case = make_case(seed=12, B=2, T=70, H=2, K=32, V=32, dtype=dtype, chunk_size=32, state="MS", family="mlp",
+                         hidden=72, split=21, activation="gelu", device=device)
+        run = lambda: chunk_mlp_memory(*case.inputs, chunk_size=32, initial_state=case.initial_state, **case.extra)[0]
+        tf32 = run()
+        with override_mlp_launch(lowp_dots=True):
+            assert not torch.equal(run(), tf32)
+            check_against_reference(chunk_mlp_memory, case)
+            check_continuation(chunk_mlp_memory, case)
+
+
+def test_kernel_precisions(monkeypatch):
+    """Which ``PRECISION`` the chunk kernels get: fp32 inputs "ieee", 16-bit inputs "tf32" or with
+    ``lowp_dots`` their own dtype; under the interpreter tf32 and bf16 become their emulations."""
+    from titans_layers.ops.common import triton_utils
+    from titans_layers.ops.mlp_memory.chunk import kernel_precision, mlp_launch, override_mlp_launch
+    launch = mlp_launch(32, 16, 16, 32, bf16)
+    for interpreting, expected in ((False, ["ieee", "tf32", "tf32", "ieee", "bf16", "fp16"]),
+                                   (True, ["ieee", "emulate_tf32", "emulate_tf32", "ieee", "emulate_bf16", "fp16"])):
+        monkeypatch.setattr(triton_utils, "is_interpreting", lambda: interpreting)
+        with override_mlp_launch(lowp_dots=True):
+            lowp = mlp_launch(32, 16, 16, 32, bf16)
+        got = [kernel_precision(x, dtype) for x in (launch, lowp) for dtype in (f32, bf16, f16)]
+        assert got == expected, (interpreting, got)
+
+
 def test_launch_override_names_unknown_fields():
     from titans_layers.ops.mlp_memory.chunk import override_mlp_launch
     with pytest.raises(ValueError, match="unknown fields.*tile"):

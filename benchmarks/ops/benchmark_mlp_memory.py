@@ -38,7 +38,7 @@ size increase during one call, inputs excluded, allocator slack included
 columns ours / linear, ours / fla (above 1: ours is slower) and titans-pytorch / ours (above 1:
 ours is faster).
 
-Devices and defaults. On CUDA: bf16, T 1K-16K, H = 16, K = V = 64, Dh = 256, C in {16, 64} (the
+Devices and defaults. On CUDA: bf16, B = 1, T 1K-16K, H = 16, K = V = 64, Dh = 256, C in {16, 64} (the
 Triton ops take C in {16, 32, 64}; other sizes show as errors). On CPU (no CUDA, or ``--cpu``):
 fp32, B = 1, H = 4, K = 64, Dh = 128, T in {1024, 2048}, C in {4, 16, 64}, timed with a
 ``perf_counter`` loop after one warm-up call; these timings are real (no Triton interpreter runs),
@@ -50,12 +50,12 @@ Usage (from the repo root)::
     python -m benchmarks.ops.benchmark_mlp_memory --cpu --threads 8      # the CPU path vs titans-pytorch
     python -m benchmarks.ops.benchmark_mlp_memory --seqlens 4096 --chunk-sizes 64 --expansions 2,4
     python -m benchmarks.ops.benchmark_mlp_memory --quick                # smoke test (CPU: seconds)
-    python -m benchmarks.ops.benchmark_mlp_memory --seqlens 4096,16384 --chunk-sizes 64 --providers \
-        mlp_memory,fla_chunk_gated_delta_rule --launches "default;BT=16;fwd_warps=4,bwd_warps=4"
+    python -m benchmarks.ops.benchmark_mlp_memory --batch 1,8 --seqlens 4096,16384 --chunk-sizes 64 \
+        --providers mlp_memory,fla_chunk_gated_delta_rule --launches "default;BT=16;lowp_dots=1"
 
 ``--launches``: ";"-separated launch settings of our Triton kernels, each "default" or
 comma-separated ``field=value`` of ``titans_layers.ops.mlp_memory.chunk.MLPLaunch`` (``BT``,
-``fwd_BH``, ``bwd_BH``, ``fwd_warps``, ``bwd_warps``). Ours runs once per setting, as the provider
+``fwd_BH``, ``bwd_BH``, ``fwd_warps``, ``bwd_warps``, ``lowp_dots`` 0 or 1). Ours runs once per setting, as the provider
 ``mlp_memory`` (default) or ``mlp_memory[<setting>]``, each with its own column and ratio to fla
 and to the default: one GPU run compares tile sizes and warps. CUDA only (the CPU path has no
 launch).
@@ -93,11 +93,11 @@ RATIOS = ((OURS, LINEAR, "mlp / linear"), (OURS, FLA_GATED, "mlp / gated_delta")
           (TITANS_PYTORCH, OURS, "titans-pytorch / mlp"))
 ROW_KEYS = ("B", "T", "H", "K", "Dh", "chunk_size")
 
-FULL = dict(batch=1, seqlens=[1024, 2048, 4096, 8192, 16384], heads=[16], head_dims=[64], expansions=[4],
+FULL = dict(batch=[1], seqlens=[1024, 2048, 4096, 8192, 16384], heads=[16], head_dims=[64], expansions=[4],
             chunk_sizes=[16, 64], dtype="bf16", warmup_ms=25, rep_ms=100, host_reps=3)
-CPU = dict(batch=1, seqlens=[1024, 2048], heads=[4], head_dims=[64], expansions=[2], chunk_sizes=[4, 16, 64],
+CPU = dict(batch=[1], seqlens=[1024, 2048], heads=[4], head_dims=[64], expansions=[2], chunk_sizes=[4, 16, 64],
            dtype="fp32", warmup_ms=25, rep_ms=100, host_reps=3)
-QUICK = dict(batch=1, seqlens=[256], heads=[2], head_dims=[32], expansions=[2], chunk_sizes=[16], warmup_ms=5,
+QUICK = dict(batch=[1], seqlens=[256], heads=[2], head_dims=[32], expansions=[2], chunk_sizes=[16], warmup_ms=5,
              rep_ms=20, host_reps=2)
 
 
@@ -277,9 +277,9 @@ def launch_provider(provider: str, launch: str) -> str:
 
 
 def shapes(args) -> list[MLPShape]:
-    """All (H, head dim, expansion, chunk size, T) combinations, T varying fastest."""
-    return [MLPShape(args.batch, T, H, d, d, C, e * d) for H, d, e, C, T in
-            itertools.product(args.heads, args.head_dims, args.expansions, args.chunk_sizes, args.seqlens)]
+    """All (B, H, head dim, expansion, chunk size, T) combinations, T varying fastest."""
+    return [MLPShape(B, T, H, d, d, C, e * d) for B, H, d, e, C, T in
+            itertools.product(args.batch, args.heads, args.head_dims, args.expansions, args.chunk_sizes, args.seqlens)]
 
 
 def format_entry(e: Entry) -> str:
@@ -365,7 +365,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     """Parse the command line and pick the device; sizes and dtype not given come from ``--quick``,
     or from the CUDA or the CPU defaults."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--batch", type=int, help=f"batch size B (default {FULL['batch']})")
+    p.add_argument("--batch", type=common.int_list,
+                   help=f"comma-separated batch sizes B (default {FULL['batch']}); our kernels run one program "
+                        f"per sequence and head, so B * H against the SM count decides how full the GPU is")
     p.add_argument("--seqlens", type=common.int_list,
                    help=f"comma-separated lengths T (default CUDA {FULL['seqlens']}, CPU {CPU['seqlens']})")
     p.add_argument("--heads", type=common.int_list,

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from titans_layers.ops.common.triton_utils import block_sizes
+from titans_layers.ops.common.triton_utils import block_sizes, dot_precision
 from titans_layers.ops.mlp_memory.chunk import mlp_launch
 from titans_layers.ops.momentum_delta_rule.chunk import CLIP_BWD_MAX_TILE, launch_blocks, launch_warps, tile_size
 from titans_layers.ops.momentum_delta_rule.fused_recurrent import DECODE_STAGES
@@ -66,7 +66,7 @@ def linear_build(kernel: str, dim: int, chunk_size: int, dtype: str, clip: bool 
     else:
         constexprs["CLIP"] = clip
     if kernel.startswith(LINEAR_CHUNK):
-        constexprs.update(BT=tile_size(chunk_size), PRECISION="ieee" if dtype == "fp32" else "tf32")
+        constexprs.update(BT=tile_size(chunk_size), PRECISION=dot_precision(DTYPES[dtype]))
         if kernel.endswith("fwd_kernel"):
             constexprs["STORE_TILES"] = True
     decode = kernel.startswith(LINEAR_FUSED)
@@ -78,8 +78,9 @@ def linear_build(kernel: str, dim: int, chunk_size: int, dtype: str, clip: bool 
 
 
 def mlp_build(kernel: str, dim: int, hidden: int, chunk_size: int, dtype: str, act: int, residual: bool,
-              clip: bool) -> KernelBuild:
-    """An MLP-memory kernel at K = V = ``dim``, Dh = ``hidden``, activation code ``act``."""
+              clip: bool, lowp_dots: bool = False) -> KernelBuild:
+    """An MLP-memory kernel at K = V = ``dim``, Dh = ``hidden``, activation code ``act``;
+    ``lowp_dots``: its ``MLPLaunch.lowp_dots`` variant (chunk kernels)."""
     launch = mlp_launch(chunk_size, dim, dim, hidden, DTYPES[dtype])
     part = "decode" if kernel.startswith(MLP_FUSED) else ("bwd" if kernel.endswith("bwd_kernel") else "fwd")
     warps, stages, BH = {"fwd": (launch.fwd_warps, 1, launch.fwd_BH), "bwd": (launch.bwd_warps, 1, launch.bwd_BH),
@@ -87,10 +88,10 @@ def mlp_build(kernel: str, dim: int, hidden: int, chunk_size: int, dtype: str, a
     constexprs = dict(H=16, K=dim, V=dim, Dh=hidden, C=chunk_size, BK=launch.BK, BV=launch.BV, BH=BH, ACT=act,
                       RESIDUAL=residual, IS_VARLEN=True, CLIP=clip)
     if part != "decode":
-        constexprs.update(BT=launch.BT, PRECISION="ieee" if dtype == "fp32" else "tf32")
+        constexprs.update(BT=launch.BT, PRECISION=dot_precision(DTYPES[dtype], lowp_dots))
     if part == "fwd":
         constexprs["STORE_TILES"] = True
-    label = f"K{dim}-Dh{hidden}-C{chunk_size}-{dtype}" + ("-clip" if clip else "")
+    label = f"K{dim}-Dh{hidden}-C{chunk_size}-{dtype}" + ("-clip" if clip else "") + ("-lowp" if lowp_dots else "")
     return KernelBuild(kernel, label, _pointers(MLP_INPUTS, dtype), {"T": "i32", "max_norm": "fp32"}, constexprs,
                        num_warps=warps, num_stages=stages)
 
@@ -117,9 +118,15 @@ MLP_CONFIGS = [(64, 256, 64, "bf16", 0, False, False), (128, 256, 64, "bf16", 1,
                (128, 256, 64, "fp32", 0, True, True), (64, 256, 64, "fp32", 1, False, False)]
 
 
+# The chunk kernels with bfloat16 dot operands (MLPLaunch.lowp_dots), which the interpreter cannot
+# run: compiled at the benchmark's shape, and at the largest tiles with clipping.
+MLP_LOWP_CONFIGS = [MLP_CONFIGS[0], MLP_CONFIGS[1]]
+
+
 def kernel_builds() -> list[KernelBuild]:
-    """Every kernel build the compile check covers (25; each compiled for sm_80 and sm_90)."""
+    """Every kernel build the compile check covers (29; each compiled for sm_80 and sm_90)."""
     builds = [linear_build(kernel, *config) for kernel in LINEAR_KERNELS for config in LINEAR_CONFIGS]
     builds += [linear_build(kernel, *config, clip=True) for kernel, config in LINEAR_CLIP_CASES]
     builds += [mlp_build(kernel, *config) for kernel in MLP_KERNELS for config in MLP_CONFIGS]
+    builds += [mlp_build(kernel, *config, lowp_dots=True) for kernel in MLP_KERNELS[:2] for config in MLP_LOWP_CONFIGS]
     return builds

@@ -41,9 +41,65 @@ def block_sizes(K: int, V: int) -> tuple[int, int]:
     return BK, BV
 
 
-def dot_precision(dtype: torch.dtype) -> str:
-    """``tl.dot`` precision: full fp32 for float32 inputs, tf32 (fp32 accumulate) otherwise."""
-    return "ieee" if dtype in (torch.float32, torch.float64) else "tf32"
+def dot_precision(dtype: torch.dtype, low_precision_operands: bool = False) -> str:
+    """The ``PRECISION`` of :func:`mm` on a GPU for inputs of ``dtype``: full fp32 ("ieee") for
+    float32 inputs; for bfloat16 / float16 inputs tf32 on float32 operands ("tf32"), or with
+    ``low_precision_operands`` operands rounded to the input dtype ("bf16" / "fp16", as fla's
+    kernels do: twice the tensor-core rate and half the operand registers; accumulation stays
+    float32). Launchers pass it through :func:`runnable_precision`."""
+    if dtype in (torch.float32, torch.float64):
+        return "ieee"
+    if not low_precision_operands:
+        return "tf32"
+    return {torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+
+
+# What Triton's interpreter does not model, emulated by mm (exact in float32): it computes "tf32"
+# dots in full fp32, where the GPU's tf32 MMA ignores the 13 low mantissa bits of the float32
+# operands Triton passes it (no cvt.rna.tf32 in the PTX: truncation), and it computes bfloat16 on
+# raw bits, where the GPU rounds float32 to bfloat16 to nearest even (cvt.rn.bf16.f32).
+INTERPRETER_PRECISION = {"tf32": "emulate_tf32", "bf16": "emulate_bf16"}
+
+
+def runnable_precision(precision: str) -> str:
+    """``precision`` (:func:`dot_precision`) as the kernels take it here: on a GPU unchanged; under
+    ``TRITON_INTERPRET=1`` "tf32" and "bf16" become their float32 emulations (``INTERPRETER_PRECISION``),
+    so the CPU tests see the GPU's operand rounding."""
+    return INTERPRETER_PRECISION.get(precision, precision) if is_interpreting() else precision
+
+
+@triton.jit
+def truncate_mantissa(x, BITS: tl.constexpr):
+    """float32 ``x`` with its ``BITS`` low mantissa bits cleared (round toward zero)."""
+    u = x.to(tl.uint32, bitcast=True)
+    return (u & (0xFFFFFFFF ^ ((1 << BITS) - 1))).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def round_mantissa(x, BITS: tl.constexpr):
+    """float32 ``x`` rounded to nearest even at its ``BITS``-th mantissa bit (finite ``x``)."""
+    u = x.to(tl.uint32, bitcast=True)
+    u = u + ((1 << (BITS - 1)) - 1) + ((u >> BITS) & 1)
+    return (u & (0xFFFFFFFF ^ ((1 << BITS) - 1))).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def mm(a, b, PRECISION: tl.constexpr):
+    """``a @ b`` accumulated in float32 (:func:`dot_precision`): PRECISION "ieee" or "tf32" takes
+    float32 operands; "bf16" or "fp16" rounds both operands to that dtype first; "emulate_tf32"
+    and "emulate_bf16" are the interpreter's exact float32 stand-ins for "tf32" and "bf16"
+    (:func:`runnable_precision`)."""
+    if PRECISION == "bf16":
+        c = tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16))
+    elif PRECISION == "fp16":
+        c = tl.dot(a.to(tl.float16), b.to(tl.float16))
+    elif PRECISION == "emulate_tf32":
+        c = tl.dot(truncate_mantissa(a, 13), truncate_mantissa(b, 13), input_precision="ieee")
+    elif PRECISION == "emulate_bf16":
+        c = tl.dot(round_mantissa(a, 16), round_mantissa(b, 16), input_precision="ieee")
+    else:
+        c = tl.dot(a, b, input_precision=PRECISION)
+    return c
 
 
 @triton.jit

@@ -11,7 +11,8 @@ import triton
 
 from titans_layers.ops.common.clipping import check_max_update_norm
 from titans_layers.ops.common.traceable import traceable
-from titans_layers.ops.common.triton_utils import check_head_dims, check_triton_device, dot_precision
+from titans_layers.ops.common.triton_utils import (check_head_dims, check_triton_device, dot_precision,
+                                                   runnable_precision)
 from titans_layers.ops.common.validation import check_chunk_size, check_op_inputs
 from titans_layers.ops.mlp_memory.chunk_kernels import chunk_mlp_memory_bwd_kernel, chunk_mlp_memory_fwd_kernel
 from titans_layers.ops.mlp_memory.naive import ACTIVATIONS, check_mlp_options
@@ -28,7 +29,11 @@ class MLPLaunch:
     ``BT``: tokens per kernel tile (it divides the chunk); ``BK``, ``BV``: the K and V tiles (all
     of each, a power of two >= 16, as ``tl.dot`` wants); ``fwd_BH``, ``bwd_BH``: hidden units per
     Dh block in the forward (and decode) and the backward kernel; ``*_warps``: warps per program;
-    ``decode_stages``: software-pipelining stages of the decode kernel (the chunk kernels take 1).
+    ``decode_stages``: software-pipelining stages of the decode kernel (the chunk kernels take 1);
+    ``lowp_dots``: with bfloat16 / float16 inputs, the chunk kernels' ``tl.dot`` operands are
+    rounded to the input dtype instead of running tf32 on float32 operands
+    (:func:`~titans_layers.ops.common.triton_utils.dot_precision`); off until a GPU run shows it
+    pays (``benchmark_mlp_memory --launches "default;lowp_dots=1"``).
     """
 
     BT: int
@@ -40,6 +45,7 @@ class MLPLaunch:
     bwd_warps: int = 8
     decode_warps: int = 4
     decode_stages: int = 3
+    lowp_dots: bool = False
 
 
 _LAUNCH_OVERRIDE: dict = {}
@@ -68,6 +74,12 @@ def mlp_launch(chunk_size: int, K: int, V: int, Dh: int, dtype: torch.dtype) -> 
         if launch.BT < 16 or chunk_size % launch.BT:
             launch = replace(launch, BT=min(chunk_size, 32))  # chunk sizes the override's tile cannot take
     return launch
+
+
+def kernel_precision(launch: MLPLaunch, dtype: torch.dtype) -> str:
+    """The chunk kernels' ``PRECISION`` under ``launch`` for inputs of ``dtype`` (emulated under
+    Triton's interpreter: :func:`~titans_layers.ops.common.triton_utils.runnable_precision`)."""
+    return runnable_precision(dot_precision(dtype, launch.lowp_dots))
 
 
 @contextmanager
@@ -126,7 +138,7 @@ def chunk_fwd(q, k, v, alpha, eta, theta, W1, W2, S1, S2, A1, A2, offset, cu_seq
             q, k, v, alpha, eta, theta, offset, cu, plan.tile_indptr, o, W1T, S1T, A1T, W2T, S2T, A2T, *tiles,
             norms if clip else W1T, s.T, max_norm if clip else 0.0, H=s.H, K=s.K, V=s.V, Dh=Dh, C=plan.chunk_size,
             BT=plan.tile_size, BK=launch.BK, BV=launch.BV, BH=launch.fwd_BH, ACT=act, RESIDUAL=residual,
-            IS_VARLEN=is_varlen, STORE_TILES=store_tiles, CLIP=clip, PRECISION=dot_precision(q.dtype),
+            IS_VARLEN=is_varlen, STORE_TILES=store_tiles, CLIP=clip, PRECISION=kernel_precision(launch, q.dtype),
             num_warps=launch.fwd_warps, num_stages=1)
     return o, (W1T, W2T, S1T, S2T, A1T, A2T), (tiles if store_tiles else None), norms
 
@@ -160,7 +172,7 @@ def chunk_bwd(q, k, v, alpha, eta, theta, A1, A2, offset, cu_seqlens, plan: Chun
             dW1, dS1, dA1, dW2, dS2, dA2, dq, dk, dv, dalpha, deta, dtheta, norms if clip else dW1,
             s.T, max_norm if clip else 0.0, H=s.H, K=s.K, V=s.V, Dh=Dh, C=plan.chunk_size, BT=plan.tile_size,
             BK=launch.BK, BV=launch.BV, BH=launch.bwd_BH, ACT=act, RESIDUAL=residual, IS_VARLEN=is_varlen,
-            CLIP=clip, PRECISION=dot_precision(q.dtype), num_warps=launch.bwd_warps, num_stages=1)
+            CLIP=clip, PRECISION=kernel_precision(launch, q.dtype), num_warps=launch.bwd_warps, num_stages=1)
     return dq, dk, dv, dalpha, deta, dtheta, dW1, dW2, dS1, dS2, dA1, dA2
 
 

@@ -69,8 +69,9 @@ Design.
   100 / 136 KB, fp32 (BT = 16) 145 / 162 KB; with clipping the bf16 forwards need 76 KB (K = V = 64)
   and 148 KB (K = V = 128), the rest is unchanged. sm_80 allows 163 KB, sm_90 227 KB; sm_86/sm_89
   allow 99 KB, which only the bf16/fp16 kernels at K = V <= 64 fit. The decode kernel: 0.5 KB.
-  float32, bfloat16, float16 inputs; accumulation in float32; ``tl.dot`` in IEEE fp32 for
-  float32 inputs, TF32 otherwise.
+  float32, bfloat16, float16 inputs; accumulation in float32; every product goes through
+  ``triton_utils.mm``: IEEE fp32 for float32 inputs, TF32 otherwise, or with
+  ``MLPLaunch.lowp_dots`` operands rounded to the bfloat16 / float16 input dtype.
 - Parallelism is one program per (sequence, head): the walk over a sequence is serial, so a GPU
   is filled only when N * H is at least its SM count.
 - Registers (``python -m benchmarks.kernel_resources``; launch settings: ``chunk.mlp_launch``).
@@ -82,9 +83,19 @@ Design.
   5.7 and 3.9 KB; the float32 kernels fall into ptxas's 32-register allocation with 30-55 KB of
   spills at 4 warps, about 2 KB at 8). 16-token tiles spill far less
   (forward 8 bytes, backward 1.2 KB) at twice the state traffic per token and twice the
-  backward's tile-state memory; ``benchmark_mlp_memory --launches`` times both on a GPU. Putting
-  the hidden units on the rows (``Z^T = a1^T K^T``, so the token-side operands split across the
-  warps) is the restructuring that would cut the register demand itself.
+  backward's tile-state memory; ``benchmark_mlp_memory --launches`` times both on a GPU.
+  Operands in the input dtype (``lowp_dots``) halve the operand registers and shared memory:
+  bf16, K = V = 64, Dh = 256, sm_90, forward 56 bytes of spills and 24 KB of shared memory,
+  backward 1.9 KB and 42 KB (sm_80: 0.2 KB and 2.5 KB). Putting the hidden units on the rows
+  (``Z^T = a1^T K^T``, so the token-side operands split across the warps) is the restructuring
+  that would cut the register demand itself.
+- Numerics of the products (``triton_utils.mm``; the interpreter emulates the GPU's operand
+  rounding, so the CPU tests see it). Relative errors against the float64 reference at bf16
+  inputs, K = V = 64, Dh = 256, C = 64, T = 600, forget gate 0.01: tf32 operands (truncated, as
+  the GPU reads float32 operands) at most 5.7e-3 over outputs, states and gradients; bf16
+  operands 4.6e-3 (measured with the anchor-error products kept in tf32). With gates that let
+  the state decay to ~1e-15 its relative error grows: 1.0e-2 (tf32) and 2.4e-2 (bf16, above the
+  SPEC's 2e-2); float16 operands flush such a state to zero.
 """
 
 from __future__ import annotations
@@ -92,7 +103,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from titans_layers.ops.common.triton_utils import clip_step, gate_grads, take, tile_gates
+from titans_layers.ops.common.triton_utils import clip_step, gate_grads, mm, take, tile_gates
 from titans_layers.ops.momentum_delta_rule.chunk_kernels import load_tile, sequence_bounds
 
 
@@ -138,8 +149,8 @@ def anchor_error(b_k, b_v, a1, a2, rk, rv, rb, mk, mv,
         off1, m1, off2, m2 = block_offsets(jb, rk, rv, rb, mk, mv, K, V, Dh, BH)
         b_a1 = tl.load(a1 + off1, mask=m1, other=0.0)  # [BK, BH]
         b_a2 = tl.load(a2 + off2, mask=m2, other=0.0)  # [BH, BV]
-        b_hk, _, _ = activation(tl.dot(b_k, b_a1, input_precision=PRECISION), ACT)  # [BT, BH]
-        b_err += tl.dot(b_hk, b_a2, input_precision=PRECISION)
+        b_hk, _, _ = activation(mm(b_k, b_a1, PRECISION), ACT)  # [BT, BH]
+        b_err += mm(b_hk, b_a2, PRECISION)
         if CLIP:
             b_nh += tl.sum(b_hk * b_hk, axis=1)
     if RESIDUAL:
@@ -159,8 +170,8 @@ def write_norm(b_k, b_err, b_nh, a1, a2, rk, rv, rb, mk, mv,
         off1, m1, off2, m2 = block_offsets(jb, rk, rv, rb, mk, mv, K, V, Dh, BH)
         b_a1 = tl.load(a1 + off1, mask=m1, other=0.0)  # [BK, BH]
         b_a2 = tl.load(a2 + off2, mask=m2, other=0.0)  # [BH, BV]
-        _, b_d1, _ = activation(tl.dot(b_k, b_a1, input_precision=PRECISION), ACT)
-        b_delta = tl.dot(b_err, tl.trans(b_a2), input_precision=PRECISION) * b_d1  # [BT, BH]
+        _, b_d1, _ = activation(mm(b_k, b_a1, PRECISION), ACT)
+        b_delta = mm(b_err, tl.trans(b_a2), PRECISION) * b_d1  # [BT, BH]
         b_nd += tl.sum(b_delta * b_delta, axis=1)
     return tl.sqrt(tl.sum(b_k * b_k, axis=1) * b_nd + b_nh * tl.sum(b_err * b_err, axis=1))
 
@@ -170,13 +181,13 @@ def recompute_block(b_q, b_k, b_err, b_P1, A, Bv, b_th, b_a1, b_a2, b_W1, b_S1,
                     ACT: tl.constexpr, PRECISION: tl.constexpr):
     """One Dh block of a tile: Hk, act'(Z), act''(Z), Err a2^T, Delta, X1, Q W1, Q S1, Hq,
     act'(Zq), all ``[BT, BH]``."""
-    b_hk, b_d1, b_d2 = activation(tl.dot(b_k, b_a1, input_precision=PRECISION), ACT)
-    b_ea = tl.dot(b_err, tl.trans(b_a2), input_precision=PRECISION)  # [BT, BH]
+    b_hk, b_d1, b_d2 = activation(mm(b_k, b_a1, PRECISION), ACT)
+    b_ea = mm(b_err, tl.trans(b_a2), PRECISION)  # [BT, BH]
     b_delta = b_ea * b_d1
     b_x1 = b_th[:, None] * b_delta
-    b_qw1 = tl.dot(b_q, b_W1, input_precision=PRECISION)
-    b_qs1 = tl.dot(b_q, b_S1, input_precision=PRECISION)
-    b_zq = A[:, None] * b_qw1 + Bv[:, None] * b_qs1 - tl.dot(b_P1, b_x1, input_precision=PRECISION)
+    b_qw1 = mm(b_q, b_W1, PRECISION)
+    b_qs1 = mm(b_q, b_S1, PRECISION)
+    b_zq = A[:, None] * b_qw1 + Bv[:, None] * b_qs1 - mm(b_P1, b_x1, PRECISION)
     b_hq, b_dq1, _ = activation(b_zq, ACT)
     return b_hk, b_d1, b_d2, b_ea, b_delta, b_x1, b_qw1, b_qs1, b_hq, b_dq1
 
@@ -239,7 +250,7 @@ def chunk_mlp_memory_fwd_kernel(
         b_x2 = b_th[:, None] * b_err
 
         # (2) read and write, Dh block by block
-        b_P1 = tl.dot(b_q, tl.trans(b_k), input_precision=PRECISION) * Gam  # [BT, BT]
+        b_P1 = mm(b_q, tl.trans(b_k), PRECISION) * Gam  # [BT, BT]
         b_o = tl.zeros([BT, BV], dtype=tl.float32)
         b_Pk = tl.zeros([BT, BT], dtype=tl.float32)  # Hq Hk^T
         for jb in range(0, NH):
@@ -257,21 +268,21 @@ def chunk_mlp_memory_fwd_kernel(
                 tl.store(tile_S2 + tb2 + off2, b_S2, mask=m2)
             b_hk, _, _, _, _, b_x1, _, _, b_hq, _ = recompute_block(b_q, b_k, b_err, b_P1, A, Bv, b_th, b_a1, b_a2,
                                                                      b_W1, b_S1, ACT, PRECISION)
-            b_o += A[:, None] * tl.dot(b_hq, b_W2, input_precision=PRECISION) \
-                + Bv[:, None] * tl.dot(b_hq, b_S2, input_precision=PRECISION)
-            b_Pk += tl.dot(b_hq, tl.trans(b_hk), input_precision=PRECISION)
+            b_o += A[:, None] * mm(b_hq, b_W2, PRECISION) \
+                + Bv[:, None] * mm(b_hq, b_S2, PRECISION)
+            b_Pk += mm(b_hq, tl.trans(b_hk), PRECISION)
             b_kT, b_hkT = tl.trans(b_k), tl.trans(b_hk)  # [BK, BT], [BH, BT]
-            b_W1n = A_c * b_W1 + B_c * b_S1 - tl.dot(b_kT, g[:, None] * b_x1, input_precision=PRECISION)
-            b_S1n = E_c * b_S1 - tl.dot(b_kT, hh[:, None] * b_x1, input_precision=PRECISION)
-            b_W2n = A_c * b_W2 + B_c * b_S2 - tl.dot(b_hkT, g[:, None] * b_x2, input_precision=PRECISION)
-            b_S2n = E_c * b_S2 - tl.dot(b_hkT, hh[:, None] * b_x2, input_precision=PRECISION)
+            b_W1n = A_c * b_W1 + B_c * b_S1 - mm(b_kT, g[:, None] * b_x1, PRECISION)
+            b_S1n = E_c * b_S1 - mm(b_kT, hh[:, None] * b_x1, PRECISION)
+            b_W2n = A_c * b_W2 + B_c * b_S2 - mm(b_hkT, g[:, None] * b_x2, PRECISION)
+            b_S2n = E_c * b_S2 - mm(b_hkT, hh[:, None] * b_x2, PRECISION)
             tl.debug_barrier()  # every thread has read this block before any rewrites it
             tl.store(W1 + base1 + off1, b_W1n, mask=m1)
             tl.store(S1 + base1 + off1, b_S1n, mask=m1)
             tl.store(W2 + base2 + off2, b_W2n, mask=m2)
             tl.store(S2 + base2 + off2, b_S2n, mask=m2)
         tl.debug_barrier()  # the new state is read by other threads in the next tile
-        b_o -= tl.dot(b_Pk * Gam, b_x2, input_precision=PRECISION)
+        b_o -= mm(b_Pk * Gam, b_x2, PRECISION)
         if RESIDUAL:
             b_o += b_q
         tl.store(o + (p[:, None] * H + h) * V + rv[None, :], b_o.to(o.dtype.element_ty),
@@ -339,14 +350,14 @@ def chunk_mlp_memory_bwd_kernel(
             a2 = tile_W2 + w_tile * Dh * V
         b_do = tl.load(do + (p[:, None] * H + h) * V + rv[None, :], mask=valid[:, None] & mv[None, :],
                        other=0.0).to(tl.float32)  # [BT, BV]
-        b_QK = tl.dot(b_q, tl.trans(b_k), input_precision=PRECISION)  # [BT, BT]
+        b_QK = mm(b_q, tl.trans(b_k), PRECISION)  # [BT, BT]
         b_P1 = b_QK * Gam
 
         # (A) the error at the anchor
         b_err, b_nh = anchor_error(b_k, b_v, a1, a2, rk, rv, rb, mk, mv,
                                    K, V, Dh, BT, BV, BH, ACT, RESIDUAL, CLIP, PRECISION)  # [BT, BV], [BT]
         b_x2 = b_th[:, None] * b_err
-        dP2 = tl.where(lower, -tl.dot(b_do, tl.trans(b_x2), input_precision=PRECISION), 0.0)  # [BT, BT]
+        dP2 = tl.where(lower, -mm(b_do, tl.trans(b_x2), PRECISION), 0.0)  # [BT, BT]
         dPk = dP2 * Gam  # adjoint of Hq Hk^T
 
         # (B) reductions over Dh
@@ -381,41 +392,41 @@ def chunk_mlp_memory_bwd_kernel(
             b_dS2 = tl.load(dS2 + base2 + off2, mask=m2, other=0.0)
             b_hk, b_d1, _, _, b_delta, b_x1, b_qw1, b_qs1, b_hq, b_dq1 = recompute_block(
                 b_q, b_k, b_err, b_P1, A, Bv, b_th, b_a1, b_a2, b_W1, b_S1, ACT, PRECISION)
-            b_Pk += tl.dot(b_hq, tl.trans(b_hk), input_precision=PRECISION)
-            dA += tl.sum(b_do * tl.dot(b_hq, b_W2, input_precision=PRECISION), axis=1)
-            dBv += tl.sum(b_do * tl.dot(b_hq, b_S2, input_precision=PRECISION), axis=1)
-            b_dhq = A[:, None] * tl.dot(b_do, tl.trans(b_W2), input_precision=PRECISION) \
-                + Bv[:, None] * tl.dot(b_do, tl.trans(b_S2), input_precision=PRECISION) \
-                + tl.dot(dPk, b_hk, input_precision=PRECISION)  # [BT, BH]
+            b_Pk += mm(b_hq, tl.trans(b_hk), PRECISION)
+            dA += tl.sum(b_do * mm(b_hq, b_W2, PRECISION), axis=1)
+            dBv += tl.sum(b_do * mm(b_hq, b_S2, PRECISION), axis=1)
+            b_dhq = A[:, None] * mm(b_do, tl.trans(b_W2), PRECISION) \
+                + Bv[:, None] * mm(b_do, tl.trans(b_S2), PRECISION) \
+                + mm(dPk, b_hk, PRECISION)  # [BT, BH]
             b_dzq = b_dhq * b_dq1
-            dP1 -= tl.dot(b_dzq, tl.trans(b_x1), input_precision=PRECISION)
+            dP1 -= mm(b_dzq, tl.trans(b_x1), PRECISION)
             dA += tl.sum(b_dzq * b_qw1, axis=1)
             dBv += tl.sum(b_dzq * b_qs1, axis=1)
-            b_dq += A[:, None] * tl.dot(b_dzq, tl.trans(b_W1), input_precision=PRECISION) \
-                + Bv[:, None] * tl.dot(b_dzq, tl.trans(b_S1), input_precision=PRECISION)
-            b_kdw1 = tl.dot(b_k, b_dW1, input_precision=PRECISION)  # [BT, BH]
-            b_kds1 = tl.dot(b_k, b_dS1, input_precision=PRECISION)
-            b_dx1 = -tl.dot(tl.trans(b_P1), b_dzq, input_precision=PRECISION) \
+            b_dq += A[:, None] * mm(b_dzq, tl.trans(b_W1), PRECISION) \
+                + Bv[:, None] * mm(b_dzq, tl.trans(b_S1), PRECISION)
+            b_kdw1 = mm(b_k, b_dW1, PRECISION)  # [BT, BH]
+            b_kds1 = mm(b_k, b_dS1, PRECISION)
+            b_dx1 = -mm(tl.trans(b_P1), b_dzq, PRECISION) \
                 - g[:, None] * b_kdw1 - hh[:, None] * b_kds1
             dg -= tl.sum(b_x1 * b_kdw1, axis=1)
             dh -= tl.sum(b_x1 * b_kds1, axis=1)
             dth += tl.sum(b_dx1 * b_delta, axis=1)
             b_rr = b_th[:, None] * b_dx1 * b_d1  # adjoint of Err a2^T
-            b_derr += tl.dot(b_rr, b_a2, input_precision=PRECISION)
-            b_U2 += tl.dot(b_hk, b_dW2, input_precision=PRECISION)
-            b_U2s += tl.dot(b_hk, b_dS2, input_precision=PRECISION)
-            b_dk -= tl.dot(g[:, None] * b_x1, tl.trans(b_dW1), input_precision=PRECISION) \
-                + tl.dot(hh[:, None] * b_x1, tl.trans(b_dS1), input_precision=PRECISION)
+            b_derr += mm(b_rr, b_a2, PRECISION)
+            b_U2 += mm(b_hk, b_dW2, PRECISION)
+            b_U2s += mm(b_hk, b_dS2, PRECISION)
+            b_dk -= mm(g[:, None] * b_x1, tl.trans(b_dW1), PRECISION) \
+                + mm(hh[:, None] * b_x1, tl.trans(b_dS1), PRECISION)
             sA += tl.sum(b_dW1 * b_W1) + tl.sum(b_dW2 * b_W2)
             sB += tl.sum(b_dW1 * b_S1) + tl.sum(b_dW2 * b_S2)
             sE += tl.sum(b_dS1 * b_S1) + tl.sum(b_dS2 * b_S2)
             if CLIP:
                 b_nd += tl.sum(b_delta * b_delta, axis=1)
-                b_R += tl.dot(b_delta * b_d1, b_a2, input_precision=PRECISION)
+                b_R += mm(b_delta * b_d1, b_a2, PRECISION)
         tl.debug_barrier()  # pass C rewrites the adjoint blocks that pass B read
 
         dP1 = tl.where(lower, dP1, 0.0)
-        b_dx2 = -tl.dot(tl.trans(b_Pk * Gam), b_do, input_precision=PRECISION) - g[:, None] * b_U2 \
+        b_dx2 = -mm(tl.trans(b_Pk * Gam), b_do, PRECISION) - g[:, None] * b_U2 \
             - hh[:, None] * b_U2s  # [BT, BV]
         dg -= tl.sum(b_x2 * b_U2, axis=1)
         dh -= tl.sum(b_x2 * b_U2s, axis=1)
@@ -431,8 +442,8 @@ def chunk_mlp_memory_bwd_kernel(
             b_derr += sk[:, None] * b_R + (2.0 * s * b_nh)[:, None] * b_err
             b_dk += (2.0 * s * b_nd)[:, None] * b_k
         dQK = dP1 * Gam
-        b_dq += tl.dot(dQK, b_k, input_precision=PRECISION)
-        b_dk += tl.dot(tl.trans(dQK), b_q, input_precision=PRECISION)
+        b_dq += mm(dQK, b_k, PRECISION)
+        b_dk += mm(tl.trans(dQK), b_q, PRECISION)
         if RESIDUAL:
             b_dq += b_do
             b_dk += b_derr
@@ -469,33 +480,33 @@ def chunk_mlp_memory_bwd_kernel(
             b_dA2 = tl.load(dA2 + base2 + off2, mask=m2, other=0.0)
             b_hk, b_d1, b_d2, b_ea, b_delta, _, _, _, b_hq, b_dq1 = recompute_block(
                 b_q, b_k, b_err, b_P1, A, Bv, b_th, b_a1, b_a2, b_W1, b_S1, ACT, PRECISION)
-            b_dhq = A[:, None] * tl.dot(b_do, tl.trans(b_W2), input_precision=PRECISION) \
-                + Bv[:, None] * tl.dot(b_do, tl.trans(b_S2), input_precision=PRECISION) \
-                + tl.dot(dPk, b_hk, input_precision=PRECISION)
+            b_dhq = A[:, None] * mm(b_do, tl.trans(b_W2), PRECISION) \
+                + Bv[:, None] * mm(b_do, tl.trans(b_S2), PRECISION) \
+                + mm(dPk, b_hk, PRECISION)
             b_dzq = b_dhq * b_dq1  # [BT, BH]
-            b_dx1 = -tl.dot(tl.trans(b_P1), b_dzq, input_precision=PRECISION) \
-                - g[:, None] * tl.dot(b_k, b_dW1, input_precision=PRECISION) \
-                - hh[:, None] * tl.dot(b_k, b_dS1, input_precision=PRECISION)
+            b_dx1 = -mm(tl.trans(b_P1), b_dzq, PRECISION) \
+                - g[:, None] * mm(b_k, b_dW1, PRECISION) \
+                - hh[:, None] * mm(b_k, b_dS1, PRECISION)
             b_ddelta = b_th[:, None] * b_dx1
             if CLIP:
                 b_ddelta += sk[:, None] * b_delta
             b_rr = b_ddelta * b_d1
-            b_dhk = tl.dot(tl.trans(dPk), b_hq, input_precision=PRECISION) \
-                - tl.dot(g[:, None] * b_x2, tl.trans(b_dW2), input_precision=PRECISION) \
-                - tl.dot(hh[:, None] * b_x2, tl.trans(b_dS2), input_precision=PRECISION) \
-                + tl.dot(b_derr, tl.trans(b_a2), input_precision=PRECISION)  # [BT, BH]
+            b_dhk = mm(tl.trans(dPk), b_hq, PRECISION) \
+                - mm(g[:, None] * b_x2, tl.trans(b_dW2), PRECISION) \
+                - mm(hh[:, None] * b_x2, tl.trans(b_dS2), PRECISION) \
+                + mm(b_derr, tl.trans(b_a2), PRECISION)  # [BT, BH]
             if CLIP:
                 b_dhk += se[:, None] * b_hk
             b_dz = b_ddelta * b_ea * b_d2 + b_dhk * b_d1  # [BT, BH]
-            b_dA1 += tl.dot(tl.trans(b_k), b_dz, input_precision=PRECISION)
-            b_dA2 += tl.dot(tl.trans(b_rr), b_err, input_precision=PRECISION) \
-                + tl.dot(tl.trans(b_hk), b_derr, input_precision=PRECISION)
-            b_dk += tl.dot(b_dz, tl.trans(b_a1), input_precision=PRECISION)
-            b_dW1n = tl.dot(tl.trans(A[:, None] * b_q), b_dzq, input_precision=PRECISION) + A_c * b_dW1
-            b_dS1n = tl.dot(tl.trans(Bv[:, None] * b_q), b_dzq, input_precision=PRECISION) + B_c * b_dW1 \
+            b_dA1 += mm(tl.trans(b_k), b_dz, PRECISION)
+            b_dA2 += mm(tl.trans(b_rr), b_err, PRECISION) \
+                + mm(tl.trans(b_hk), b_derr, PRECISION)
+            b_dk += mm(b_dz, tl.trans(b_a1), PRECISION)
+            b_dW1n = mm(tl.trans(A[:, None] * b_q), b_dzq, PRECISION) + A_c * b_dW1
+            b_dS1n = mm(tl.trans(Bv[:, None] * b_q), b_dzq, PRECISION) + B_c * b_dW1 \
                 + E_c * b_dS1
-            b_dW2n = tl.dot(tl.trans(A[:, None] * b_hq), b_do, input_precision=PRECISION) + A_c * b_dW2
-            b_dS2n = tl.dot(tl.trans(Bv[:, None] * b_hq), b_do, input_precision=PRECISION) + B_c * b_dW2 \
+            b_dW2n = mm(tl.trans(A[:, None] * b_hq), b_do, PRECISION) + A_c * b_dW2
+            b_dS2n = mm(tl.trans(Bv[:, None] * b_hq), b_do, PRECISION) + B_c * b_dW2 \
                 + E_c * b_dS2
             # the anchor is the chunk-start weights: at the chunk's first tile its adjoint joins theirs
             b_dW1n += tl.where(chunk_start, b_dA1, 0.0)

@@ -10,7 +10,8 @@ import triton
 from titans_layers.ops.common.clipping import check_max_update_norm
 from titans_layers.ops.common.layout import sequence_lengths
 from titans_layers.ops.common.traceable import traceable
-from titans_layers.ops.common.triton_utils import block_sizes, check_head_dims, check_triton_device, dot_precision
+from titans_layers.ops.common.triton_utils import (block_sizes, check_head_dims, check_triton_device, dot_precision,
+                                                   runnable_precision)
 from titans_layers.ops.common.validation import OpShape, check_chunk_size, check_op_inputs
 from titans_layers.ops.momentum_delta_rule.chunk_kernels import (chunk_momentum_delta_rule_bwd_kernel,
                                                                  chunk_momentum_delta_rule_bwd_split_kernel,
@@ -97,6 +98,7 @@ def chunk_fwd(q, k, v, alpha, eta, theta, M0, S0, W0, offset, cu_seqlens, plan: 
     s = plan.shape
     clip = max_update_norm is not None
     BK, BV, NV = launch_blocks(s.K, s.V, clip)
+    precision = runnable_precision(dot_precision(q.dtype))
     o = torch.empty_like(v)
     MT, ST, WT = (torch.empty(s.N, s.H, s.K, s.V, dtype=torch.float32, device=q.device) for _ in range(3))
     if store_tiles:
@@ -110,7 +112,7 @@ def chunk_fwd(q, k, v, alpha, eta, theta, M0, S0, W0, offset, cu_seqlens, plan: 
     chunk_momentum_delta_rule_fwd_kernel[(NV, s.N * s.H)](
         q, k, v, alpha, eta, theta, M0, S0, W0, offset, cu, plan.tile_indptr, o, MT, ST, WT, tile_M, tile_S,
         norms, s.T, max_update_norm if clip else 0.0, H=s.H, K=s.K, V=s.V, C=plan.chunk_size, BT=plan.tile_size,
-        BK=BK, BV=BV, IS_VARLEN=is_varlen, STORE_TILES=store_tiles, PRECISION=dot_precision(q.dtype), CLIP=clip,
+        BK=BK, BV=BV, IS_VARLEN=is_varlen, STORE_TILES=store_tiles, PRECISION=precision, CLIP=clip,
         num_warps=launch_warps(BK, BV), num_stages=1)
     return (o, MT, ST, WT, (tile_M if store_tiles else None), (tile_S if store_tiles else None),
             (norms if keep_norms else None))
@@ -128,6 +130,7 @@ def chunk_bwd(q, k, v, alpha, eta, theta, W0, offset, cu_seqlens, plan: ChunkPla
         raise RuntimeError("the clipped backward needs the per-token norms its forward stored")
     BK, BV, NV = launch_blocks(s.K, s.V, clip)
     split = clip and BK * BV > CLIP_BWD_MAX_TILE
+    precision = runnable_precision(dot_precision(q.dtype))
     if split:
         BK, BV = block_sizes(s.K, s.V)
     n_tokens = s.B * s.T
@@ -145,13 +148,13 @@ def chunk_bwd(q, k, v, alpha, eta, theta, W0, offset, cu_seqlens, plan: ChunkPla
             q, k, v, alpha, eta, theta, W0, offset, cu, plan.tile_indptr, tile_M, tile_S, do.contiguous(),
             dMT, dST, dWT, dq, dk, dv, dalpha, deta, dtheta, dM0, dS0, dW0, norms, s.T, max_update_norm,
             H=s.H, K=s.K, V=s.V, C=plan.chunk_size, BT=plan.tile_size, BK=BK, BV=BV, NVS=triton.cdiv(s.V, BV),
-            IS_VARLEN=is_varlen, PRECISION=dot_precision(q.dtype), num_warps=launch_warps(BK, BV), num_stages=1)
+            IS_VARLEN=is_varlen, PRECISION=precision, num_warps=launch_warps(BK, BV), num_stages=1)
     else:
         chunk_momentum_delta_rule_bwd_kernel[(NV, s.N * s.H)](
             q, k, v, alpha, eta, theta, W0, offset, cu, plan.tile_indptr, tile_M, tile_S, do.contiguous(),
             dMT, dST, dWT, dq, dk, dv, dalpha, deta, dtheta, dM0, dS0, dW0, norms if clip else dM0,
             s.T, n_tokens, max_update_norm if clip else 0.0, H=s.H, K=s.K, V=s.V, C=plan.chunk_size,
-            BT=plan.tile_size, BK=BK, BV=BV, IS_VARLEN=is_varlen, PRECISION=dot_precision(q.dtype), CLIP=clip,
+            BT=plan.tile_size, BK=BK, BV=BV, IS_VARLEN=is_varlen, PRECISION=precision, CLIP=clip,
             num_warps=launch_warps(BK, BV), num_stages=1)
     return (dq.sum(0).to(q.dtype), dk.sum(0).to(k.dtype), dv, dalpha.sum(0).to(alpha.dtype),
             deta.sum(0).to(eta.dtype), dtheta.sum(0).to(theta.dtype), dM0, dS0, dW0)

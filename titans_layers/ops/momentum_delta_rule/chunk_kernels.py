@@ -59,7 +59,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from titans_layers.ops.common.triton_utils import clip_step, gate_grads, sequence_range, take, tile_gates
+from titans_layers.ops.common.triton_utils import clip_step, gate_grads, mm, sequence_range, take, tile_gates
 
 
 @triton.jit
@@ -151,24 +151,24 @@ def chunk_momentum_delta_rule_fwd_kernel(
 
         D_a, D_e, A, E, Gam, Bv, g, hh = tile_gates(b_a, b_e, m, r, BT)  # [BT, BT] and [BT]
 
-        b_U = tl.dot(b_k, b_W, input_precision=PRECISION) - b_v  # [BT, BV] errors at the anchor
+        b_U = mm(b_k, b_W, PRECISION) - b_v  # [BT, BV] errors at the anchor
         if CLIP:  # one V block holds all of V: the norms are complete
             b_norm = write_norm(tl.sum(b_k * b_k, axis=1), tl.sum(b_U * b_U, axis=1))  # [BT]
             b_th, _ = clip_step(b_th, b_norm, max_norm)
             if STORE_TILES:
                 tl.store(norms + p * H + h, b_norm, mask=valid)
         b_X = b_th[:, None] * b_U  # [BT, BV]
-        b_P = tl.dot(b_q, tl.trans(b_k), input_precision=PRECISION) * Gam  # [BT, BT]
-        b_o = A[:, None] * tl.dot(b_q, b_M, input_precision=PRECISION) \
-            + Bv[:, None] * tl.dot(b_q, b_S, input_precision=PRECISION) \
-            - tl.dot(b_P, b_X, input_precision=PRECISION)
+        b_P = mm(b_q, tl.trans(b_k), PRECISION) * Gam  # [BT, BT]
+        b_o = A[:, None] * mm(b_q, b_M, PRECISION) \
+            + Bv[:, None] * mm(b_q, b_S, PRECISION) \
+            - mm(b_P, b_X, PRECISION)
         tl.store(o + (p[:, None] * H + h) * V + rv[None, :], b_o.to(o.dtype.element_ty),
                  mask=valid[:, None] & mv[None, :])
 
         b_kT = tl.trans(b_k)  # [BK, BT]
         b_M_next = take(A, r, BT - 1) * b_M + take(Bv, r, BT - 1) * b_S \
-            - tl.dot(b_kT, g[:, None] * b_X, input_precision=PRECISION)
-        b_S = take(E, r, BT - 1) * b_S - tl.dot(b_kT, hh[:, None] * b_X, input_precision=PRECISION)
+            - mm(b_kT, g[:, None] * b_X, PRECISION)
+        b_S = take(E, r, BT - 1) * b_S - mm(b_kT, hh[:, None] * b_X, PRECISION)
         b_M = b_M_next
 
     # the anchor to hand on: the last chunk's, unless the sequence ends on a chunk boundary
@@ -239,14 +239,14 @@ def chunk_momentum_delta_rule_bwd_kernel(
         D_em = D_e * m[:, None]
         Em = E * m
         A_c, B_c, E_c = take(A, r, BT - 1), take(Bv, r, BT - 1), take(E, r, BT - 1)
-        b_QK = tl.dot(b_q, tl.trans(b_k), input_precision=PRECISION)  # [BT, BT]
-        b_U = tl.dot(b_k, b_W, input_precision=PRECISION) - b_v  # [BT, BV]
+        b_QK = mm(b_q, tl.trans(b_k), PRECISION)  # [BT, BT]
+        b_U = mm(b_k, b_W, PRECISION) - b_v  # [BT, BV]
         if CLIP:  # the forward's norms: the same clip decisions, bit for bit
             b_norm = tl.load(norms + p * H + h, mask=valid, other=0.0)  # [BT]
             b_th, clipped = clip_step(b_th, b_norm, max_norm)
         b_X = b_th[:, None] * b_U
-        b_QM = tl.dot(b_q, b_M, input_precision=PRECISION)
-        b_QS = tl.dot(b_q, b_S, input_precision=PRECISION)
+        b_QM = mm(b_q, b_M, PRECISION)
+        b_QS = mm(b_q, b_S, PRECISION)
         b_do = tl.load(do + (p[:, None] * H + h) * V + rv[None, :], mask=valid[:, None] & mv[None, :],
                        other=0.0).to(tl.float32)  # [BT, BV]
 
@@ -254,10 +254,10 @@ def chunk_momentum_delta_rule_bwd_kernel(
         dA = tl.sum(b_do * b_QM, axis=1) + tl.where(is_last, tl.sum(b_dM * b_M), 0.0)  # [BT]
         dBv = tl.sum(b_do * b_QS, axis=1) + tl.where(is_last, tl.sum(b_dM * b_S), 0.0)
         dE_c = tl.sum(b_dS * b_S)
-        dP = tl.where(lower, -tl.dot(b_do, tl.trans(b_X), input_precision=PRECISION), 0.0)  # [BT, BT]
-        b_KdM = tl.dot(b_k, b_dM, input_precision=PRECISION)  # [BT, BV]
-        b_KdS = tl.dot(b_k, b_dS, input_precision=PRECISION)
-        b_dX = -tl.dot(tl.trans(b_QK * Gam), b_do, input_precision=PRECISION) \
+        dP = tl.where(lower, -mm(b_do, tl.trans(b_X), PRECISION), 0.0)  # [BT, BT]
+        b_KdM = mm(b_k, b_dM, PRECISION)  # [BT, BV]
+        b_KdS = mm(b_k, b_dS, PRECISION)
+        b_dX = -mm(tl.trans(b_QK * Gam), b_do, PRECISION) \
             - g[:, None] * b_KdM - hh[:, None] * b_KdS
         dg = -tl.sum(b_X * b_KdM, axis=1)
         dh = -tl.sum(b_X * b_KdS, axis=1)
@@ -273,18 +273,18 @@ def chunk_momentum_delta_rule_bwd_kernel(
         dQK = dP * Gam
         dGam = dP * b_QK + tl.where(last_row, dg[None, :], 0.0)
 
-        b_dq = tl.dot(dQK, b_k, input_precision=PRECISION) \
-            + A[:, None] * tl.dot(b_do, tl.trans(b_M), input_precision=PRECISION) \
-            + Bv[:, None] * tl.dot(b_do, tl.trans(b_S), input_precision=PRECISION)
-        b_dk = tl.dot(tl.trans(dQK), b_q, input_precision=PRECISION) \
-            - tl.dot(g[:, None] * b_X, tl.trans(b_dM), input_precision=PRECISION) \
-            - tl.dot(hh[:, None] * b_X, tl.trans(b_dS), input_precision=PRECISION) \
-            + tl.dot(b_dU, tl.trans(b_W), input_precision=PRECISION)
+        b_dq = mm(dQK, b_k, PRECISION) \
+            + A[:, None] * mm(b_do, tl.trans(b_M), PRECISION) \
+            + Bv[:, None] * mm(b_do, tl.trans(b_S), PRECISION)
+        b_dk = mm(tl.trans(dQK), b_q, PRECISION) \
+            - mm(g[:, None] * b_X, tl.trans(b_dM), PRECISION) \
+            - mm(hh[:, None] * b_X, tl.trans(b_dS), PRECISION) \
+            + mm(b_dU, tl.trans(b_W), PRECISION)
         if CLIP:
             b_dk = tl.where(clipped[:, None], b_dk + (w * tl.sum(b_U * b_U, axis=1))[:, None] * b_k, b_dk)
-        b_dW = b_dW + tl.dot(tl.trans(b_k), b_dU, input_precision=PRECISION)
-        b_dM_start = tl.dot(tl.trans(A[:, None] * b_q), b_do, input_precision=PRECISION) + A_c * b_dM
-        b_dS = tl.dot(tl.trans(Bv[:, None] * b_q), b_do, input_precision=PRECISION) + B_c * b_dM + E_c * b_dS
+        b_dW = b_dW + mm(tl.trans(b_k), b_dU, PRECISION)
+        b_dM_start = mm(tl.trans(A[:, None] * b_q), b_do, PRECISION) + A_c * b_dM
+        b_dS = mm(tl.trans(Bv[:, None] * b_q), b_do, PRECISION) + B_c * b_dM + E_c * b_dS
 
         # gates: Gamma = D_a (m D_e), B = D_a (m E), A = cumprod(a), E = cumprod(e)
         da, de = gate_grads(dGam, dA, dBv, dE_c, dh, D_a, D_e, D_em, Em, m, a_prev, e_prev, r, last_row, is_last)
@@ -385,7 +385,7 @@ def chunk_momentum_delta_rule_bwd_split_kernel(
         D_em = D_e * m[:, None]
         Em = E * m
         A_c, B_c, E_c = take(A, r, BT - 1), take(Bv, r, BT - 1), take(E, r, BT - 1)
-        b_QK = tl.dot(b_q, tl.trans(b_k), input_precision=PRECISION)  # [BT, BT]
+        b_QK = mm(b_q, tl.trans(b_k), PRECISION)  # [BT, BT]
         b_QKG = b_QK * Gam
         b_norm = tl.load(norms + p * H + h, mask=valid, other=0.0)  # the forward's decisions
         b_th, clipped = clip_step(b_th, b_norm, max_norm)
@@ -415,26 +415,26 @@ def chunk_momentum_delta_rule_bwd_split_kernel(
             b_W = load_anchor(W0, tile_M, j, R, row, w_row, rv, s_mask)
             b_dM = tl.load(dM0 + row + rv[None, :], mask=s_mask, other=0.0)
             b_dS = tl.load(dS0 + row + rv[None, :], mask=s_mask, other=0.0)
-            b_U = tl.dot(b_k, b_W, input_precision=PRECISION) - b_v
+            b_U = mm(b_k, b_W, PRECISION) - b_v
             b_X = b_th[:, None] * b_U
-            dA += tl.sum(b_do * tl.dot(b_q, b_M, input_precision=PRECISION), axis=1)
-            dBv += tl.sum(b_do * tl.dot(b_q, b_S, input_precision=PRECISION), axis=1)
+            dA += tl.sum(b_do * mm(b_q, b_M, PRECISION), axis=1)
+            dBv += tl.sum(b_do * mm(b_q, b_S, PRECISION), axis=1)
             dM_M += tl.sum(b_dM * b_M, axis=1)
             dM_S += tl.sum(b_dM * b_S, axis=1)
             dS_S += tl.sum(b_dS * b_S, axis=1)
-            dP += tl.dot(b_do, tl.trans(b_X), input_precision=PRECISION)
-            b_KdM = tl.dot(b_k, b_dM, input_precision=PRECISION)
-            b_KdS = tl.dot(b_k, b_dS, input_precision=PRECISION)
-            b_dX = -tl.dot(tl.trans(b_QKG), b_do, input_precision=PRECISION) \
+            dP += mm(b_do, tl.trans(b_X), PRECISION)
+            b_KdM = mm(b_k, b_dM, PRECISION)
+            b_KdS = mm(b_k, b_dS, PRECISION)
+            b_dX = -mm(tl.trans(b_QKG), b_do, PRECISION) \
                 - g[:, None] * b_KdM - hh[:, None] * b_KdS
             dg -= tl.sum(b_X * b_KdM, axis=1)
             dh -= tl.sum(b_X * b_KdS, axis=1)
             dth += tl.sum(b_dX * b_U, axis=1)
             ee += tl.sum(b_U * b_U, axis=1)
-            b_dq += A[:, None] * tl.dot(b_do, tl.trans(b_M), input_precision=PRECISION) \
-                + Bv[:, None] * tl.dot(b_do, tl.trans(b_S), input_precision=PRECISION)
-            b_dk -= tl.dot(g[:, None] * b_X, tl.trans(b_dM), input_precision=PRECISION) \
-                + tl.dot(hh[:, None] * b_X, tl.trans(b_dS), input_precision=PRECISION)
+            b_dq += A[:, None] * mm(b_do, tl.trans(b_M), PRECISION) \
+                + Bv[:, None] * mm(b_do, tl.trans(b_S), PRECISION)
+            b_dk -= mm(g[:, None] * b_X, tl.trans(b_dM), PRECISION) \
+                + mm(hh[:, None] * b_X, tl.trans(b_dS), PRECISION)
         dA += tl.where(is_last, tl.sum(dM_M), 0.0)
         dBv += tl.where(is_last, tl.sum(dM_S), 0.0)
         # clipped: theta' = c / n, so dtheta = 0 and dn = -dtheta' theta' / n; w = dn / n
@@ -444,8 +444,8 @@ def chunk_momentum_delta_rule_bwd_split_kernel(
         dP = tl.where(lower, -dP, 0.0)
         dQK = dP * Gam
         dGam = dP * b_QK + tl.where(last_row, dg[None, :], 0.0)
-        b_dq += tl.dot(dQK, b_k, input_precision=PRECISION)
-        b_dk += tl.dot(tl.trans(dQK), b_q, input_precision=PRECISION)
+        b_dq += mm(dQK, b_k, PRECISION)
+        b_dk += mm(tl.trans(dQK), b_q, PRECISION)
         b_dk = tl.where(clipped[:, None], b_dk + (w * ee)[:, None] * b_k, b_dk)
         da, de = gate_grads(dGam, dA, dBv, tl.sum(dS_S), dh, D_a, D_e, D_em, Em, m, a_prev, e_prev, r, last_row,
                             is_last)
@@ -468,19 +468,19 @@ def chunk_momentum_delta_rule_bwd_split_kernel(
             b_dM = tl.load(dM0 + row + rv[None, :], mask=s_mask, other=0.0)
             b_dS = tl.load(dS0 + row + rv[None, :], mask=s_mask, other=0.0)
             b_dW = tl.load(dW0 + row + rv[None, :], mask=s_mask, other=0.0)
-            b_U = tl.dot(b_k, b_W, input_precision=PRECISION) - b_v
-            b_dX = -tl.dot(tl.trans(b_QKG), b_do, input_precision=PRECISION) \
-                - g[:, None] * tl.dot(b_k, b_dM, input_precision=PRECISION) \
-                - hh[:, None] * tl.dot(b_k, b_dS, input_precision=PRECISION)
+            b_U = mm(b_k, b_W, PRECISION) - b_v
+            b_dX = -mm(tl.trans(b_QKG), b_do, PRECISION) \
+                - g[:, None] * mm(b_k, b_dM, PRECISION) \
+                - hh[:, None] * mm(b_k, b_dS, PRECISION)
             b_dU = b_th[:, None] * b_dX
             b_dU = tl.where(clipped[:, None], b_dU + (w * kk)[:, None] * b_U, b_dU)
-            b_dk += tl.dot(b_dU, tl.trans(b_W), input_precision=PRECISION)
-            b_dW = b_dW + tl.dot(tl.trans(b_k), b_dU, input_precision=PRECISION)
+            b_dk += mm(b_dU, tl.trans(b_W), PRECISION)
+            b_dW = b_dW + mm(tl.trans(b_k), b_dU, PRECISION)
             tl.store(dv + tok_v, (-b_dU).to(dv.dtype.element_ty), mask=valid[:, None] & mv[None, :])
             # the previous tile ends where this one starts; at a chunk start it is also the anchor
-            b_dM_prev = tl.dot(tl.trans(A[:, None] * b_q), b_do, input_precision=PRECISION) + A_c * b_dM \
+            b_dM_prev = mm(tl.trans(A[:, None] * b_q), b_do, PRECISION) + A_c * b_dM \
                 + tl.where(chunk_start, b_dW, 0.0)
-            b_dS = tl.dot(tl.trans(Bv[:, None] * b_q), b_do, input_precision=PRECISION) + B_c * b_dM + E_c * b_dS
+            b_dS = mm(tl.trans(Bv[:, None] * b_q), b_do, PRECISION) + B_c * b_dM + E_c * b_dS
             b_dW = tl.where(chunk_start, 0.0, b_dW)
             tl.debug_barrier()  # every thread has read this sub-block's adjoints before they are overwritten
             tl.store(dM0 + row + rv[None, :], b_dM_prev, mask=s_mask)

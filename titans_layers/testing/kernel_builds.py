@@ -118,8 +118,9 @@ MLP_CONFIGS = [(64, 256, 64, "bf16", 0, False, False), (128, 256, 64, "bf16", 1,
                (128, 256, 64, "fp32", 0, True, True), (64, 256, 64, "fp32", 1, False, False)]
 
 
-# The chunk kernels with bfloat16 dot operands (MLPLaunch.lowp_dots), which the interpreter cannot
-# run: compiled at the benchmark's shape, and at the largest tiles with clipping.
+# The chunk kernels with bfloat16 dot operands (MLPLaunch.lowp_dots; the interpreter runs their
+# float32 emulation, so only this compile sees the bf16 code): at the benchmark's shape, and at the
+# largest tiles with clipping.
 MLP_LOWP_CONFIGS = [MLP_CONFIGS[0], MLP_CONFIGS[1]]
 
 

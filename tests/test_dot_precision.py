@@ -7,7 +7,7 @@ import torch
 import triton
 import triton.language as tl
 
-from titans_layers.ops.common.triton_utils import is_interpreting, mm
+from titans_layers.ops.common.triton_utils import mm, runnable_precision
 
 N = 32
 
@@ -32,15 +32,13 @@ ROUNDINGS = {"ieee": lambda x: x, "tf32": truncated_tf32, "bf16": lambda x: x.bf
 
 @pytest.mark.parametrize("precision", list(ROUNDINGS))
 def test_mm_rounds_operands_as_documented(precision, device):
-    from titans_layers.ops.common.triton_utils import runnable_precision
     g = torch.Generator().manual_seed(0)
     a, b = (torch.randn(N, N, generator=g, dtype=torch.float64).float().to(device) for _ in range(2))
     c = torch.full((N, N), float("nan"), device=device)
     mm_kernel[(1,)](a, b, c, N=N, PRECISION=runnable_precision(precision))
     roundings = [ROUNDINGS[precision]]
     if precision == "tf32" and device == "cuda":  # the PTX has no cvt.rna.tf32, but allow the MMA to round
-        roundings.append(lambda x: x.double().to(torch.float32).view(torch.int32).add(0xFFF).bitwise_and(~0x1FFF)
-                         .view(torch.float32))
+        roundings.append(lambda x: ((x.view(torch.int32) + 0xFFF) & ~0x1FFF).view(torch.float32))
     errors = []
     for rounded in roundings:
         expected = rounded(a).double() @ rounded(b).double()  # products of rounded operands, exact
@@ -50,9 +48,3 @@ def test_mm_rounds_operands_as_documented(precision, device):
     if precision != "ieee":  # and the rounding is really applied: full-precision products differ more
         assert (c.double() - a.double() @ b.double()).abs().max().item() > 1e-5 * scale
 
-
-def test_emulations_are_used_only_by_the_interpreter():
-    from titans_layers.ops.common.triton_utils import runnable_precision
-    emulated = {"tf32": "emulate_tf32", "bf16": "emulate_bf16"} if is_interpreting() else {}
-    for precision in ROUNDINGS:
-        assert runnable_precision(precision) == emulated.get(precision, precision)

@@ -6,7 +6,9 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
+from titans_layers.ops.mlp_memory import chunk as chunk_module
 from titans_layers.ops.mlp_memory import dual_form
+from titans_layers.ops.mlp_memory import fused_recurrent as fused_recurrent_module
 from titans_layers.ops.mlp_memory import (MLPMemoryState, chunk_mlp_memory, fused_recurrent_mlp_memory,
                                          naive_chunk_mlp_memory, naive_recurrent_mlp_memory)
 from titans_layers.testing import (assert_close, check_against_reference, check_continuation, check_deterministic,
@@ -105,6 +107,36 @@ def test_dual_form_without_grad_reads_a_chunk_at_a_time(monkeypatch, residual, d
     assert_close("o", o, ref_o, 1e-10)
     for name in ("W1", "W2", "S1", "S2", "anchor1", "anchor2"):
         assert_close(f"final {name}", getattr(state, name), getattr(ref_state, name), 1e-10)
+
+
+SAVING_FUNCTIONS = {"naive_chunk": (naive_chunk_mlp_memory, dual_form.MLPDualForm),
+                    "chunk": (chunk_mlp_memory, chunk_module.ChunkMLPMemoryFunction),
+                    "fused_recurrent": (fused_recurrent_mlp_memory, fused_recurrent_module.FusedRecurrentMLPMemoryFunction)}
+
+
+@pytest.mark.parametrize("name", list(SAVING_FUNCTIONS))
+def test_forward_keeps_backward_state_only_when_differentiated(monkeypatch, name, device):
+    """Inference with learned weights (they require grad) under ``torch.no_grad()`` must not keep
+    what a backward would need (every chunk-start state in the dual form, 8 Dh (K + V) / BT bytes
+    a token and head in the kernels): the forward is told, and told True once grad mode is on."""
+    op, function = SAVING_FUNCTIONS[name]
+    told = []
+    forward = function.forward
+
+    def spy(ctx, *args):
+        told.append(args[-1])  # the save flag is the last argument
+        return forward(ctx, *args)
+
+    monkeypatch.setattr(function, "forward", staticmethod(spy))
+    case = make_case(seed=2, B=1, T=20, H=1, K=16, V=16, dtype=f32, chunk_size=16, family="mlp", device=device)
+    params = [x.detach().clone().requires_grad_() for x in case.initial_state]
+    with torch.no_grad():
+        o, _ = op(*case.inputs, chunk_size=16, initial_state=params)
+    assert told == [False] and not o.requires_grad
+    o, _ = op(*case.inputs, chunk_size=16, initial_state=params)
+    assert told == [False, True]
+    o.sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in params)
 
 
 def test_final_state_is_named_and_float32(device):

@@ -10,6 +10,7 @@ import torch
 import triton
 
 from titans_layers.ops.common.clipping import check_max_update_norm
+from titans_layers.ops.common.grad_mode import needs_grad
 from titans_layers.ops.common.traceable import traceable
 from titans_layers.ops.common.triton_utils import (check_head_dims, check_triton_device, dot_precision,
                                                    runnable_precision)
@@ -178,12 +179,12 @@ def chunk_bwd(q, k, v, alpha, eta, theta, A1, A2, offset, cu_seqlens, plan: Chun
 
 class ChunkMLPMemoryFunction(torch.autograd.Function):
     """Forward and backward through the Triton chunk kernels; the backward recomputes each tile
-    from the tile-start states the forward stored."""
+    from the tile-start states the forward stored (only when ``store``: a gradient is needed,
+    :func:`~titans_layers.ops.common.grad_mode.needs_grad`)."""
 
     @staticmethod
     def forward(ctx, q, k, v, alpha, eta, theta, W1, W2, S1, S2, A1, A2, offset, cu_seqlens, plan, act, residual,
-                max_norm):
-        store = any(ctx.needs_input_grad)
+                max_norm, store):
         o, final, tiles, norms = chunk_fwd(q, k, v, alpha, eta, theta, W1, W2, S1, S2, A1, A2, offset, cu_seqlens,
                                            plan, act, residual, store_tiles=store, max_norm=max_norm)
         if store:
@@ -196,7 +197,7 @@ class ChunkMLPMemoryFunction(torch.autograd.Function):
         q, k, v, alpha, eta, theta, A1, A2, offset, cu_seqlens, norms, *tiles = ctx.saved_tensors
         grads = chunk_bwd(q, k, v, alpha, eta, theta, A1, A2, offset, cu_seqlens, ctx.plan, tiles, do,
                           dW1T, dW2T, dS1T, dS2T, dA1T, dA2T, ctx.act, ctx.residual, norms, ctx.max_norm)
-        return (*grads, None, None, None, None, None, None)
+        return (*grads, None, None, None, None, None, None, None)
 
 
 def prepare_kernel_call(op_name, q, k, v, alpha, eta, theta, chunk_size, initial_state, cu_seqlens, activation,
@@ -258,5 +259,5 @@ def chunk_mlp_memory(q, k, v, alpha, eta, theta, *, chunk_size: int = 16, initia
                                                             chunk_size, initial_state, cu_seqlens, activation,
                                                             residual, max_update_norm, KERNEL_CHUNK_SIZES)
     o, *final = ChunkMLPMemoryFunction.apply(*inputs, *states, offset, cu_seqlens, plan, act, residual,
-                                             check_max_update_norm(max_update_norm))
+                                             check_max_update_norm(max_update_norm), needs_grad(*inputs, *states))
     return o, (pack_final_state(*final, plan) if output_final_state else None)

@@ -149,16 +149,17 @@ class MLPDualForm(torch.autograd.Function):
     ``[NC, N, H, C]`` and Gamma ``[NC, N, H, C, C]`` (:class:`~titans_layers.ops.common.chunk_gates.ChunkGates`,
     ``h`` squeezed); the initial W1, S1, anchor a1 ``[N, H, K, Dh]`` and W2, S2, a2 ``[N, H, Dh, V]``
     (expanded views are fine); ``last_chunk``: per row, the chunk that holds its last token (NC when
-    it ends on a boundary); activation; residual; max_update_norm.
+    it ends on a boundary); activation; residual; max_update_norm; ``save``: keep what the backward
+    needs (every chunk-start state; else only a block of them lives at a time), decided by the
+    caller (:func:`~titans_layers.ops.common.grad_mode.needs_grad`).
 
     Outputs: o ``[NC, N, H, C, V]``; the final W1, S1, W2, S2; the anchors of each row's last chunk.
     """
 
     @staticmethod
     def forward(ctx, Q, K, V, theta, A, Bv, E, Gamma, h, W1, S1, W2, S2, a1, a2, last_chunk, activation, residual,
-                max_update_norm):
+                max_update_norm, save):
         NC, N, H, C, _ = Q.shape
-        save = any(ctx.needs_input_grad)
         target = V - K if residual else V  # Err = Hk a2 - target
         gh = torch.stack([Gamma[..., -1, :], h], dim=-2)  # [NC, N, H, 2, C]
         M = _mixing(A, Bv, E)  # [NC, N, H, 2, 2]
@@ -295,4 +296,4 @@ class MLPDualForm(torch.autograd.Function):
         dE_gate[..., -1] = dM[..., 1, 1]
         dGamma[..., -1, :] += dgh[:, :, :, 0]
         return (dQ, dK, dV, dtheta, dA, dBv, dE_gate, dGamma, dgh[:, :, :, 1], G1[:, :, 0], G1[:, :, 1],
-                G2[:, :, 0], G2[:, :, 1], da1, da2, None, None, None, None)
+                G2[:, :, 0], G2[:, :, 1], da1, da2, None, None, None, None, None)

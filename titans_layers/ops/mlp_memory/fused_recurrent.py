@@ -29,6 +29,7 @@ import triton
 import triton.language as tl
 
 from titans_layers.ops.common.clipping import check_max_update_norm
+from titans_layers.ops.common.grad_mode import needs_grad
 from titans_layers.ops.common.traceable import traceable
 from titans_layers.ops.common.triton_utils import clip_step, sequence_range
 from titans_layers.ops.mlp_memory.chunk import (KERNEL_CHUNK_SIZES, ChunkPlan, chunk_bwd, chunk_fwd, mlp_launch,
@@ -154,10 +155,10 @@ class FusedRecurrentMLPMemoryFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, alpha, eta, theta, W1, W2, S1, S2, A1, A2, offset, cu_seqlens, plan, act, residual,
-                max_norm):
+                max_norm, save):
         o, final = fused_recurrent_fwd(q, k, v, alpha, eta, theta, W1, W2, S1, S2, A1, A2, offset, cu_seqlens, plan,
                                        act, residual, max_norm)
-        if any(ctx.needs_input_grad):
+        if save:
             ctx.save_for_backward(q, k, v, alpha, eta, theta, W1, W2, S1, S2, A1, A2, offset, cu_seqlens)
             ctx.plan, ctx.act, ctx.residual, ctx.max_norm = plan, act, residual, max_norm
         return (o, *final)
@@ -171,7 +172,7 @@ class FusedRecurrentMLPMemoryFunction(torch.autograd.Function):
                                          plan, act, residual, store_tiles=True, max_norm=max_norm)
             grads = chunk_bwd(q, k, v, alpha, eta, theta, A1, A2, offset, cu_seqlens, plan, tiles, do,
                               dW1T, dW2T, dS1T, dS2T, dA1T, dA2T, act, residual, norms, max_norm)
-            return (*grads, None, None, None, None, None, None)
+            return (*grads, None, None, None, None, None, None, None)
         with torch.enable_grad():
             inputs = [x.detach().requires_grad_() for x in (q, k, v, alpha, eta, theta, W1, W2, S1, S2, A1, A2)]
             state = MLPMemoryState(*inputs[6:], offset=offset, chunk_size=plan.chunk_size)
@@ -190,7 +191,7 @@ class FusedRecurrentMLPMemoryFunction(torch.autograd.Function):
                 outs, cots = zip(*pairs)
                 grads = torch.autograd.grad(outs, inputs, cots, allow_unused=True)
         grads = [torch.zeros_like(x) if g is None else g for g, x in zip(grads, inputs)]
-        return (*grads, None, None, None, None, None, None)
+        return (*grads, None, None, None, None, None, None, None)
 
 
 @traceable("mlp_memory", "fused_recurrent")
@@ -214,5 +215,6 @@ def fused_recurrent_mlp_memory(q, k, v, alpha, eta, theta, *, chunk_size: int = 
                                                             theta, chunk_size, initial_state, cu_seqlens, activation,
                                                             residual, max_update_norm, None)
     o, *final = FusedRecurrentMLPMemoryFunction.apply(*inputs, *states, offset, cu_seqlens, plan, act, residual,
-                                                      check_max_update_norm(max_update_norm))
+                                                      check_max_update_norm(max_update_norm),
+                                                      needs_grad(*inputs, *states))
     return o, (pack_final_state(*final, plan) if output_final_state else None)

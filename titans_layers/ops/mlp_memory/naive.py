@@ -28,6 +28,7 @@ import torch
 
 from titans_layers.ops.common.chunk_gates import chunk_gates
 from titans_layers.ops.common.clipping import check_max_update_norm, clipped_step
+from titans_layers.ops.common.grad_mode import needs_grad
 from titans_layers.ops.common.layout import from_padded, make_layout, pad_op_inputs, sequence_lengths, to_chunks
 from titans_layers.ops.common.state_io import at_boundary
 from titans_layers.ops.common.traceable import traceable
@@ -154,8 +155,9 @@ def naive_chunk_mlp_memory(q, k, v, alpha, eta, theta, *, chunk_size: int = 16, 
     m = _chunk_major(layout.valid_mask(q.device).unsqueeze(-1).expand(N, L, H).to(Q.dtype), C)  # [NC, N, H, C]
     gates = chunk_gates(_chunk_major(x["alpha"], C), _chunk_major(x["eta"], C), m)
     last_chunk = [(o + n) // C for o, n in zip(init.offsets, lengths)]
-    o, W1, S1, W2, S2, a1, a2 = MLPDualForm.apply(
-        Q, Kc, Vc, theta, gates.A, gates.B, gates.E, gates.Gamma, gates.h.squeeze(-1), init.W1, init.S1, init.W2,
-        init.S2, init.anchor1, init.anchor2, last_chunk, activation, residual, max_update_norm)  # o [NC, N, H, C, V]
+    tensors = (Q, Kc, Vc, theta, gates.A, gates.B, gates.E, gates.Gamma, gates.h.squeeze(-1), init.W1, init.S1,
+               init.W2, init.S2, init.anchor1, init.anchor2)
+    o, W1, S1, W2, S2, a1, a2 = MLPDualForm.apply(*tensors, last_chunk, activation, residual, max_update_norm,
+                                                  needs_grad(*tensors))  # o [NC, N, H, C, V]
     o = from_padded(o.permute(1, 0, 3, 2, 4).reshape(N, L, H, shape.V), layout, shape.B).to(q.dtype)
     return o, (_final_state(W1, W2, S1, S2, a1, a2, offset, C) if output_final_state else None)

@@ -8,6 +8,7 @@ import torch
 import triton
 
 from titans_layers.ops.common.clipping import check_max_update_norm
+from titans_layers.ops.common.grad_mode import needs_grad
 from titans_layers.ops.common.layout import sequence_lengths
 from titans_layers.ops.common.traceable import traceable
 from titans_layers.ops.common.triton_utils import (block_sizes, check_head_dims, check_triton_device, dot_precision,
@@ -189,11 +190,6 @@ class ChunkMomentumDeltaRuleFunction(torch.autograd.Function):
         grads = chunk_bwd(q, k, v, alpha, eta, theta, W0, offset, cu_seqlens, ctx.plan, tile_M, tile_S,
                           do, dMT, dST, dWT, max_update_norm=ctx.max_update_norm, norms=norms)
         return (*grads, None, None, None, None, None)
-
-
-def needs_grad(*tensors) -> bool:
-    """Whether autograd will want gradients of any of ``tensors`` from this call."""
-    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
 def prepare_kernel_call(op_name, q, k, v, alpha, eta, theta, chunk_size, initial_state, cu_seqlens,

@@ -121,12 +121,15 @@ def check_continuation(impl: Impl, case: OpCase, *, continue_with: Impl | None =
 
 
 def check_varlen(impl: Impl, case: OpCase) -> None:
-    """Promise 3: with ``cu_seqlens`` each packed sequence equals running it alone."""
+    """Promise 3: with ``cu_seqlens`` each packed sequence equals running it alone. The packed call
+    gets ``cu_seqlens`` as a strided (non-contiguous) view, which an implementation must read as
+    its values, not as a contiguous buffer."""
     if case.cu_seqlens is None:
         raise ValueError("check_varlen takes packed cases (cu_seqlens given)")
     kw = dict(chunk_size=case.chunk_size, output_final_state=True, **case.extra)
+    strided = case.cu_seqlens.repeat_interleave(2)[::2]  # [N + 1], stride 2
     with torch.no_grad():
-        o, st = impl(*case.inputs, initial_state=case.initial_state, cu_seqlens=case.cu_seqlens, **kw)
+        o, st = impl(*case.inputs, initial_state=case.initial_state, cu_seqlens=strided, **kw)
     tol = tolerance(case.dtype, case.q.device, "output")
     bounds = case.cu_seqlens.tolist()
     for i, (bos, eos) in enumerate(zip(bounds[:-1], bounds[1:])):

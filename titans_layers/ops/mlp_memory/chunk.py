@@ -133,7 +133,7 @@ def chunk_fwd(q, k, v, alpha, eta, theta, W1, W2, S1, S2, A1, A2, offset, cu_seq
         tiles = (W1T, W1T, W2T, W2T)  # never written
     clip = max_norm is not None
     norms = theta.new_empty(theta.shape, dtype=torch.float32) if clip else None  # [B, T, H]
-    cu, is_varlen = varlen_args(cu_seqlens, plan)
+    cu, is_varlen = varlen_args(cu_seqlens, plan.tile_indptr)
     if s.N * s.H > 0:
         chunk_mlp_memory_fwd_kernel[(s.N * s.H,)](
             q, k, v, alpha, eta, theta, offset, cu, plan.tile_indptr, o, W1T, S1T, A1T, W2T, S2T, A2T, *tiles,
@@ -166,7 +166,7 @@ def chunk_bwd(q, k, v, alpha, eta, theta, A1, A2, offset, cu_seqlens, plan: Chun
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     dalpha, deta, dtheta = torch.empty_like(alpha), torch.empty_like(eta), torch.empty_like(theta)
     clip = max_norm is not None
-    cu, is_varlen = varlen_args(cu_seqlens, plan)
+    cu, is_varlen = varlen_args(cu_seqlens, plan.tile_indptr)
     if s.N * s.H > 0:
         chunk_mlp_memory_bwd_kernel[(s.N * s.H,)](
             q, k, v, alpha, eta, theta, offset, cu, plan.tile_indptr, A1, A2, *tiles, do,

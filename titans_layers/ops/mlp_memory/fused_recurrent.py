@@ -34,6 +34,7 @@ from titans_layers.ops.common.traceable import traceable
 from titans_layers.ops.common.triton_utils import clip_step, sequence_range
 from titans_layers.ops.mlp_memory.chunk import (KERNEL_CHUNK_SIZES, ChunkPlan, chunk_bwd, chunk_fwd, mlp_launch,
                                                 pack_final_state, prepare_kernel_call)
+from titans_layers.ops.momentum_delta_rule.chunk import varlen_args
 from titans_layers.ops.mlp_memory.chunk_kernels import activation, block_offsets
 from titans_layers.ops.mlp_memory.naive import ACTIVATIONS, naive_chunk_mlp_memory
 from titans_layers.ops.mlp_memory.state import MLPMemoryState
@@ -140,12 +141,12 @@ def fused_recurrent_fwd(q, k, v, alpha, eta, theta, W1, W2, S1, S2, A1, A2, offs
     o = torch.empty_like(v)
     W1T, W2T, S1T, S2T, A1T, A2T = (x.detach().to(torch.float32).clone(memory_format=torch.contiguous_format)
                                     for x in (W1, W2, S1, S2, A1, A2))
-    cu = cu_seqlens if cu_seqlens is not None else offset
+    cu, is_varlen = varlen_args(cu_seqlens, offset)
     if s.N * s.H > 0:
         fused_recurrent_mlp_memory_fwd_kernel[(s.N * s.H,)](
             q, k, v, alpha, eta, theta, offset, cu, o, W1T, S1T, A1T, W2T, S2T, A2T,
             s.T, 0.0 if max_norm is None else max_norm, H=s.H, K=s.K, V=s.V, Dh=Dh, C=plan.chunk_size, BK=launch.BK,
-            BV=launch.BV, BH=launch.fwd_BH, ACT=act, RESIDUAL=residual, IS_VARLEN=cu_seqlens is not None,
+            BV=launch.BV, BH=launch.fwd_BH, ACT=act, RESIDUAL=residual, IS_VARLEN=is_varlen,
             CLIP=max_norm is not None, num_warps=launch.decode_warps, num_stages=launch.decode_stages)
     return o, (W1T, W2T, S1T, S2T, A1T, A2T)
 

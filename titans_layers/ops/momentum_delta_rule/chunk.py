@@ -86,9 +86,13 @@ def launch_warps(BK: int, BV: int, decode: bool = False) -> int:
     return 8 if BK * BV > 64 * 64 else 4
 
 
-def varlen_args(cu_seqlens, plan: ChunkPlan):
-    """The kernels' ``cu_seqlens`` argument (any long tensor when unused) and ``IS_VARLEN``."""
-    return (cu_seqlens if cu_seqlens is not None else plan.tile_indptr), cu_seqlens is not None
+def varlen_args(cu_seqlens, unused: torch.Tensor):
+    """The kernels' ``cu_seqlens`` argument and ``IS_VARLEN``: a contiguous ``cu_seqlens`` (the
+    kernels index it as ``cu_seqlens + i``, so a strided view would be read out of bounds), or
+    ``unused`` (any integer tensor on the device) without packed sequences."""
+    if cu_seqlens is None:
+        return unused, False
+    return cu_seqlens.contiguous(), True
 
 
 def chunk_fwd(q, k, v, alpha, eta, theta, M0, S0, W0, offset, cu_seqlens, plan: ChunkPlan, store_tiles: bool,
@@ -109,7 +113,7 @@ def chunk_fwd(q, k, v, alpha, eta, theta, M0, S0, W0, offset, cu_seqlens, plan: 
         tile_M = tile_S = MT  # never written
     keep_norms = store_tiles and clip
     norms = torch.empty(alpha.shape, dtype=torch.float32, device=q.device) if keep_norms else MT  # else unused
-    cu, is_varlen = varlen_args(cu_seqlens, plan)
+    cu, is_varlen = varlen_args(cu_seqlens, plan.tile_indptr)
     chunk_momentum_delta_rule_fwd_kernel[(NV, s.N * s.H)](
         q, k, v, alpha, eta, theta, M0, S0, W0, offset, cu, plan.tile_indptr, o, MT, ST, WT, tile_M, tile_S,
         norms, s.T, max_update_norm if clip else 0.0, H=s.H, K=s.K, V=s.V, C=plan.chunk_size, BT=plan.tile_size,
@@ -143,7 +147,7 @@ def chunk_bwd(q, k, v, alpha, eta, theta, W0, offset, cu_seqlens, plan: ChunkPla
     dv = torch.empty_like(v)
     dalpha, deta, dtheta = (q.new_empty(NV, *alpha.shape, dtype=torch.float32) for _ in range(3))
     dM0, dS0, dW0 = (torch.empty(state, dtype=torch.float32, device=q.device) for _ in range(3))
-    cu, is_varlen = varlen_args(cu_seqlens, plan)
+    cu, is_varlen = varlen_args(cu_seqlens, plan.tile_indptr)
     if split:
         chunk_momentum_delta_rule_bwd_split_kernel[(1, s.N * s.H)](
             q, k, v, alpha, eta, theta, W0, offset, cu, plan.tile_indptr, tile_M, tile_S, do.contiguous(),

@@ -27,7 +27,7 @@ from titans_layers.ops.common.traceable import traceable
 from titans_layers.ops.common.triton_utils import clip_step, sequence_range
 from titans_layers.ops.momentum_delta_rule.chunk import (KERNEL_CHUNK_SIZES, ChunkPlan, chunk_bwd, chunk_fwd,
                                                          launch_blocks, launch_warps, pack_final_state,
-                                                         prepare_kernel_call)
+                                                         prepare_kernel_call, varlen_args)
 from titans_layers.ops.momentum_delta_rule.chunk_kernels import load_token, write_norm
 from titans_layers.ops.momentum_delta_rule.naive import naive_chunk_momentum_delta_rule
 from titans_layers.ops.momentum_delta_rule.state import MomentumDeltaRuleState
@@ -81,10 +81,10 @@ def fused_recurrent_fwd(q, k, v, alpha, eta, theta, M0, S0, W0, offset, cu_seqle
     BK, BV, NV = launch_blocks(s.K, s.V, clip)
     o = torch.empty_like(v)
     MT, ST, WT = (torch.empty(s.N, s.H, s.K, s.V, dtype=torch.float32, device=q.device) for _ in range(3))
-    cu = cu_seqlens if cu_seqlens is not None else offset
+    cu, is_varlen = varlen_args(cu_seqlens, offset)
     fused_recurrent_momentum_delta_rule_fwd_kernel[(NV, s.N * s.H)](
         q, k, v, alpha, eta, theta, M0, S0, W0, offset, cu, o, MT, ST, WT, s.T, max_update_norm if clip else 0.0,
-        H=s.H, K=s.K, V=s.V, C=plan.chunk_size, BK=BK, BV=BV, IS_VARLEN=cu_seqlens is not None, CLIP=clip,
+        H=s.H, K=s.K, V=s.V, C=plan.chunk_size, BK=BK, BV=BV, IS_VARLEN=is_varlen, CLIP=clip,
         num_warps=launch_warps(BK, BV, decode=True), num_stages=DECODE_STAGES)
     return o, MT, ST, WT
 

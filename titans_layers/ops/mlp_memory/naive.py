@@ -31,6 +31,7 @@ from titans_layers.ops.common.clipping import check_max_update_norm, clipped_ste
 from titans_layers.ops.common.grad_mode import needs_grad
 from titans_layers.ops.common.layout import from_padded, make_layout, pad_op_inputs, sequence_lengths, to_chunks
 from titans_layers.ops.common.state_io import at_boundary
+from titans_layers.ops.common.autocast import without_autocast
 from titans_layers.ops.common.traceable import traceable
 from titans_layers.ops.common.validation import check_chunk_size, check_op_inputs, compute_dtype
 from titans_layers.ops.mlp_memory.activations import ACTIVATIONS, act
@@ -79,6 +80,7 @@ def _chunk_major(x: torch.Tensor, chunk_size: int) -> torch.Tensor:
     return to_chunks(x, chunk_size).movedim(2, 0).contiguous()
 
 
+@without_autocast
 def naive_recurrent_mlp_memory(q, k, v, alpha, eta, theta, *, chunk_size: int = 16, initial_state=None,
                                output_final_state: bool = False, cu_seqlens=None, activation: str = "silu",
                                residual: bool = False, max_update_norm: float | None = None):

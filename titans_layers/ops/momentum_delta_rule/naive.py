@@ -34,6 +34,7 @@ from titans_layers.ops.common.chunk_gates import chunk_gates
 from titans_layers.ops.common.clipping import check_max_update_norm, clipped_step
 from titans_layers.ops.common.layout import from_padded, make_layout, pad_op_inputs, sequence_lengths, to_chunks
 from titans_layers.ops.common.state_io import at_boundary
+from titans_layers.ops.common.autocast import without_autocast
 from titans_layers.ops.common.traceable import traceable
 from titans_layers.ops.common.validation import check_chunk_size, check_op_inputs, compute_dtype
 from titans_layers.ops.momentum_delta_rule.state import MomentumDeltaRuleState, resolve_initial_state
@@ -43,6 +44,7 @@ def _final_anchor(M, anchor, offset_final):
     return torch.where(at_boundary(offset_final), M, anchor)
 
 
+@without_autocast
 def naive_recurrent_momentum_delta_rule(q, k, v, alpha, eta, theta, *, chunk_size: int = 16, initial_state=None,
                                         output_final_state: bool = False, cu_seqlens=None,
                                         max_update_norm: float | None = None):

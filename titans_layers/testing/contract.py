@@ -14,8 +14,8 @@ from typing import Callable
 
 import torch
 
-from titans_layers.ops.mlp_memory import naive_recurrent_mlp_memory
-from titans_layers.ops.momentum_delta_rule import naive_recurrent_momentum_delta_rule
+from titans_layers.ops.mlp_memory import MLPMemoryState, naive_recurrent_mlp_memory
+from titans_layers.ops.momentum_delta_rule import MomentumDeltaRuleState, naive_recurrent_momentum_delta_rule
 from titans_layers.testing.cases import OpCase
 from titans_layers.testing.compare import assert_close, assert_identical, tolerance
 
@@ -169,6 +169,8 @@ def malformed_calls(device="cpu", family: str = "linear") -> list[tuple[str, dic
             ("initial_state of 3 tensors", (torch.zeros(B, H, K, V, **f),) * 3, ValueError),
             ("initial_state not a tuple", torch.zeros(B, H, K, V, **f), TypeError),
         ]
+        M = torch.zeros(B, H, K, V, **f)
+        full = lambda offset, chunk_size: MomentumDeltaRuleState(M, M, M, offset, chunk_size)  # noqa: E731
     else:
         Dh = 5
         W1, W2 = torch.zeros(1, H, K, Dh, **f), torch.zeros(1, H, Dh, V, **f)
@@ -179,7 +181,16 @@ def malformed_calls(device="cpu", family: str = "linear") -> list[tuple[str, dic
             ("W1 with 3 rows for B = 2", (torch.zeros(3, H, K, Dh, **f), W2), ValueError),
             ("initial_state of 3 tensors", (W1, W2, W1), ValueError),
             ("initial_state not a tuple", W1, TypeError),
+            ("W1 with hidden width 0", (W1[..., :0], W2[:, :, :0]), ValueError),
         ]
+        full = lambda offset, chunk_size: MLPMemoryState(W1, W2, W1, W2, W1, W2, offset, chunk_size)  # noqa: E731
+    zero = torch.zeros(B, dtype=torch.long, device=device)
+    bad_states += [
+        ("state chunk_size a string", full(zero, "16"), ValueError),
+        ("state chunk_size 0", full(zero, 0), ValueError),
+        ("state chunk_size a bool", full(zero, True), ValueError),
+        ("state offset of dtype bool", full(torch.zeros(B, dtype=torch.bool, device=device), 16), ValueError),
+    ]
 
     def good(batch=B, **over):
         args = dict(q=torch.randn(batch, T, H, K, **f), k=torch.randn(batch, T, H, K, **f),
@@ -199,6 +210,8 @@ def malformed_calls(device="cpu", family: str = "linear") -> list[tuple[str, dic
         ("q and k of different dtypes", good(k=torch.randn(B, T, H, K, dtype=torch.float16, device=device)),
          TypeError),
         ("q not a tensor", good(q=[[0.0]]), TypeError),
+        ("batch size 0", good(0), ValueError),
+        ("max_update_norm beyond float32", good(max_update_norm=1e39), ValueError),
         ("chunk_size 0", good(chunk_size=0), ValueError),
         ("chunk_size not an int", good(chunk_size=2.0), TypeError),
         ("cu_seqlens with B > 1", good(cu_seqlens=torch.tensor([0, T], device=device)), ValueError),

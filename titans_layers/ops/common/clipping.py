@@ -16,14 +16,20 @@ import math
 
 import torch
 
+FLOAT32_MAX = torch.finfo(torch.float32).max
+
 
 def check_max_update_norm(max_update_norm) -> float | None:
-    """None, or a positive finite number; anything else raises naming the argument."""
+    """None, or a positive finite number that float32 holds (the kernels take it as float32);
+    anything else raises naming the argument."""
     if max_update_norm is None:
         return None
     if isinstance(max_update_norm, bool) or not isinstance(max_update_norm, (int, float)) \
             or not math.isfinite(max_update_norm) or max_update_norm <= 0:
         raise ValueError(f"`max_update_norm` must be None or a positive finite number, got {max_update_norm!r}")
+    if max_update_norm > FLOAT32_MAX:
+        raise ValueError(f"`max_update_norm` must be at most float32's largest value {FLOAT32_MAX:.4g} (None: no "
+                         f"bound), got {max_update_norm!r}")
     return float(max_update_norm)
 
 

@@ -23,8 +23,10 @@ def read_weights(name: str, x, N: int, tail: tuple[int, ...], layout: str, devic
 def read_offset(offset, N: int, state_chunk_size: int, chunk_size: int, device) -> tuple[torch.Tensor, list[int]]:
     """Check a state's chunk offsets ``[N or 1]`` and return them as ``[N]`` int64 and on the host.
     Continuing mid-chunk needs the chunk size the state was made with."""
-    if not isinstance(offset, torch.Tensor) or offset.dtype.is_floating_point or offset.ndim != 1 \
-            or offset.shape[0] not in (1, N):
+    if isinstance(state_chunk_size, bool) or not isinstance(state_chunk_size, int) or state_chunk_size < 1:
+        raise ValueError(f"`initial_state.chunk_size` must be an int >= 1, got {state_chunk_size!r}")
+    if not isinstance(offset, torch.Tensor) or offset.dtype.is_floating_point or offset.dtype == torch.bool \
+            or offset.ndim != 1 or offset.shape[0] not in (1, N):
         raise ValueError(f"`initial_state.offset` must be an integer tensor [N] = [{N}], got {offset!r}")
     offset = offset.to(device=device, dtype=torch.long).expand(N).contiguous()
     offsets = offset.tolist()

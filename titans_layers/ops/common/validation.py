@@ -105,6 +105,8 @@ def check_op_inputs(q, k, v, alpha, eta, theta, cu_seqlens=None) -> OpShape:
             raise TypeError(f"`{name}` has dtype {x.dtype} but `q` has {q.dtype}: q, k and v must share a dtype")
     if K == 0 or v.shape[-1] == 0 or H == 0:
         raise ValueError(f"head dims and head count must be positive, got H = {H}, K = {K}, V = {v.shape[-1]}")
+    if B == 0:
+        raise ValueError("`q` must have a batch size B >= 1, got B = 0")
     N = B if cu_seqlens is None else check_cu_seqlens(cu_seqlens, B, T, q.device)
     return OpShape(B=B, T=T, H=H, K=K, V=v.shape[-1], N=N)
 

@@ -64,6 +64,8 @@ def hidden_size(initial_state) -> int:
     if not isinstance(W1, torch.Tensor) or W1.ndim != 4:
         raise ValueError("`initial_state` W1 must be a tensor [N or 1, H, K, Dh], "
                          f"got {type(W1).__name__ if not isinstance(W1, torch.Tensor) else list(W1.shape)}")
+    if W1.shape[-1] == 0:
+        raise ValueError(f"`initial_state` W1 must have a hidden width Dh >= 1, got shape {list(W1.shape)}")
     return W1.shape[-1]
 
 

@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+from fla.models.utils import Cache
 from layer_helpers import decode_token_by_token
 
 from titans_layers.modules import MemoryGate, PersistentMemory, SlidingWindowAttention
@@ -93,6 +94,8 @@ def test_padding_and_packing_equal_separate_sequences():
 @pytest.mark.parametrize("kwargs, match", [
     (dict(window_size=0), "`window_size`"), (dict(num_kv_heads=3), "`num_kv_heads`"),
     (dict(num_heads=5), "divisible by `num_heads`"), (dict(head_dim=0), "`head_dim`"),
+    (dict(rope_base=0.0), "`rope_base`"), (dict(rope_base=-5.0), "`rope_base`"),
+    (dict(rope_base=float("inf")), "`rope_base`"),
 ])
 def test_bad_arguments_name_the_argument(kwargs, match):
     args = dict(hidden_size=D, num_heads=H, window_size=4)
@@ -104,6 +107,38 @@ def test_bad_arguments_name_the_argument(kwargs, match):
         layer(x_(), prefix_states=torch.randn(3, 2, D))
     with pytest.raises(ValueError, match="`prefix_positions`"):
         layer(x_(), prefix_states=torch.randn(1, 2, D), prefix_positions=torch.zeros(3, dtype=torch.long))
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(B=2, cu=[0, 4, 26]), ValueError, "`cu_seqlens`.*batch size 1"),
+    (dict(cu=[2, 4, 13]), ValueError, "`cu_seqlens` must start at 0"),
+    (dict(cu=[0, 4, 15]), ValueError, "`cu_seqlens` must end at T = 13"),
+    (dict(cu=[0, 5, 4, 13]), ValueError, "`cu_seqlens` must be non-decreasing"),
+    (dict(cu=[0.0, 13.0]), TypeError, "`cu_seqlens` must be a 1-D integer tensor"),
+    (dict(cu=[0, 13], mask=[1] * 13), ValueError, "`cu_seqlens`.*`attention_mask`, not both"),
+    (dict(B=2, mask=[0] + [2] * 12), ValueError, "`attention_mask` must hold only 0"),
+    (dict(B=2, mask=[1] * 12), ValueError, "`attention_mask` must be a 0/1 padding mask"),
+])
+def test_bad_padding_arguments_name_the_argument(kwargs, error, match):
+    """Offsets past the end, not from 0 or decreasing, and B > 1 with offsets over every row gave
+    wrong outputs without an error; a mask of 0/2 attended like 0/1."""
+    layer = make(4)
+    B = kwargs.get("B", 1)
+    extra = {}
+    if "cu" in kwargs:
+        extra["cu_seqlens"] = torch.tensor(kwargs["cu"])
+    if "mask" in kwargs:
+        extra["attention_mask"] = torch.tensor([kwargs["mask"]] * B)
+    with pytest.raises(error, match=match):
+        layer(x_(B=B), **extra)
+
+
+def test_a_cache_of_other_sequences_is_named():
+    layer = make(4).eval()
+    with torch.no_grad():
+        cache = layer(x_(), past_key_values=Cache(), use_cache=True)[2]
+        with pytest.raises(ValueError, match="the cached attention state has 2 sequences, this call has 1"):
+            layer(x_(B=1, T=1), past_key_values=cache, use_cache=True)
 
 
 def test_persistent_memory_prepends_and_strips():
@@ -129,6 +164,8 @@ def test_memory_gate_normalises_both_branches():
     assert_close("scale-free in a", gate(10 * a, m), out, 1e-5)
     with pytest.raises(ValueError, match="`activation`"):
         MemoryGate(D, activation="relu")
+    with pytest.raises(ValueError, match="`norm_eps`"):
+        MemoryGate(D, norm_eps=-1.0)
     with pytest.raises(ValueError, match="one shape"):
         gate(a, m[:, :3])
 

@@ -3,6 +3,8 @@ checkpointing, torch.compile, training, generation, config checks, the MAC piece
 
 import pytest
 import torch
+import torch.nn as nn
+from fla.layers.utils import get_layer_cache, update_layer_cache
 from fla.models.utils import Cache
 from model_helpers import (MEMORIES, VARIANTS, causality_violations, decode_logits, logits, tiny_config, tiny_model,
                            token_ids)
@@ -67,6 +69,48 @@ def test_prefill_then_token_by_token_decoding_equals_full_forward(variant, memor
     decoded, cache = decode_logits(model, ids, prefill)
     assert_close("decoded logits", decoded, logits(model, ids), 1e-5)
     assert cache.get_seq_length() == ids.shape[1]
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_a_call_without_use_cache_leaves_the_cache_untouched(variant):
+    """Scoring a continuation with ``use_cache=False`` reads the cache and writes nothing: decoding
+    after it equals decoding from a cache that never saw that call (prefill 7: mid-segment and
+    mid-chunk)."""
+    model = tiny_model(variant)
+    ids = token_ids(T=12)
+    with torch.no_grad():
+        ref_cache = model(ids[:, :7], use_cache=True).past_key_values
+        ref = model(ids[:, 7:9], past_key_values=ref_cache, use_cache=True).logits
+        cache = model(ids[:, :7], use_cache=True).past_key_values
+        scored = model(ids[:, 7:10], past_key_values=cache, use_cache=False).logits
+        assert cache.get_seq_length() == 7
+        got = model(ids[:, 7:9], past_key_values=cache, use_cache=True).logits
+    assert_close("scored continuation", scored, logits(model, ids[:, :10])[:, 7:], 1e-5)
+    assert_close("decoded after the scoring call", got, ref, 1e-6)
+
+
+class CacheWriter(nn.Module):
+    """Stands in for fla's mixers (which need CUDA): reads its cached count and writes count + 1
+    whenever it is given a cache, as fla's layers do whatever ``use_cache`` says."""
+
+    layer_idx = 0
+
+    def forward(self, hidden_states, attention_mask=None, past_key_values=None, use_cache=False, **kwargs):
+        last = get_layer_cache(self, past_key_values)
+        self.read = 0 if last is None else int(last["recurrent_state"])
+        update_layer_cache(self, past_key_values, recurrent_state=torch.tensor(self.read + 1),
+                           offset=hidden_states.shape[1])
+        return hidden_states, None, past_key_values
+
+
+def test_fla_mixers_read_but_do_not_write_the_cache_without_use_cache():
+    block = tiny_model(block_types=["gated_deltanet", "lmm"]).model.layers[0]
+    block.mixer = CacheWriter()
+    x, cache = torch.randn(2, 3, 32), Cache()
+    block(x, past_key_values=cache, use_cache=True)
+    block(x, past_key_values=cache, use_cache=False)
+    assert block.mixer.read == 1, "the call without use_cache reads the cached state"
+    assert int(cache[0]["recurrent_state"]) == 1 and cache.get_seq_length() == 3
 
 
 @pytest.mark.parametrize("variant, retrieval", [(v, "per_token") for v in ["mac", "mag", "mal", "lmm"]]
@@ -485,16 +529,45 @@ def test_variant_presets():
     (dict(memory_activation="relu"), "`memory_activation`"),
     (dict(gate_activation="tanh"), "`gate_activation`"),
     (dict(max_step_size=0), "`max_step_size`"),
+    (dict(max_step_size=float("inf")), "`max_step_size`"),
+    (dict(rope_base=0.0), "`rope_base`"),
+    (dict(rope_base=float("inf")), "`rope_base`"),
+    (dict(initializer_range=float("inf")), "`initializer_range`"),
     (dict(mlp_residual="yes"), "`mlp_residual`"),
     (dict(memory_backend="cuda"), "`memory_backend`"),
     (dict(memory="mlp", memory_backend="triton"), "`memory_backend='triton'`"),
     (dict(fla_mixer_kwargs={"mamba": {}}), "`fla_mixer_kwargs`"),
     (dict(norm_eps=0.0), "`norm_eps`"),
+    (dict(norm_eps=float("nan")), "`norm_eps`"),
     (dict(intermediate_size=0), "`intermediate_size`"),
 ])
 def test_bad_config_fields_are_named(overrides, match):
     with pytest.raises(ValueError, match=match):
         tiny_config(**overrides)
+
+
+@pytest.mark.parametrize("field, value", [("max_step_size", float("inf")), ("norm_eps", float("nan")),
+                                          ("mlp_residual", "no"), ("rope_base", 0.0)])
+def test_bad_values_set_on_a_config_are_named_when_the_model_is_built(field, value):
+    """The layers check what the config passes them, so a field changed after the config's own
+    checks still fails at construction, not as non-finite outputs or in the forward."""
+    config = tiny_config("mag", "mlp")
+    setattr(config, field, value)
+    with pytest.raises(ValueError, match=f"`{field}`"):
+        TitansForCausalLM(config)
+
+
+def test_mac_mixer_checks_its_padding_arguments():
+    mixer = tiny_model("mac").model.layers[0].mixer
+    x = torch.randn(1, 10, 32)
+    with pytest.raises(ValueError, match="`cu_seqlens` must end at T = 10"):
+        mixer(x, cu_seqlens=torch.tensor([0, 4, 12]))
+    with pytest.raises(ValueError, match="`cu_seqlens` must be non-decreasing"):
+        mixer(x, cu_seqlens=torch.tensor([0, 6, 4, 10]))
+    with pytest.raises(ValueError, match="not both"):
+        mixer(x, attention_mask=torch.ones(1, 10), cu_seqlens=torch.tensor([0, 10]))
+    with pytest.raises(ValueError, match="`attention_mask` must hold only 0"):
+        mixer(x, attention_mask=torch.full((1, 10), 2))
 
 
 def test_bad_inputs_are_named():
@@ -507,7 +580,11 @@ def test_bad_inputs_are_named():
     with pytest.raises(ValueError, match="`cu_seqlens`.*batch size"):
         model(ids, cu_seqlens=torch.tensor([0, 17]))
     with pytest.raises(ValueError, match="`cu_seqlens` must start at 0"):
+        model(ids[:1], cu_seqlens=torch.tensor([1, 5, 17]))
+    with pytest.raises(ValueError, match="`cu_seqlens` must end at T = 17"):
         model(ids[:1], cu_seqlens=torch.tensor([0, 5, 16]))
+    with pytest.raises(ValueError, match="`attention_mask` must hold only 0"):
+        model(ids, attention_mask=2 * torch.ones_like(ids))
     mask = torch.ones(1, 17, dtype=torch.long)
     mask[0, 0] = 0
     with pytest.raises(ValueError, match="not both"):

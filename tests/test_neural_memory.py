@@ -2,9 +2,10 @@
 
 import pytest
 import torch
+from fla.models.utils import Cache
 from layer_helpers import decode_token_by_token
 
-from titans_layers.modules import NeuralMemory
+from titans_layers.modules import NeuralMemory, ShortConvolution
 from titans_layers.testing import assert_close, relative_error
 
 MEMORIES = ["linear", "mlp"]
@@ -62,6 +63,23 @@ def test_cached_decoding_equals_full_forward(memory, prefill):
     assert cache.get_seq_length(0) == x.shape[1]
 
 
+@pytest.mark.parametrize("use_short_conv", [True, False])
+@pytest.mark.parametrize("memory", MEMORIES)
+def test_a_call_without_use_cache_reads_the_cache_and_leaves_it_untouched(memory, use_short_conv):
+    """Scoring a continuation with ``use_cache=False`` continues from the cache and writes nothing:
+    the next cached call sees the cache as the prefill left it."""
+    layer = make_layer(memory, use_short_conv=use_short_conv).eval()
+    x = inputs(T=10)
+    with torch.no_grad():
+        ref = layer(x[:, :6], past_key_values=Cache(), use_cache=True)[2]
+        ref_next = layer(x[:, 6:7], past_key_values=ref, use_cache=True)[0]
+        cache = layer(x[:, :6], past_key_values=Cache(), use_cache=True)[2]
+        scored = layer(x[:, 6:9], past_key_values=cache, use_cache=False)[0]
+        assert cache.get_seq_length(0) == 6
+        assert_close("scored continuation", scored, layer(x)[0][:, 6:9], 1e-5)
+        assert_close("next token", layer(x[:, 6:7], past_key_values=cache, use_cache=True)[0], ref_next, 1e-6)
+
+
 def test_cached_decoding_with_left_padding():
     layer = make_layer("linear").eval()
     x = inputs(B=2, T=10)
@@ -116,6 +134,12 @@ def test_every_parameter_gets_a_gradient(memory):
     (dict(chunk_size=0), "`chunk_size`"),
     (dict(activation="relu"), "`activation`"),
     (dict(max_step_size=0.0), "`max_step_size`"),
+    (dict(max_step_size=float("inf")), "`max_step_size`"),
+    (dict(max_step_size=True), "`max_step_size`"),
+    (dict(norm_eps=0.0), "`norm_eps`"),
+    (dict(norm_eps=float("nan")), "`norm_eps`"),
+    (dict(memory="mlp", mlp_residual="no"), "`mlp_residual`"),
+    (dict(use_short_conv=1), "`use_short_conv`"),
     (dict(backend="cuda"), "`backend`"),
     (dict(chunk_size=8, backend="triton"), "`backend='triton'`"),
     (dict(conv_size=0), "`conv_size`"),
@@ -136,3 +160,57 @@ def test_bad_inputs_name_the_argument():
         layer(torch.randn(2, 5, D), attention_mask=torch.ones(2, 4))
     with pytest.raises(ValueError, match="`attention_mask`"):
         layer(torch.randn(2, 5, D), attention_mask=torch.ones(2, 5, 5))
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(B=2, cu=[0, 3, 13]), ValueError, "`cu_seqlens`.*batch size 1"),
+    (dict(cu=[1, 3, 13]), ValueError, "`cu_seqlens` must start at 0"),
+    (dict(cu=[0, 3, 12]), ValueError, "`cu_seqlens` must end at T = 13"),
+    (dict(cu=[0, 3, 15]), ValueError, "`cu_seqlens` must end at T = 13"),
+    (dict(cu=[0, 5, 3, 13]), ValueError, "`cu_seqlens` must be non-decreasing"),
+    (dict(cu=[0.0, 13.0]), TypeError, "`cu_seqlens` must be a 1-D integer tensor"),
+    (dict(cu=[0, 13], mask=[1] * 13), ValueError, "`cu_seqlens`.*`attention_mask`, not both"),
+    (dict(B=2, mask=[0, 0] + [2] * 11), ValueError, "`attention_mask` must hold only 0"),
+    (dict(B=2, mask=[0.5] * 13), ValueError, "`attention_mask` must hold only 0"),
+])
+def test_bad_padding_arguments_name_the_argument(kwargs, error, match):
+    """Checked before unpadding and the short convolution (which raised IndexErrors or read out of place)."""
+    layer = make_layer("linear")
+    B = kwargs.get("B", 1)
+    extra = {}
+    if "cu" in kwargs:
+        extra["cu_seqlens"] = torch.tensor(kwargs["cu"])
+    if "mask" in kwargs:
+        extra["attention_mask"] = torch.tensor([kwargs["mask"]] * B)
+    with pytest.raises(error, match=match):
+        layer(inputs(B=B), **extra)
+
+
+def test_valid_masks_of_every_dtype_are_accepted():
+    layer = make_layer("linear")
+    mask = torch.ones(2, 13, dtype=torch.long)
+    mask[1, :4] = 0
+    o, _, _ = layer(inputs(), attention_mask=mask)
+    for dtype in (torch.bool, torch.int32, torch.float32):
+        assert_close(f"{dtype} mask", layer(inputs(), attention_mask=mask.to(dtype))[0], o, 1e-6)
+
+
+@pytest.mark.parametrize("use_short_conv", [True, False])
+def test_a_cache_of_other_sequences_is_named(use_short_conv):
+    layer = make_layer("linear", use_short_conv=use_short_conv).eval()
+    with torch.no_grad():
+        cache = layer(inputs(), past_key_values=Cache(), use_cache=True)[2]
+        with pytest.raises(ValueError, match="the cached memory state has 2 sequences, this call has 1"):
+            layer(inputs(B=1, T=1), past_key_values=cache, use_cache=True)
+
+
+def test_short_convolution_checks_its_inputs():
+    conv = ShortConvolution(8, 3)
+    with pytest.raises(ValueError, match="`cu_seqlens` must end at T = 6"):
+        conv(torch.randn(1, 6, 8), cu_seqlens=torch.tensor([0, 3, 8]))
+    with pytest.raises(ValueError, match="`x` must have shape"):
+        conv(torch.randn(6, 8))
+    with pytest.raises(ValueError, match="`x` must have shape"):
+        conv(torch.randn(1, 6, 5))
+    with pytest.raises(ValueError, match="`kernel_size`"):
+        ShortConvolution(8, True)

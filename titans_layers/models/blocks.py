@@ -9,7 +9,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 
 from titans_layers.models.builders import make_fla_mixer
 from titans_layers.models.configuration_titans import FLA_BLOCKS, TitansConfig
-from titans_layers.models.mac import MACMixer
+from titans_layers.models.mac import MACMixer, read_only_states
 from titans_layers.models.mixers import AttentionMixer, MAGMixer, MALMixer, MemoryMixer
 
 # Stateful sublayers per block kind, each with its own index in fla's Cache:
@@ -56,6 +56,8 @@ class TitansBlock(GradientCheckpointingLayer):
     ``forward(hidden_states [B, T, D], attention_mask=None, past_key_values=None, use_cache=False,
     **kwargs) -> (hidden_states [B, T, D], past_key_values)``; ``kwargs`` (e.g. ``cu_seqlens``) go to
     the mixer. Under gradient checkpointing the block runs without a cache (Transformers drops it).
+    With ``use_cache=False`` a given cache is read and left untouched, fla's mixers included (they
+    write whenever they get a cache: they get a private copy of their entry instead).
     """
 
     def __init__(self, config: TitansConfig, kind: str, cache_indices: list[int]):
@@ -74,8 +76,11 @@ class TitansBlock(GradientCheckpointingLayer):
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, past_key_values=None,
                 use_cache: bool | None = False, **kwargs):
-        h, _, past_key_values = self.mixer(self.mixer_norm(hidden_states), attention_mask=attention_mask,
-                                           past_key_values=past_key_values, use_cache=use_cache, **kwargs)
+        cache = past_key_values
+        if self.kind in FLA_BLOCKS and past_key_values is not None and not use_cache:
+            cache = read_only_states(past_key_values, [self.mixer.layer_idx])
+        h, _, _ = self.mixer(self.mixer_norm(hidden_states), attention_mask=attention_mask, past_key_values=cache,
+                             use_cache=use_cache, **kwargs)
         hidden_states = hidden_states + h  # [B, T, D]
         hidden_states = hidden_states + self.mlp(self.mlp_norm(hidden_states))
         return hidden_states, past_key_values

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from transformers import PretrainedConfig
 
 # Titans block kinds (SPEC §3) and the fla token mixers a hybrid stack may hold.
@@ -37,8 +39,8 @@ def _positive_int(name: str, value) -> int:
 
 
 def _positive_number(name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise ValueError(f"`{name}` must be a positive number, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
+        raise ValueError(f"`{name}` must be a finite positive number, got {value!r}")
     return value
 
 

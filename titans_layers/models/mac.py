@@ -70,6 +70,7 @@ from fla.layers.utils import get_layer_cache, repad_hidden_states, unpad_hidden_
 from titans_layers.models.builders import make_attention, make_memory, make_persistent
 from titans_layers.models.configuration_titans import TitansConfig
 from titans_layers.modules import MemoryGate
+from titans_layers.modules.checks import check_padding
 from titans_layers.modules.short_conv import sequence_starts
 
 
@@ -92,6 +93,18 @@ class LayerStates:
                                                        ffn_state=None))
         entry.update({k: v for k, v in states.items() if v is not None})
         return entry
+
+
+def read_only_states(past_key_values, layer_indices: list[int]) -> LayerStates:
+    """A private :class:`LayerStates` seeded with the entries of ``layer_indices`` in
+    ``past_key_values`` (fla's ``Cache``, or None): a sublayer reads the cached state from it and
+    writes to it, and ``past_key_values`` is left untouched (a call with ``use_cache=False``)."""
+    work = LayerStates()
+    if past_key_values is not None:
+        for idx in layer_indices:
+            if len(past_key_values) > idx and past_key_values[idx] is not None:
+                work.states[idx] = dict(past_key_values[idx])
+    return work
 
 
 @dataclass
@@ -124,7 +137,8 @@ class MACMixer(nn.Module):
 
     ``forward(hidden_states [B, T, D], attention_mask=None, past_key_values=None, use_cache=False,
     output_attentions=False, cu_seqlens=None) -> (o [B, T, D], None, past_key_values)``; a 2-D
-    ``attention_mask`` (0 = padding) or packed ``cu_seqlens`` (B = 1) as in the layers.
+    ``attention_mask`` (0 = padding) or packed ``cu_seqlens`` (B = 1), not both, as in the layers.
+    A call with a cache and ``use_cache=False`` reads the cache and leaves it untouched.
 
     With ``config.num_retrieval_queries = R > 0`` the mixer owns ``retrieval_queries`` ``[R, D]``,
     R learned tokens in the hidden space (not ``[R, H, K]`` in the memory's query space). Their
@@ -155,6 +169,7 @@ class MACMixer(nn.Module):
         if hidden_states.ndim != 3 or hidden_states.shape[-1] != self.hidden_size:
             raise ValueError(f"`hidden_states` must have shape [B, T, {self.hidden_size}], "
                              f"got {list(hidden_states.shape)}")
+        check_padding(hidden_states, attention_mask, kwargs.get("cu_seqlens"))
         if past_key_values is None and attention_mask is None and kwargs.get("cu_seqlens") is None:
             return self._forward_whole(hidden_states), None, None
         B, T, D = hidden_states.shape
@@ -166,7 +181,8 @@ class MACMixer(nn.Module):
         xs = x[0]  # [n, D] packed tokens
         n, N = xs.shape[0], cu_seqlens.numel() - 1
         store = past_key_values is not None and bool(use_cache)
-        work = past_key_values if store else self._private_cache(past_key_values)
+        work = past_key_values if store else read_only_states(
+            past_key_values, [self.layer_idx, self.memory.layer_idx, self.attention.layer_idx])
 
         entry = get_layer_cache(self, work)
         state: MACState | None = entry["recurrent_state"] if entry is not None else None
@@ -240,16 +256,6 @@ class MACMixer(nn.Module):
             m, _, _ = self.memory(y, past_key_values=states, use_cache=True)  # [B, L, D]
             outs.append(self.gate(y, m))
         return torch.cat(outs, dim=1) if outs else x.new_zeros(B, 0, D)
-
-    def _private_cache(self, past_key_values) -> LayerStates:
-        """State between segments when the caller keeps none; seeded (read only) from
-        ``past_key_values`` when one is given with ``use_cache=False``."""
-        work = LayerStates()
-        if past_key_values is not None:
-            for idx in (self.layer_idx, self.memory.layer_idx, self.attention.layer_idx):
-                if len(past_key_values) > idx and past_key_values[idx] is not None:
-                    work.states[idx] = dict(past_key_values[idx])
-        return work
 
     def _current_weights(self, work, N: int) -> tuple[torch.Tensor, ...]:
         """The memory's weights as they stand in ``work`` now, one row per sequence:

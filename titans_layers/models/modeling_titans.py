@@ -12,19 +12,7 @@ from transformers.modeling_utils import PreTrainedModel
 from titans_layers.models.blocks import SwiGLU, TitansBlock, cache_slots
 from titans_layers.models.cache import TitansCache
 from titans_layers.models.configuration_titans import TitansConfig
-
-
-def check_cu_seqlens(cu_seqlens, batch_size: int, seq_len: int) -> None:
-    """Raise unless ``cu_seqlens`` is a 1-D integer tensor ``[N + 1]`` from 0 to ``seq_len``, never
-    decreasing, for a packed batch (``batch_size == 1``)."""
-    if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.ndim != 1 or cu_seqlens.dtype.is_floating_point \
-            or cu_seqlens.numel() < 2:
-        raise ValueError(f"`cu_seqlens` must be a 1-D integer tensor [N + 1], got {cu_seqlens!r}")
-    if batch_size != 1:
-        raise ValueError(f"`cu_seqlens` packs sequences into one row: the batch size must be 1, got {batch_size}")
-    if int(cu_seqlens[0]) != 0 or int(cu_seqlens[-1]) != seq_len or bool((cu_seqlens[1:] < cu_seqlens[:-1]).any()):
-        raise ValueError(f"`cu_seqlens` must start at 0, never decrease and end at T = {seq_len}, "
-                         f"got {cu_seqlens.tolist()}")
+from titans_layers.modules.checks import check_attention_mask, check_padding
 
 
 class TitansPreTrainedModel(PreTrainedModel):
@@ -100,15 +88,10 @@ class TitansModel(TitansPreTrainedModel):
         hidden_states = self.embeddings(input_ids) if inputs_embeds is None else inputs_embeds  # [B, T, D]
         B, T, _ = hidden_states.shape
         if attention_mask is not None:
-            if attention_mask.ndim != 2 or attention_mask.shape[0] != B or attention_mask.shape[1] < T:
-                raise ValueError(f"`attention_mask` must be a 0/1 padding mask [B, T_total] with B = {B} and "
-                                 f"T_total >= T = {T}, got {list(attention_mask.shape)}")
+            check_attention_mask(attention_mask, B, T)
             if bool(attention_mask.all()):
                 attention_mask = None
-        if kwargs.get("cu_seqlens") is not None:
-            check_cu_seqlens(kwargs["cu_seqlens"], B, T)
-            if attention_mask is not None:
-                raise ValueError("give `cu_seqlens` (packed sequences) or a padding `attention_mask`, not both")
+        check_padding(hidden_states, attention_mask, kwargs.get("cu_seqlens"))
         output_hidden_states = output_hidden_states if output_hidden_states is not None \
             else self.config.output_hidden_states
         use_cache = use_cache if use_cache is not None else (self.config.use_cache and not self.training)

@@ -6,7 +6,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from titans_layers.modules.checks import positive_int
+from titans_layers.modules.checks import positive_finite, positive_int
 
 GATE_ACTIVATIONS = {"sigmoid": torch.sigmoid, "silu": F.silu}
 
@@ -22,6 +22,7 @@ class MemoryGate(nn.Module):
     def __init__(self, hidden_size: int, activation: str = "sigmoid", norm_eps: float = 1e-5):
         super().__init__()
         positive_int("hidden_size", hidden_size)
+        positive_finite("norm_eps", norm_eps)
         if activation not in GATE_ACTIVATIONS:
             raise ValueError(f"`activation` must be one of {tuple(GATE_ACTIVATIONS)}, got {activation!r}")
         self.norm_a = nn.RMSNorm(hidden_size, eps=norm_eps)

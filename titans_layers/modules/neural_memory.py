@@ -9,7 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from fla.layers.utils import get_layer_cache, repad_hidden_states, unpad_hidden_states, update_layer_cache
 
-from titans_layers.modules.checks import head_dim_for, positive_int
+from titans_layers.modules.checks import check_padding, flag, head_dim_for, positive_finite, positive_int
 from titans_layers.modules.short_conv import ShortConvolution
 from titans_layers.ops.common.clipping import check_max_update_norm
 from titans_layers.ops import (chunk_mlp_memory, chunk_momentum_delta_rule, fused_recurrent_mlp_memory,
@@ -67,9 +67,10 @@ class NeuralMemory(nn.Module):
 
     ``forward(hidden_states [B, T, D], attention_mask=None, past_key_values=None, use_cache=False,
     output_attentions=False, **kwargs) -> (o [B, T, D], None, past_key_values)``: a 2-D
-    ``attention_mask`` [B, T_total] (0 = padding, left padding when decoding; its last T columns
-    belong to this call) or ``cu_seqlens`` in
-    kwargs (packed sequences, B = 1); the memory state and the conv state live in fla's ``Cache``.
+    ``attention_mask`` [B, T_total] (0 = padding, 1 = token, left padding when decoding; its last T
+    columns belong to this call) or ``cu_seqlens`` ``[N + 1]`` in kwargs (packed sequences, B = 1),
+    not both; the memory state and the conv state live in fla's ``Cache``, one row per sequence. A
+    call with a cache and ``use_cache=False`` continues from the cached state and leaves it untouched.
     """
 
     def __init__(self, hidden_size: int, num_heads: int, memory: str = "linear", head_dim: int | None = None,
@@ -86,8 +87,10 @@ class NeuralMemory(nn.Module):
         self.chunk_size = positive_int("chunk_size", chunk_size)
         if activation not in ACTIVATIONS:
             raise ValueError(f"`activation` must be one of {ACTIVATIONS}, got {activation!r}")
-        if not (isinstance(max_step_size, (int, float)) and max_step_size > 0):
-            raise ValueError(f"`max_step_size` must be a positive number, got {max_step_size!r}")
+        max_step_size, norm_eps = positive_finite("max_step_size", max_step_size), positive_finite("norm_eps", norm_eps)
+        for name, value in (("mlp_residual", mlp_residual), ("use_short_conv", use_short_conv),
+                            ("use_output_gate", use_output_gate), ("use_output_norm", use_output_norm)):
+            flag(name, value)
         if backend not in BACKENDS:
             raise ValueError(f"`backend` must be one of {BACKENDS}, got {backend!r}")
         self.kernels_fit = chunk_size in KERNEL_CHUNK_SIZES and self.head_dim <= MAX_HEAD_DIM
@@ -96,7 +99,7 @@ class NeuralMemory(nn.Module):
                              f"{MAX_HEAD_DIM}, got chunk_size = {chunk_size}, head_dim = {self.head_dim}")
         self.max_update_norm = check_max_update_norm(max_update_norm)
         self.memory, self.activation, self.mlp_residual = memory, activation, mlp_residual
-        self.max_step_size, self.backend, self.layer_idx = float(max_step_size), backend, layer_idx
+        self.max_step_size, self.backend, self.layer_idx = max_step_size, backend, layer_idx
         self.use_short_conv, self.use_output_gate, self.use_output_norm = use_short_conv, use_output_gate, \
             use_output_norm
         H, Dk = self.num_heads, self.head_dim
@@ -167,15 +170,16 @@ class NeuralMemory(nn.Module):
                 past_key_values=None, use_cache: bool | None = False, output_attentions: bool | None = False,
                 **kwargs):
         self._check_hidden_states(hidden_states)
-        if attention_mask is not None and (attention_mask.ndim != 2 or attention_mask.shape[0] != hidden_states.shape[0]
-                                           or attention_mask.shape[1] < hidden_states.shape[1]):
-            raise ValueError("`attention_mask` must be a 0/1 padding mask [B, T_total] with T_total >= T (past and "
-                             f"new tokens when decoding), B = {hidden_states.shape[0]}, T = {hidden_states.shape[1]}; "
-                             f"got {list(attention_mask.shape)}")
+        check_padding(hidden_states, attention_mask, kwargs.get("cu_seqlens"))
         B, T, _ = hidden_states.shape
         H, Dk = self.num_heads, self.head_dim
         last_state = get_layer_cache(self, past_key_values)
         x, indices, cu_seqlens = unpad_hidden_states(hidden_states, kwargs.get("cu_seqlens"), attention_mask, T)
+        state = last_state["recurrent_state"] if last_state is not None else None
+        if state is not None:
+            rows, N = self.memory_weights(state)[0].shape[0], B if cu_seqlens is None else cu_seqlens.numel() - 1
+            if rows != N:
+                raise ValueError(f"the cached memory state has {rows} sequences, this call has {N}")
 
         conv_states = last_state["conv_state"] if last_state is not None and self.use_short_conv else (None,) * 3
         q, cq = self.query(x, conv_states[0], use_cache, cu_seqlens)  # [b, t, H, K]
@@ -187,7 +191,6 @@ class NeuralMemory(nn.Module):
         eta = torch.sigmoid(self.eta_proj(x).float())
         theta = self.max_step_size * torch.sigmoid(self.theta_proj(x).float())
 
-        state = last_state["recurrent_state"] if last_state is not None else None
         if state is None:
             state = self.initial_state()
         op = self._memory_op(x.device, x.shape[1])
@@ -197,8 +200,9 @@ class NeuralMemory(nn.Module):
         o, state = op(q, k, v, alpha.to(q.dtype), eta.to(q.dtype), theta.to(q.dtype), chunk_size=self.chunk_size,
                       initial_state=state, output_final_state=bool(use_cache), cu_seqlens=cu_seqlens, **extra)
 
-        update_layer_cache(self, past_key_values, recurrent_state=state,
-                           conv_state=(cq, ck, cv) if self.use_short_conv else None, offset=T)
+        if use_cache:  # without it a given cache is read, never written
+            update_layer_cache(self, past_key_values, recurrent_state=state,
+                               conv_state=(cq, ck, cv) if self.use_short_conv else None, offset=T)
         o = repad_hidden_states(self._output(o, x), indices, B, T)
         return o, None, past_key_values
 

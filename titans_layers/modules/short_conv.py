@@ -6,6 +6,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from titans_layers.modules.checks import check_cu_seqlens, positive_int
+
 
 def sequence_starts(cu_seqlens: torch.Tensor, n_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
     """For packed tokens ``[n_tokens]``: the sequence each belongs to and its position in it."""
@@ -20,13 +22,14 @@ class ShortConvolution(nn.Module):
     ``forward(x [1, T, D] packed or [B, T, D], cache=None, output_final_state=False,
     cu_seqlens=None) -> (y [same shape], cache [N, kernel_size - 1, D] or None)``: each sequence
     (a row, or a ``cu_seqlens`` segment) sees only its own past, or the ``cache`` of its last
-    ``kernel_size - 1`` inputs from a previous call.
+    ``kernel_size - 1`` inputs from a previous call. ``cu_seqlens`` ``[N + 1]``: integer offsets
+    from 0 to T, never decreasing, with B = 1.
     """
 
     def __init__(self, channels: int, kernel_size: int = 4, bias: bool = False, activation: bool = True):
         super().__init__()
-        if not isinstance(kernel_size, int) or kernel_size < 1:
-            raise ValueError(f"`kernel_size` must be an int >= 1, got {kernel_size!r}")
+        positive_int("channels", channels)
+        positive_int("kernel_size", kernel_size)
         self.channels, self.kernel_size, self.activation = channels, kernel_size, activation
         self.weight = nn.Parameter(torch.empty(channels, kernel_size))  # [D, W], tap W-1 is the current token
         self.bias = nn.Parameter(torch.zeros(channels)) if bias else None
@@ -34,9 +37,13 @@ class ShortConvolution(nn.Module):
 
     def forward(self, x: torch.Tensor, cache: torch.Tensor | None = None, output_final_state: bool = False,
                 cu_seqlens: torch.Tensor | None = None):
+        if x.ndim != 3 or x.shape[-1] != self.channels:
+            raise ValueError(f"`x` must have shape [B, T, {self.channels}], got {list(x.shape)}")
         B, T, D = x.shape
         W = self.kernel_size
-        if cu_seqlens is None:
+        if cu_seqlens is not None:
+            check_cu_seqlens(cu_seqlens, x)
+        else:
             cu_seqlens = torch.arange(0, (B + 1) * T, T, device=x.device)
         N = cu_seqlens.numel() - 1
         flat = x.reshape(B * T, D)

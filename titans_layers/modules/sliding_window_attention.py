@@ -12,7 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from fla.layers.utils import get_layer_cache, repad_hidden_states, unpad_hidden_states, update_layer_cache
 
-from titans_layers.modules.checks import head_dim_for, positive_int
+from titans_layers.modules.checks import check_padding, head_dim_for, positive_finite, positive_int
 from titans_layers.modules.short_conv import sequence_starts
 
 try:  # the fast GPU path, where flash-attn is installed
@@ -54,7 +54,7 @@ class SlidingWindowAttention(nn.Module):
         hidden_size: D. num_heads: query heads. num_kv_heads: key/value heads (grouped-query
         attention; default num_heads). head_dim: default ``hidden_size // num_heads``.
         window_size: W, tokens each position sees (itself included).
-        rope_base: rotary base (prefix tokens get no rotary: they have no position).
+        rope_base: rotary base, a finite number > 0 (prefix tokens get no rotary: they have no position).
         attn_backend: "auto" (flash-attn's sliding-window kernel where it applies: CUDA, fp16/bf16,
             flash-attn installed, no prefix tokens, no cached window; SDPA otherwise) or "torch"
             (always SDPA). Both compute the same attention.
@@ -66,7 +66,10 @@ class SlidingWindowAttention(nn.Module):
     B, or ``len(cu_seqlens) - 1``; or ``[1, P, D]`` shared) are extra keys/values; prefix token p
     is visible to the call's token t when ``prefix_positions[p] <= t`` (``[P]`` int, or ``[N, P]``
     one row per sequence; -1 = always: MAC's rule that position j sees retrieved token i only when
-    i <= j; t counts from the call's first token of each sequence).
+    i <= j; t counts from the call's first token of each sequence). ``attention_mask`` ``[B, T_total]``
+    (0 = padding, 1 = token) or ``cu_seqlens`` ``[N + 1]`` in kwargs (B = 1), not both, as in
+    :class:`~titans_layers.modules.NeuralMemory`; the KV cache holds one row per sequence, and a call
+    with a cache and ``use_cache=False`` reads it and leaves it untouched.
     """
 
     def __init__(self, hidden_size: int, num_heads: int, window_size: int, num_kv_heads: int | None = None,
@@ -85,7 +88,8 @@ class SlidingWindowAttention(nn.Module):
         head_dim = head_dim_for(hidden_size, num_heads, head_dim)
         self.hidden_size, self.num_heads, self.num_kv_heads, self.head_dim = hidden_size, num_heads, num_kv_heads, \
             head_dim
-        self.window_size, self.rope_base, self.layer_idx = window_size, rope_base, layer_idx
+        self.window_size, self.layer_idx = window_size, layer_idx
+        self.rope_base = positive_finite("rope_base", rope_base)
         self.q_proj = nn.Linear(hidden_size, num_heads * head_dim, bias=False)
         self.k_proj = nn.Linear(hidden_size, num_kv_heads * head_dim, bias=False)
         self.v_proj = nn.Linear(hidden_size, num_kv_heads * head_dim, bias=False)
@@ -179,6 +183,7 @@ class SlidingWindowAttention(nn.Module):
         if hidden_states.ndim != 3 or hidden_states.shape[-1] != self.hidden_size:
             raise ValueError(f"`hidden_states` must have shape [B, T, {self.hidden_size}], "
                              f"got {list(hidden_states.shape)}")
+        check_padding(hidden_states, attention_mask, kwargs.get("cu_seqlens"))
         B, T, _ = hidden_states.shape
         x, indices, cu_seqlens = unpad_hidden_states(hidden_states, kwargs.get("cu_seqlens"), attention_mask, T)
         flat = x.reshape(-1, self.hidden_size)  # [n_tokens, D]
@@ -190,6 +195,8 @@ class SlidingWindowAttention(nn.Module):
 
         last = get_layer_cache(self, past_key_values)
         cache: WindowKVCache | None = last["recurrent_state"] if last is not None else None
+        if cache is not None and cache.seen.shape != (N,):
+            raise ValueError(f"the cached attention state has {cache.seen.shape[0]} sequences, this call has {N}")
         if cache is None:
             cache = WindowKVCache(k=flat.new_zeros(N, W - 1, Hk, d), v=flat.new_zeros(N, W - 1, Hk, d),
                                   seen=torch.zeros(N, dtype=torch.long, device=x.device))

@@ -40,11 +40,12 @@ def check_tensor(name: str, x, ndim: int, layout: str) -> None:
         raise ValueError(f"`{name}` must have shape {layout} ({ndim} dims), got {_shape_str(x)}")
 
 
-def check_cu_seqlens(cu_seqlens, B: int, T: int, device: torch.device) -> int:
+def check_cu_seqlens(cu_seqlens, B: int, T: int, device: torch.device, read_offsets: bool = True) -> int:
     """Check packed-sequence offsets and return the number of sequences N.
 
     ``cu_seqlens`` must be a 1-D integer tensor ``[N + 1]`` on the inputs' device, starting at 0,
-    non-decreasing, ending at T, used with B == 1.
+    non-decreasing, ending at T, used with B == 1. ``read_offsets=False`` skips the checks that read
+    the offsets on the host (start, order, end): for ``torch.compile``, which cannot trace host reads.
     """
     if not isinstance(cu_seqlens, torch.Tensor):
         raise TypeError(f"`cu_seqlens` must be a 1-D integer torch.Tensor, got {type(cu_seqlens).__name__}")
@@ -58,6 +59,8 @@ def check_cu_seqlens(cu_seqlens, B: int, T: int, device: torch.device) -> int:
         raise ValueError(f"`cu_seqlens` is on {cu_seqlens.device} but the inputs are on {device}")
     if B != 1:
         raise ValueError(f"with `cu_seqlens` the inputs must be packed into batch size 1, got B = {B}")
+    if not read_offsets:
+        return cu_seqlens.numel() - 1
     offsets = cu_seqlens.tolist()
     if offsets[0] != 0:
         raise ValueError(f"`cu_seqlens` must start at 0, got {offsets[0]}")

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 from fla.models.utils import Cache
-from layer_helpers import decode_token_by_token
+from layer_helpers import decode_token_by_token, padding_call
 
 from titans_layers.modules import MemoryGate, PersistentMemory, SlidingWindowAttention
 from titans_layers.modules.sliding_window_attention import flash_attn_varlen_func, rotary
@@ -123,12 +123,7 @@ def test_bad_padding_arguments_name_the_argument(kwargs, error, match):
     """Offsets past the end, not from 0 or decreasing, and B > 1 with offsets over every row gave
     wrong outputs without an error; a mask of 0/2 attended like 0/1."""
     layer = make(4)
-    B = kwargs.get("B", 1)
-    extra = {}
-    if "cu" in kwargs:
-        extra["cu_seqlens"] = torch.tensor(kwargs["cu"])
-    if "mask" in kwargs:
-        extra["attention_mask"] = torch.tensor([kwargs["mask"]] * B)
+    B, extra = padding_call(kwargs)
     with pytest.raises(error, match=match):
         layer(x_(B=B), **extra)
 

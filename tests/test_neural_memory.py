@@ -3,7 +3,7 @@
 import pytest
 import torch
 from fla.models.utils import Cache
-from layer_helpers import decode_token_by_token
+from layer_helpers import decode_token_by_token, padding_call
 
 from titans_layers.modules import NeuralMemory, ShortConvolution
 from titans_layers.testing import assert_close, relative_error
@@ -176,12 +176,7 @@ def test_bad_inputs_name_the_argument():
 def test_bad_padding_arguments_name_the_argument(kwargs, error, match):
     """Checked before unpadding and the short convolution (which raised IndexErrors or read out of place)."""
     layer = make_layer("linear")
-    B = kwargs.get("B", 1)
-    extra = {}
-    if "cu" in kwargs:
-        extra["cu_seqlens"] = torch.tensor(kwargs["cu"])
-    if "mask" in kwargs:
-        extra["attention_mask"] = torch.tensor([kwargs["mask"]] * B)
+    B, extra = padding_call(kwargs)
     with pytest.raises(error, match=match):
         layer(inputs(B=B), **extra)
 

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import math
-
 from transformers import PretrainedConfig
+
+from titans_layers.modules.checks import positive_finite, positive_int
 
 # Titans block kinds (SPEC §3) and the fla token mixers a hybrid stack may hold.
 TITANS_BLOCKS = ("mac", "mag", "mal", "lmm", "swa")
@@ -30,18 +30,6 @@ def variant_block_types(variant: str, num_layers: int) -> list[str]:
     if variant == "mac_mal":
         return ["mac" if i % 2 == 0 else "mal" for i in range(num_layers)]
     return [variant] * num_layers
-
-
-def _positive_int(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"`{name}` must be a positive int, got {value!r}")
-    return value
-
-
-def _positive_number(name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
-        raise ValueError(f"`{name}` must be a finite positive number, got {value!r}")
-    return value
 
 
 def _non_negative_int(name: str, value) -> int:
@@ -118,17 +106,17 @@ class TitansConfig(PretrainedConfig):
                  initializer_range: float = 0.02, use_cache: bool = True, pad_token_id: int | None = None,
                  bos_token_id: int | None = 1, eos_token_id: int | None = 2, tie_word_embeddings: bool = False,
                  **kwargs):
-        self.vocab_size = _positive_int("vocab_size", vocab_size)
-        self.hidden_size = _positive_int("hidden_size", hidden_size)
-        self.num_hidden_layers = _positive_int("num_hidden_layers", num_hidden_layers)
-        self.num_heads = _positive_int("num_heads", num_heads)
-        self.num_kv_heads = num_heads if num_kv_heads is None else _positive_int("num_kv_heads", num_kv_heads)
+        self.vocab_size = positive_int("vocab_size", vocab_size)
+        self.hidden_size = positive_int("hidden_size", hidden_size)
+        self.num_hidden_layers = positive_int("num_hidden_layers", num_hidden_layers)
+        self.num_heads = positive_int("num_heads", num_heads)
+        self.num_kv_heads = num_heads if num_kv_heads is None else positive_int("num_kv_heads", num_kv_heads)
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"`num_heads` ({num_heads}) must be a multiple of `num_kv_heads` ({num_kv_heads})")
         if head_dim is None and hidden_size % num_heads:
             raise ValueError(f"`hidden_size` ({hidden_size}) must be divisible by `num_heads` ({num_heads}) "
                              "when `head_dim` is not given")
-        self.head_dim = hidden_size // num_heads if head_dim is None else _positive_int("head_dim", head_dim)
+        self.head_dim = hidden_size // num_heads if head_dim is None else positive_int("head_dim", head_dim)
 
         self.variant = _choice("variant", variant, VARIANTS)
         if block_types is None:
@@ -142,13 +130,13 @@ class TitansConfig(PretrainedConfig):
         self.block_types = list(block_types)
 
         self.memory = _choice("memory", memory, MEMORIES)
-        self.chunk_size = _positive_int("chunk_size", chunk_size)
-        self.mlp_expansion = _positive_int("mlp_expansion", mlp_expansion)
+        self.chunk_size = positive_int("chunk_size", chunk_size)
+        self.mlp_expansion = positive_int("mlp_expansion", mlp_expansion)
         self.memory_activation = _choice("memory_activation", memory_activation, MEMORY_ACTIVATIONS)
         self.mlp_residual = _flag("mlp_residual", mlp_residual)
         self.use_short_conv = _flag("use_short_conv", use_short_conv)
-        self.conv_size = _positive_int("conv_size", conv_size)
-        self.max_step_size = _positive_number("max_step_size", max_step_size)
+        self.conv_size = positive_int("conv_size", conv_size)
+        self.max_step_size = positive_finite("max_step_size", max_step_size)
         self.use_output_gate = _flag("use_output_gate", use_output_gate)
         self.use_output_norm = _flag("use_output_norm", use_output_norm)
         self.memory_backend = _choice("memory_backend", memory_backend, MEMORY_BACKENDS)
@@ -156,11 +144,11 @@ class TitansConfig(PretrainedConfig):
             raise ValueError("`memory_backend='triton'` needs `memory='linear'`: the MLP memory has no Triton "
                              "kernels yet")
 
-        self.segment_size = _positive_int("segment_size", segment_size)
-        self.window_size = _positive_int("window_size", window_size)
+        self.segment_size = positive_int("segment_size", segment_size)
+        self.window_size = positive_int("window_size", window_size)
         self.num_persistent_tokens = _non_negative_int("num_persistent_tokens", num_persistent_tokens)
         self.num_retrieval_queries = _non_negative_int("num_retrieval_queries", num_retrieval_queries)
-        self.rope_base = _positive_number("rope_base", rope_base)
+        self.rope_base = positive_finite("rope_base", rope_base)
         self.gate_activation = _choice("gate_activation", gate_activation, GATE_ACTIVATIONS)
 
         fla_mixer_kwargs = {} if fla_mixer_kwargs is None else fla_mixer_kwargs
@@ -170,11 +158,11 @@ class TitansConfig(PretrainedConfig):
                              f"arguments, got {fla_mixer_kwargs!r}")
         self.fla_mixer_kwargs = {k: dict(v) for k, v in fla_mixer_kwargs.items()}
 
-        self.hidden_ratio = _positive_int("hidden_ratio", hidden_ratio)
+        self.hidden_ratio = positive_int("hidden_ratio", hidden_ratio)
         self.intermediate_size = None if intermediate_size is None else \
-            _positive_int("intermediate_size", intermediate_size)
-        self.norm_eps = _positive_number("norm_eps", norm_eps)
-        self.initializer_range = _positive_number("initializer_range", initializer_range)
+            positive_int("intermediate_size", intermediate_size)
+        self.norm_eps = positive_finite("norm_eps", norm_eps)
+        self.initializer_range = positive_finite("initializer_range", initializer_range)
         self.use_cache = _flag("use_cache", use_cache)
         super().__init__(pad_token_id=pad_token_id, bos_token_id=bos_token_id, eos_token_id=eos_token_id,
                          tie_word_embeddings=tie_word_embeddings, **kwargs)

@@ -87,7 +87,7 @@ class TitansModel(TitansPreTrainedModel):
                              f"got {list(inputs_embeds.shape)}")
         hidden_states = self.embeddings(input_ids) if inputs_embeds is None else inputs_embeds  # [B, T, D]
         B, T, _ = hidden_states.shape
-        if attention_mask is not None:
+        if attention_mask is not None:  # an all-ones mask (what generate() passes) drops out, even with cu_seqlens
             check_attention_mask(attention_mask, B, T)
             if bool(attention_mask.all()):
                 attention_mask = None

@@ -170,7 +170,7 @@ def malformed_calls(device="cpu", family: str = "linear") -> list[tuple[str, dic
             ("initial_state not a tuple", torch.zeros(B, H, K, V, **f), TypeError),
         ]
         M = torch.zeros(B, H, K, V, **f)
-        full = lambda offset, chunk_size: MomentumDeltaRuleState(M, M, M, offset, chunk_size)  # noqa: E731
+        weights = (M, M, M)  # M, S, anchor
     else:
         Dh = 5
         W1, W2 = torch.zeros(1, H, K, Dh, **f), torch.zeros(1, H, Dh, V, **f)
@@ -183,7 +183,12 @@ def malformed_calls(device="cpu", family: str = "linear") -> list[tuple[str, dic
             ("initial_state not a tuple", W1, TypeError),
             ("W1 with hidden width 0", (W1[..., :0], W2[:, :, :0]), ValueError),
         ]
-        full = lambda offset, chunk_size: MLPMemoryState(W1, W2, W1, W2, W1, W2, offset, chunk_size)  # noqa: E731
+        weights = (W1, W2, W1, W2, W1, W2)  # W1, W2, S1, S2, anchor1, anchor2
+    state_class = MomentumDeltaRuleState if family == "linear" else MLPMemoryState
+
+    def full(offset, chunk_size):  # a state object with these two fields
+        return state_class(*weights, offset, chunk_size)
+
     zero = torch.zeros(B, dtype=torch.long, device=device)
     bad_states += [
         ("state chunk_size a string", full(zero, "16"), ValueError),

@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from titans_layers.ops import MomentumDeltaRuleState, naive_chunk_momentum_delta_rule
+from titans_layers.ops import (MomentumDeltaRuleState, naive_chunk_momentum_delta_rule,
+                               naive_recurrent_momentum_delta_rule)
 from titans_layers.testing import (check_against_reference, check_continuation, check_deterministic, check_errors,
                                    check_varlen, make_case)
 
@@ -57,6 +58,13 @@ def returns_float32(*args, **kw):
     return o.float(), s
 
 
+def float64_then_rounded(*args, initial_state=None, **kw):
+    """The float64 reference itself, with o returned in the input dtype and states in float32."""
+    init = None if initial_state is None else tuple(x.double() for x in initial_state)
+    o, s = naive_recurrent_momentum_delta_rule(*(x.double() for x in args), initial_state=init, **kw)
+    return o.to(args[0].dtype), s._replace(M=s.M.float(), S=s.S.float(), anchor=s.anchor.float())
+
+
 def accepts_anything(*args, **kw):
     return args[2], None
 
@@ -79,6 +87,15 @@ def test_reference_check_catches_wrong_gradients():
 def test_reference_check_catches_the_wrong_output_dtype():
     with pytest.raises(AssertionError, match="dtype"):
         check_against_reference(returns_float32, case(dtype=torch.bfloat16))
+
+
+def test_reference_check_does_not_charge_the_op_for_rounding_its_cotangent():
+    # T = 1: dq = theta * k * (do . v), a 7-term sum that cancels to 1e-4 of its terms. A do drawn
+    # in float64 and rounded to bf16 on its way into the op moved dq by 600% (the harness's error,
+    # not the op's); the cotangent must reach both sides with the same values.
+    errors = check_against_reference(float64_then_rounded, case(seed=23, B=1, T=1, H=1, K=20, V=7, split=0,
+                                                                 dtype=torch.bfloat16, state="none"))
+    assert errors["dq"] < 1e-2
 
 
 def test_continuation_check_catches_a_dropped_anchor():

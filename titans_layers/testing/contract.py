@@ -44,8 +44,13 @@ def run_with_grads(impl: Impl, case: OpCase, inputs, initial_state, cotangent_se
                     cu_seqlens=case.cu_seqlens, **case.extra, **kwargs)
     gen = torch.Generator().manual_seed(cotangent_seed)
     loss = 0.0
-    for y in [o] + [getattr(final, name) for name in state_fields(case)]:
-        loss = loss + (y.double() * torch.randn(y.shape, generator=gen, dtype=torch.float64).to(y.device)).sum()
+    state_dtype = torch.float64 if case.dtype == torch.float64 else torch.float32
+    for y, dtype in [(o, case.dtype)] + [(getattr(final, name), state_dtype) for name in state_fields(case)]:
+        # each cotangent is drawn in the dtype the implementation under test gets it in (o's is the
+        # input dtype; states are float32), so the float64 reference receives the very same values
+        # and not the unrounded ones: a rounded do would be an error of the harness, not of the op
+        cotangent = torch.randn(y.shape, generator=gen, dtype=torch.float64).to(dtype).double()
+        loss = loss + (y.double() * cotangent.to(y.device)).sum()
     targets = leaves + (list(init) if init is not None else [])
     grads = torch.autograd.grad(loss, targets, allow_unused=True) if loss.requires_grad else [None] * len(targets)
     names = list(INPUT_NAMES) + [f"init{i}" for i in range(len(targets) - len(leaves))]

@@ -107,6 +107,8 @@ def test_bad_arguments_name_the_argument(kwargs, match):
         layer(x_(), prefix_states=torch.randn(3, 2, D))
     with pytest.raises(ValueError, match="`prefix_positions`"):
         layer(x_(), prefix_states=torch.randn(1, 2, D), prefix_positions=torch.zeros(3, dtype=torch.long))
+    with pytest.raises(TypeError, match="`hidden_states` is torch.float16 but the weights are torch.float32"):
+        layer(x_().half())
 
 
 @pytest.mark.parametrize("kwargs, error, match", [
@@ -145,6 +147,9 @@ def test_persistent_memory_prepends_and_strips():
     assert pm.prefix().shape == (1, 3, D)
     with pytest.raises(ValueError, match="`num_tokens`"):
         PersistentMemory(0, D)
+    for bad in (float("nan"), float("inf"), -0.02, 0.0):
+        with pytest.raises(ValueError, match="`init_std`"):
+            PersistentMemory(3, D, init_std=bad)
     with pytest.raises(ValueError, match="`x`"):
         pm.prepend(torch.randn(2, 4, D + 1))
 

@@ -575,6 +575,10 @@ def test_bad_inputs_are_named():
     ids = token_ids()
     with pytest.raises(ValueError, match="exactly one of `input_ids`"):
         model(ids, inputs_embeds=torch.randn(2, 17, 32))
+    with pytest.raises(TypeError, match="`inputs_embeds` is torch.bfloat16 but the weights are torch.float32"):
+        model(inputs_embeds=torch.randn(2, 17, 32, dtype=torch.bfloat16))
+    with pytest.raises(ValueError, match=r"`inputs_embeds` must have shape \[B, T, 32\]"):
+        model(inputs_embeds=torch.randn(2, 17, 31))
     with pytest.raises(ValueError, match="`attention_mask`"):
         model(ids, attention_mask=torch.ones(2, 5))
     with pytest.raises(ValueError, match="`cu_seqlens`.*batch size"):

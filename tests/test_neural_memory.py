@@ -162,6 +162,22 @@ def test_bad_inputs_name_the_argument():
         layer(torch.randn(2, 5, D), attention_mask=torch.ones(2, 5, 5))
 
 
+@pytest.mark.parametrize("memory", MEMORIES)
+def test_inputs_in_another_dtype_than_the_weights_are_named(memory):
+    """A bf16 input to a float32 layer is named (torch's matmul error named neither); under
+    autocast, which casts at each matmul, it runs."""
+    layer = make_layer(memory)
+    with pytest.raises(TypeError, match="`hidden_states` is torch.bfloat16 but the weights are torch.float32"):
+        layer(inputs().bfloat16())
+    with pytest.raises(TypeError, match="`hidden_states` must be a floating tensor"):
+        layer(inputs().long())
+    with pytest.raises(TypeError, match="`x` is torch.float16"):
+        ShortConvolution(8, 3)(torch.randn(1, 6, 8, dtype=torch.float16))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        o, _, _ = layer(inputs().bfloat16())
+    assert o.dtype == torch.bfloat16 and torch.isfinite(o).all()
+
+
 @pytest.mark.parametrize("kwargs, error, match", [
     (dict(B=2, cu=[0, 3, 13]), ValueError, "`cu_seqlens`.*batch size 1"),
     (dict(cu=[1, 3, 13]), ValueError, "`cu_seqlens` must start at 0"),

@@ -12,7 +12,7 @@ from transformers.modeling_utils import PreTrainedModel
 from titans_layers.models.blocks import SwiGLU, TitansBlock, cache_slots
 from titans_layers.models.cache import TitansCache
 from titans_layers.models.configuration_titans import TitansConfig
-from titans_layers.modules.checks import check_attention_mask, check_padding
+from titans_layers.modules.checks import check_attention_mask, check_hidden_states, check_padding
 
 
 class TitansPreTrainedModel(PreTrainedModel):
@@ -82,9 +82,8 @@ class TitansModel(TitansPreTrainedModel):
         if input_ids is not None and input_ids.ndim != 2:
             raise ValueError(f"`input_ids` must have shape [B, T], got {list(input_ids.shape)}")
         D = self.config.hidden_size
-        if inputs_embeds is not None and (inputs_embeds.ndim != 3 or inputs_embeds.shape[-1] != D):
-            raise ValueError(f"`inputs_embeds` must have shape [B, T, {self.config.hidden_size}], "
-                             f"got {list(inputs_embeds.shape)}")
+        if inputs_embeds is not None:
+            check_hidden_states(inputs_embeds, D, self.embeddings.weight.dtype, name="inputs_embeds")
         hidden_states = self.embeddings(input_ids) if inputs_embeds is None else inputs_embeds  # [B, T, D]
         B, T, _ = hidden_states.shape
         if attention_mask is not None:  # an all-ones mask (what generate() passes) drops out, even with cu_seqlens

@@ -44,6 +44,19 @@ def head_dim_for(hidden_size: int, num_heads: int, head_dim: int | None) -> int:
     return positive_int("head_dim", head_dim)
 
 
+def check_hidden_states(x, width: int, weight_dtype: torch.dtype, name: str = "hidden_states") -> None:
+    """Raise unless ``x`` is a floating tensor ``[B, T, width]`` in ``weight_dtype`` (the layer's
+    parameters), or any floating dtype under ``torch.autocast``, which casts at each matmul."""
+    if not isinstance(x, torch.Tensor) or x.ndim != 3 or x.shape[-1] != width:
+        got = list(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(f"`{name}` must have shape [B, T, {width}], got {got}")
+    if not x.is_floating_point():
+        raise TypeError(f"`{name}` must be a floating tensor, got {x.dtype}")
+    if x.dtype != weight_dtype and not torch.is_autocast_enabled(x.device.type):
+        raise TypeError(f"`{name}` is {x.dtype} but the weights are {weight_dtype}: cast the module "
+                        f"(`.to({x.dtype})`) or the input, or run under `torch.autocast`")
+
+
 # The tensor whose values the last check read: (weak reference, version, what it was checked for).
 # A layer hands a checked mask or ``cu_seqlens`` on to its sublayers (MAC -> attention and memory,
 # memory -> short convolutions), which find it here instead of reading it on the host again.

@@ -9,7 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from fla.layers.utils import get_layer_cache, repad_hidden_states, unpad_hidden_states, update_layer_cache
 
-from titans_layers.modules.checks import check_padding, flag, head_dim_for, positive_finite, positive_int
+from titans_layers.modules.checks import check_hidden_states, check_padding, flag, head_dim_for, positive_finite, positive_int
 from titans_layers.modules.short_conv import ShortConvolution
 from titans_layers.ops.common.clipping import check_max_update_norm
 from titans_layers.ops import (chunk_mlp_memory, chunk_momentum_delta_rule, fused_recurrent_mlp_memory,
@@ -147,9 +147,7 @@ class NeuralMemory(nn.Module):
         return chunk
 
     def _check_hidden_states(self, hidden_states: torch.Tensor) -> None:
-        if hidden_states.ndim != 3 or hidden_states.shape[-1] != self.hidden_size:
-            raise ValueError(f"`hidden_states` must have shape [B, T, {self.hidden_size}], "
-                             f"got {list(hidden_states.shape)}")
+        check_hidden_states(hidden_states, self.hidden_size, self.q_proj.weight.dtype)
 
     def _output(self, o: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """Reads ``o`` ``[..., H, V]`` of tokens ``x`` ``[..., D]`` -> ``[..., D]``: per-head norm,

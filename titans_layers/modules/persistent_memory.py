@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from titans_layers.modules.checks import positive_int
+from titans_layers.modules.checks import positive_finite, positive_int
 
 
 class PersistentMemory(nn.Module):
@@ -28,6 +28,7 @@ class PersistentMemory(nn.Module):
         super().__init__()
         positive_int("num_tokens", num_tokens)
         positive_int("hidden_size", hidden_size)
+        init_std = positive_finite("init_std", init_std)
         self.num_tokens = num_tokens
         self.tokens = nn.Parameter(torch.randn(num_tokens, hidden_size) * init_std)  # [N_p, D]
 

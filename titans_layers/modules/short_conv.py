@@ -6,7 +6,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from titans_layers.modules.checks import check_cu_seqlens, positive_int
+from titans_layers.modules.checks import check_cu_seqlens, check_hidden_states, positive_int
 
 
 def sequence_starts(cu_seqlens: torch.Tensor, n_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -37,8 +37,7 @@ class ShortConvolution(nn.Module):
 
     def forward(self, x: torch.Tensor, cache: torch.Tensor | None = None, output_final_state: bool = False,
                 cu_seqlens: torch.Tensor | None = None):
-        if x.ndim != 3 or x.shape[-1] != self.channels:
-            raise ValueError(f"`x` must have shape [B, T, {self.channels}], got {list(x.shape)}")
+        check_hidden_states(x, self.channels, self.weight.dtype, name="x")
         B, T, D = x.shape
         W = self.kernel_size
         if cu_seqlens is not None:

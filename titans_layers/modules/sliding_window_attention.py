@@ -12,7 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from fla.layers.utils import get_layer_cache, repad_hidden_states, unpad_hidden_states, update_layer_cache
 
-from titans_layers.modules.checks import check_padding, head_dim_for, positive_finite, positive_int
+from titans_layers.modules.checks import check_hidden_states, check_padding, head_dim_for, positive_finite, positive_int
 from titans_layers.modules.short_conv import sequence_starts
 
 try:  # the fast GPU path, where flash-attn is installed
@@ -180,9 +180,7 @@ class SlidingWindowAttention(nn.Module):
     def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, past_key_values=None,
                 use_cache: bool | None = False, output_attentions: bool | None = False,
                 prefix_states: torch.Tensor | None = None, prefix_positions: torch.Tensor | None = None, **kwargs):
-        if hidden_states.ndim != 3 or hidden_states.shape[-1] != self.hidden_size:
-            raise ValueError(f"`hidden_states` must have shape [B, T, {self.hidden_size}], "
-                             f"got {list(hidden_states.shape)}")
+        check_hidden_states(hidden_states, self.hidden_size, self.q_proj.weight.dtype)
         check_padding(hidden_states, attention_mask, kwargs.get("cu_seqlens"))
         B, T, _ = hidden_states.shape
         x, indices, cu_seqlens = unpad_hidden_states(hidden_states, kwargs.get("cu_seqlens"), attention_mask, T)

@@ -6,7 +6,7 @@ import torch
 from titans_layers.ops import (MomentumDeltaRuleState, naive_chunk_momentum_delta_rule,
                                naive_recurrent_momentum_delta_rule)
 from titans_layers.testing import (check_against_reference, check_continuation, check_deterministic, check_errors,
-                                   check_varlen, make_case)
+                                   check_varlen, make_case, relative_error)
 
 
 def case(**over):
@@ -96,6 +96,16 @@ def test_reference_check_does_not_charge_the_op_for_rounding_its_cotangent():
     errors = check_against_reference(float64_then_rounded, case(seed=23, B=1, T=1, H=1, K=20, V=7, split=0,
                                                                  dtype=torch.bfloat16, state="none"))
     assert errors["dq"] < 1e-2
+
+
+def test_relative_error_measures_underflowed_float16_against_its_smallest_normal():
+    # a memory erased to the MLP's zero fixed point reads ~1e-9: float16 holds only zeros there
+    reference = torch.full((4, 8), 6e-9, dtype=torch.float64)
+    assert relative_error(reference.half(), reference) < 1e-3
+    assert relative_error(torch.full((4, 8), 6e-5).half(), reference) > 0.9  # a wrong value still fails
+    assert relative_error(reference.float(), reference) < 1e-6  # float32 holds it: relative as ever
+    assert relative_error(torch.zeros(4, 8), reference) == 1.0
+    assert relative_error(torch.full((2,), 1e-3), torch.zeros(2, dtype=torch.float64)) > 1e-3  # absolute at 0
 
 
 def test_continuation_check_catches_a_dropped_anchor():

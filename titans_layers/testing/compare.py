@@ -27,7 +27,12 @@ def tolerance(dtype: torch.dtype, device, kind: str = "output") -> float:
 
 def relative_error(actual: torch.Tensor, reference: torch.Tensor) -> float:
     """``||actual - reference|| / ||reference||`` in float64 (absolute error when the reference is 0);
-    ``inf`` when ``actual`` holds a NaN or inf, so a non-finite value never passes."""
+    ``inf`` when ``actual`` holds a NaN or inf, so a non-finite value never passes.
+
+    ``actual``'s dtype cannot hold values below its smallest normal number ``tiny`` with full
+    precision (float16: 6.1e-5; a float16 output of a memory decayed to 1e-9 is all zeros), so a
+    reference whose norm is below ``tiny * sqrt(numel)`` is measured against that floor: an
+    absolute error in units of the dtype's smallest normal. Only float16 ever reaches it."""
     a = actual.detach().to(device="cpu", dtype=torch.float64)
     b = reference.detach().to(device="cpu", dtype=torch.float64)
     if a.shape != b.shape:
@@ -36,7 +41,11 @@ def relative_error(actual: torch.Tensor, reference: torch.Tensor) -> float:
         return float("inf")
     denom = b.norm().item()
     err = (a - b).norm().item()
-    return err / denom if denom > 0 else err
+    if denom == 0:
+        return err
+    if actual.is_floating_point():
+        denom = max(denom, torch.finfo(actual.dtype).tiny * b.numel() ** 0.5)
+    return err / denom
 
 
 def assert_close(name: str, actual: torch.Tensor, reference: torch.Tensor, tol: float) -> float:

@@ -2,11 +2,14 @@
 
 A benchmark script typically
 
-1. builds a closure per (provider, mode, shape) and times it with :func:`measure`, which never
-   raises (errors such as out-of-memory come back as ``Measurement.error``);
-2. calls :func:`free_memory` between shapes;
-3. writes its results with :func:`collect_environment`, :func:`write_json` and a Markdown report
-   assembled from :func:`comparison_table`, :func:`environment_markdown` and :func:`error_list`.
+1. parses its command line with :func:`add_mode_and_provider_args`, :func:`add_timing_and_output_args`
+   and :func:`apply_preset`, and starts with :func:`start_run` (environment, first line);
+2. runs every point x mode x provider with :func:`sweep`, each entry on fresh inputs with
+   :func:`measure_fresh`: seeded, built, timed with :func:`measure`, released and
+   :func:`free_memory` called; it never raises (errors such as out-of-memory come back as
+   ``Measurement.error``);
+3. writes its results with :func:`save_run`: the JSON of :func:`write_json` and a Markdown report
+   assembled by :func:`mode_report` from :func:`comparison_table` tables.
 
 Timing uses ``triton.testing.do_bench`` on CUDA (median / p20 / p80 over many runs, L2 cache
 flushed between runs) and a plain ``time.perf_counter`` loop elsewhere, e.g. on CPU under
@@ -18,12 +21,15 @@ size increase during one call (:func:`cpu_peak_memory_mb`).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import ctypes.util
 import datetime as _dt
 import gc
 import importlib
 import importlib.metadata
+import importlib.util
+import itertools
 import json
 import math
 import os
@@ -34,7 +40,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, ContextManager, Iterable, Mapping, Sequence, TypeVar
 
 import torch
 
@@ -44,6 +50,12 @@ from titans_layers.ops.common.triton_utils import is_interpreting
 QUANTILES = (0.5, 0.2, 0.8)
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+# What each entry times: the forward alone, or forward then backward; and their report headings.
+MODES = ("fwd", "fwdbwd")
+MODE_TITLES = {"fwd": "Forward", "fwdbwd": "Forward + backward"}
+
+EntryT = TypeVar("EntryT")  # a script's result entry
 
 
 # --------------------------------------------------------------------------------------------
@@ -178,6 +190,11 @@ class Measurement:
     p80_ms: float | None = None
     peak_mem_mb: float | None = None
     error: str | None = None
+
+    def tokens_per_s(self, tokens: int) -> float | None:
+        """Throughput of a call that processes ``tokens`` tokens: ``tokens / median`` per second
+        (None without a median)."""
+        return tokens / (self.median_ms / 1e3) if self.median_ms else None
 
 
 def synchronize(device: torch.device) -> None:
@@ -352,6 +369,42 @@ def measure(fn: Callable[[], Any], device: torch.device, *, warmup_ms: int = 25,
         _clear_grads(grad_to_none)
 
 
+def measure_fresh(build: Callable[[], tuple[Callable[[], Any], Sequence[torch.Tensor]]], device: torch.device,
+                  timing: argparse.Namespace, *, backward: bool,
+                  context: ContextManager | None = None) -> Measurement:
+    """Measure one entry on fresh inputs: seed torch with 0, call ``build()`` for the timed closure
+    and its leaf tensors, :func:`measure` the closure, then drop both and :func:`free_memory`.
+
+    Args:
+        build: returns ``(fn, leaves)``; whatever it allocates lives only as long as ``fn`` and
+            ``leaves``, so it is released before the memory is freed.
+        device: where ``fn`` runs.
+        timing: the parsed command line, for its ``warmup_ms``, ``rep_ms`` and ``host_reps``.
+        backward: ``fn`` runs a backward pass: the ``.grad`` of ``leaves`` is reset before each
+            timed call (``leaves`` are not touched otherwise).
+        context: a context manager held around building and timing (e.g. a kernel launch setting).
+
+    Never raises for errors while entering ``context``, building or timing (e.g. out of memory
+    while building the inputs): they come back as ``Measurement(error=...)``.
+    """
+    torch.manual_seed(0)
+    try:
+        with context if context is not None else contextlib.nullcontext():
+            return _measure_built(build, device, timing, backward)
+    except Exception as exc:  # noqa: BLE001 - e.g. OOM while building the inputs
+        return Measurement(error=describe_error(exc))
+    finally:
+        free_memory(device)
+
+
+def _measure_built(build: Callable[[], tuple[Callable[[], Any], Sequence[torch.Tensor]]], device: torch.device,
+                   timing: argparse.Namespace, backward: bool) -> Measurement:
+    """:func:`measure` the closure ``build()`` returns; the inputs go with this frame."""
+    fn, leaves = build()
+    return measure(fn, device, warmup_ms=timing.warmup_ms, rep_ms=timing.rep_ms, host_reps=timing.host_reps,
+                   grad_to_none=leaves if backward else ())
+
+
 # --------------------------------------------------------------------------------------------
 # Output
 # --------------------------------------------------------------------------------------------
@@ -473,6 +526,41 @@ def report_footer(entries: Sequence[Mapping], skipped: Mapping[str, str],
     return parts
 
 
+def provider_columns(providers: Sequence[str], labels: Mapping[str, str], ratios: Sequence[tuple[str, str, str]]
+                     ) -> tuple[list[tuple[str, str]], list[tuple[str, str, str]]]:
+    """The ``columns`` and ``ratios`` of :func:`comparison_table` for the providers that were asked
+    for: a column per provider under its label, and the ratios whose two providers are both there."""
+    columns = [(p, labels[p]) for p in providers]
+    return columns, [r for r in ratios if r[0] in providers and r[1] in providers]
+
+
+def mode_report(title: str, env: Mapping, notes: Sequence[str], entries: Sequence, modes: Sequence[str],
+                section: Callable[[str, list[dict]], list[str]], skipped: Mapping[str, str],
+                describe: Callable[[Mapping], str]) -> str:
+    """A benchmark's Markdown report: the title line, the environment (:func:`environment_markdown`),
+    each of ``notes`` as a paragraph, then per mode the lines ``section(mode, rows of that mode)``
+    (each entry as a dict), then :func:`report_footer`.
+
+    Args:
+        title: the heading, ``# `` included.
+        entries: dataclass entries with a ``mode`` field.
+        describe: names a failed entry (a dict) in the error list.
+    """
+    rows = [vars(e) for e in entries]
+    parts = [title, "", environment_markdown(env), ""]
+    for note in notes:
+        parts += [note, ""]
+    for mode in modes:
+        parts += section(mode, [r for r in rows if r["mode"] == mode])
+    parts += report_footer(rows, skipped, describe)
+    return "\n".join(parts)
+
+
+def peak_note(peak_mem_mb: float | None) -> str:
+    """The peak-memory end of a progress line: ``", peak 12 MiB"``, or ``""`` when not measured."""
+    return f", peak {peak_mem_mb:.0f} MiB" if peak_mem_mb is not None else ""
+
+
 def command_line() -> str:
     """The command that started this process, for the record (``python -m pkg.mod ...`` when run
     as a module)."""
@@ -508,6 +596,40 @@ def apply_preset(args: argparse.Namespace, preset: Mapping[str, Any]) -> argpars
     return args
 
 
+def add_mode_and_provider_args(p: argparse.ArgumentParser, providers: Sequence[str]) -> None:
+    """Add ``--modes`` and ``--providers``: comma-separated subsets of :data:`MODES` and of
+    ``providers``, all of them by default."""
+    p.add_argument("--modes", type=choice_list(MODES), default=list(MODES),
+                   help="comma-separated modes: fwd (forward only), fwdbwd (forward + backward) (default both)")
+    p.add_argument("--providers", type=choice_list(providers), default=list(providers),
+                   help=f"comma-separated providers to run (default {','.join(providers)})")
+
+
+def add_timing_and_output_args(p: argparse.ArgumentParser, defaults: Mapping[str, Any]) -> None:
+    """Add ``--warmup-ms``, ``--rep-ms`` and ``--host-reps`` (None when not given, for
+    :func:`apply_preset`; the help shows the values of ``defaults``) and ``--out``."""
+    p.add_argument("--warmup-ms", type=int, help=f"do_bench warm-up time, ms (default {defaults['warmup_ms']})")
+    p.add_argument("--rep-ms", type=int, help=f"do_bench repetition time, ms (default {defaults['rep_ms']})")
+    p.add_argument("--host-reps", type=int,
+                   help=f"timed calls per entry off CUDA, after one warm-up call (default {defaults['host_reps']})")
+    p.add_argument("--out", default="benchmarks/results",
+                   help="directory for the JSON and Markdown results (default benchmarks/results)")
+
+
+def not_installed(module: str, name: str) -> str | None:
+    """``"<name> is not installed"`` when ``module`` cannot be imported, else None."""
+    return None if importlib.util.find_spec(module) else f"{name} is not installed"
+
+
+def fla_skip_reason(device: torch.device, without_cuda: str = "fla's kernels need CUDA") -> str | None:
+    """Why fla's ops and layers cannot run here: fla is not installed, or ``without_cuda`` off CUDA
+    (None when they can)."""
+    missing = not_installed("fla", "fla")
+    if missing is not None:
+        return missing
+    return without_cuda if device.type != "cuda" else None
+
+
 def active_providers(providers: Sequence[str], skip_reason: Callable[[str, torch.device], str | None],
                      device: torch.device) -> tuple[list[str], dict[str, str]]:
     """Split ``providers`` into those that run here and ``{provider: why not}``, printing the skips."""
@@ -515,6 +637,33 @@ def active_providers(providers: Sequence[str], skip_reason: Callable[[str, torch
     for provider, reason in skipped.items():
         print(f"skipping {provider}: {reason}")
     return [p for p in providers if p not in skipped], skipped
+
+
+def start_run(device: torch.device, args: argparse.Namespace, *details: str) -> dict:
+    """The environment of a run (:func:`collect_environment` with :func:`package_versions`), after
+    printing its first line ``device: <name>; <details>; modes [...]; providers [...]``."""
+    env = collect_environment(device, package_versions())
+    print("; ".join([f"device: {env['device']}", *details, f"modes {args.modes}", f"providers {args.providers}"]))
+    return env
+
+
+def sweep(points: Iterable[Any], modes: Sequence[str], providers: Sequence[Any],
+          run_entry: Callable[[Any, str, Any], EntryT], describe: Callable[[EntryT], str]) -> list[EntryT]:
+    """``run_entry(provider, mode, point)`` for every point, mode and provider (providers varying
+    fastest, points slowest), printing ``describe(entry)`` after each; returns the entries."""
+    entries = []
+    for point, mode, provider in itertools.product(points, modes, providers):
+        entries.append(run_entry(provider, mode, point))
+        print(describe(entries[-1]), flush=True)
+    return entries
+
+
+def save_run(prefix: str, args: argparse.Namespace, env: Mapping, entries: Sequence, skipped: Mapping[str, str],
+             report: str, **extra: Any) -> tuple[Path, Path]:
+    """:func:`save_results` into ``args.out`` under the stem ``<prefix>_<device slug>_<timestamp>``,
+    the JSON holding the skipped providers (``skipped_providers``) then ``extra``."""
+    return save_results(args.out, f"{prefix}_{env['device_slug']}_{timestamp()}", environment=env, args=args,
+                        entries=entries, report=report, skipped_providers=skipped, **extra)
 
 
 def save_results(out_dir: str | os.PathLike, stem: str, *, environment: Mapping, args: argparse.Namespace,

@@ -29,7 +29,7 @@ Writes ``<out>/layers_<device>_<timestamp>.json`` and ``.md``. On CPU the fla la
 from __future__ import annotations
 
 import argparse
-import importlib.util
+import functools
 import itertools
 from dataclasses import dataclass
 from typing import Callable
@@ -40,7 +40,6 @@ from benchmarks import common
 
 PROVIDERS = ("titans_linear", "titans_mlp", "fla_mamba2", "fla_deltanet", "fla_gated_deltanet",
              "titans_pytorch_mlp")
-MODES = ("fwd", "fwdbwd")
 LABELS = {"titans_linear": "linear (ms)", "titans_mlp": "mlp (ms)", "fla_mamba2": "Mamba2 (ms)",
           "fla_deltanet": "DeltaNet (ms)", "fla_gated_deltanet": "GatedDeltaNet (ms)",
           "titans_pytorch_mlp": "titans-pytorch (ms)"}
@@ -102,14 +101,8 @@ def build_layer(provider: str, D: int, head_dim: int) -> torch.nn.Module:
 def skip_reason(provider: str, device: torch.device) -> str | None:
     """Why ``provider`` cannot run here (None when it can)."""
     if provider == "titans_pytorch_mlp":
-        return None if importlib.util.find_spec("titans_pytorch") else "titans-pytorch is not installed"
-    if provider.startswith("titans"):
-        return None
-    if importlib.util.find_spec("fla") is None:
-        return "fla is not installed"
-    if device.type != "cuda":
-        return "fla's kernels need CUDA"
-    return None
+        return common.not_installed("titans_pytorch", "titans-pytorch")
+    return None if provider.startswith("titans") else common.fla_skip_reason(device)
 
 
 def make_closure(layer: torch.nn.Module, x: torch.Tensor, mode: str) -> Callable[[], None]:
@@ -127,95 +120,88 @@ def make_closure(layer: torch.nn.Module, x: torch.Tensor, mode: str) -> Callable
     return fwdbwd
 
 
-def run_entry(provider: str, mode: str, B: int, T: int, D: int, head_dim: int, args, device) -> Entry:
-    dtype = common.DTYPES[args.dtype]
-    torch.manual_seed(0)
-    layer = x = fn = None
-    params = None
-    try:
-        layer = build_layer(provider, D, head_dim).to(device=device, dtype=dtype)
-        params = sum(p.numel() for p in layer.parameters())
-        x = torch.randn(B, T, D, device=device, dtype=dtype).requires_grad_(mode == "fwdbwd")  # [B, T, D]
-        fn = make_closure(layer, x, mode)
-        leaves = [x, *layer.parameters()] if mode == "fwdbwd" else []
-        m = common.measure(fn, device, warmup_ms=args.warmup_ms, rep_ms=args.rep_ms, host_reps=args.host_reps,
-                           grad_to_none=leaves)
-    except Exception as exc:  # noqa: BLE001 - e.g. OOM while building
-        m = common.Measurement(error=common.describe_error(exc))
-    finally:
-        layer = x = fn = leaves = None  # noqa: F841 - free before the next entry
-        common.free_memory(device)
-    tps = B * T / (m.median_ms / 1e3) if m.median_ms else None
-    return Entry(provider, mode, B, T, D, head_dim, args.dtype, params, m.median_ms, m.p20_ms, m.p80_ms, tps,
-                 m.peak_mem_mb, m.error)
+def build_call(provider: str, mode: str, B: int, T: int, D: int, head_dim: int, dtype: torch.dtype, device,
+               params: list[int]) -> tuple[Callable[[], None], list[torch.Tensor]]:
+    """The timed closure of ``mode`` (:func:`make_closure`) calling the layer of ``provider`` on a
+    random x ``[B, T, D]``, and its leaves: x and the layer's parameters. Appends the layer's
+    parameter count to ``params`` as soon as it is built."""
+    layer = build_layer(provider, D, head_dim).to(device=device, dtype=dtype)
+    params.append(sum(p.numel() for p in layer.parameters()))
+    x = torch.randn(B, T, D, device=device, dtype=dtype).requires_grad_(mode == "fwdbwd")  # [B, T, D]
+    return make_closure(layer, x, mode), [x, *layer.parameters()]
+
+
+def run_entry(provider: str, mode: str, point: tuple[int, int, int], args, device) -> Entry:
+    """Measure one (provider, mode, point) on a fresh layer and input (``common.measure_fresh``);
+    ``point`` is (hidden size D, head dim, length T), the batch size B is ``args.batch``."""
+    D, head_dim, T = point
+    B = args.batch
+    params = []  # the layer's parameter count, once built
+    build = functools.partial(build_call, provider, mode, B, T, D, head_dim, common.DTYPES[args.dtype], device, params)
+    m = common.measure_fresh(build, device, args, backward=(mode == "fwdbwd"))
+    return Entry(provider, mode, B, T, D, head_dim, args.dtype, params[0] if params else None, m.median_ms, m.p20_ms,
+                 m.p80_ms, m.tokens_per_s(B * T), m.peak_mem_mb, m.error)
 
 
 def format_entry(e: Entry) -> str:
+    """One progress line."""
     head = f"[{e.provider:>18}] {e.mode:<6} B={e.B} T={e.T:<6} D={e.D} d={e.head_dim}"
     if e.error:
         return f"{head}: {e.error}"
-    mem = f", peak {e.peak_mem_mb:.0f} MiB" if e.peak_mem_mb is not None else ""
-    return f"{head}: {e.median_ms:.3f} ms, {e.tokens_per_s / 1e3:.1f} K tok/s{mem} ({e.params / 1e6:.2f} M params)"
+    return (f"{head}: {e.median_ms:.3f} ms, {e.tokens_per_s / 1e3:.1f} K tok/s{common.peak_note(e.peak_mem_mb)} "
+            f"({e.params / 1e6:.2f} M params)")
 
 
 def run(args, device) -> tuple[list[Entry], dict[str, str]]:
+    """Measure every provider x mode x (D, head dim, T) that can run here. Returns (entries, skipped
+    providers)."""
     active, skipped = common.active_providers(args.providers, skip_reason, device)
-    entries = []
-    for D, d, T in itertools.product(args.hidden, args.head_dims, args.seqlens):
-        for mode in args.modes:
-            for provider in active:
-                entries.append(run_entry(provider, mode, args.batch, T, D, d, args, device))
-                print(format_entry(entries[-1]), flush=True)
-    return entries, skipped
+    points = itertools.product(args.hidden, args.head_dims, args.seqlens)
+    run_one = functools.partial(run_entry, args=args, device=device)
+    return common.sweep(points, args.modes, active, run_one, format_entry), skipped
+
+
+def mode_section(mode: str, rows: list[dict], args) -> list[str]:
+    """The time table of one mode (with the ratios of ours to fla), then its peak-memory table."""
+    columns, ratios = common.provider_columns(args.providers, LABELS, RATIOS)
+    return [f"## {common.MODE_TITLES[mode]}", "",
+            common.comparison_table(rows, row_keys=ROW_KEYS, columns=columns, ratios=ratios), "",
+            "Peak memory (MiB):", "",
+            common.comparison_table(rows, row_keys=ROW_KEYS, value_key="peak_mem_mb",
+                                    columns=[(p, h.replace(" (ms)", "")) for p, h in columns]),
+            ""]
 
 
 def markdown_report(entries: list[Entry], skipped: dict[str, str], env: dict, args) -> str:
-    rows = [vars(e) for e in entries]
-    columns = [(p, LABELS[p]) for p in args.providers]
-    ratios = [r for r in RATIOS if r[0] in args.providers and r[1] in args.providers]
-    titles = {"fwd": "Forward", "fwdbwd": "Forward + backward"}
-    parts = [f"# NeuralMemory vs fla layers ({args.dtype})", "", common.environment_markdown(env), "",
-             "Median ms per layer call; ratio columns are ours / fla (above 1: ours is slower).", ""]
-    for mode in args.modes:
-        mode_rows = [r for r in rows if r["mode"] == mode]
-        parts += [f"## {titles[mode]}", "",
-                  common.comparison_table(mode_rows, row_keys=ROW_KEYS, columns=columns, ratios=ratios), "",
-                  "Peak memory (MiB):", "",
-                  common.comparison_table(mode_rows, row_keys=ROW_KEYS, value_key="peak_mem_mb",
-                                          columns=[(p, h.replace(" (ms)", "")) for p, h in columns]),
-                  ""]
-    parts += common.report_footer(rows, skipped, lambda e: f"{e['provider']} {e['mode']} T={e['T']} D={e['D']}")
-    return "\n".join(parts)
+    """Environment, then per mode a table of median ms and one of peak memory."""
+    return common.mode_report(f"# NeuralMemory vs fla layers ({args.dtype})", env,
+                              ["Median ms per layer call; ratio columns are ours / fla (above 1: ours is slower)."],
+                              entries, args.modes, functools.partial(mode_section, args=args), skipped,
+                              lambda e: f"{e['provider']} {e['mode']} T={e['T']} D={e['D']}")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
+    """Parse the command line; sizes not given come from ``--quick`` or the full defaults."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--batch", type=int, help=f"batch size B (default {FULL['batch']})")
     p.add_argument("--seqlens", type=common.int_list, help=f"comma-separated lengths T (default {FULL['seqlens']})")
     p.add_argument("--hidden", type=common.int_list, help=f"comma-separated hidden sizes D (default {FULL['hidden']})")
     p.add_argument("--head-dims", type=common.int_list, help=f"comma-separated head dims (default {FULL['head_dims']})")
     p.add_argument("--dtype", choices=sorted(common.DTYPES), default="bf16", help="parameter and input dtype")
-    p.add_argument("--modes", type=common.choice_list(MODES), default=list(MODES), help="fwd, fwdbwd or both")
-    p.add_argument("--providers", type=common.choice_list(PROVIDERS), default=list(PROVIDERS),
-                   help="which layers to time")
-    p.add_argument("--warmup-ms", type=int, help="do_bench warm-up time, ms")
-    p.add_argument("--rep-ms", type=int, help="do_bench repetition time, ms")
-    p.add_argument("--host-reps", type=int, help="timed calls per entry off CUDA")
-    p.add_argument("--out", default="benchmarks/results", help="directory for the JSON and Markdown results")
+    common.add_mode_and_provider_args(p, PROVIDERS)
+    common.add_timing_and_output_args(p, FULL)
     p.add_argument("--quick", action="store_true", help=f"tiny smoke-test config {QUICK}; explicit flags still win")
     args = p.parse_args(argv)
     return common.apply_preset(args, QUICK if args.quick else FULL)
 
 
 def main(argv=None) -> None:
+    """Run the benchmark the command line ``argv`` asks for and write its results."""
     args = parse_args(argv)
     device = common.default_device()
-    env = common.collect_environment(device, common.package_versions())
-    print(f"device: {env['device']}; modes {args.modes}; providers {args.providers}")
+    env = common.start_run(device, args)
     entries, skipped = run(args, device)
-    common.save_results(args.out, f"layers_{env['device_slug']}_{common.timestamp()}", environment=env, args=args,
-                        entries=entries, report=markdown_report(entries, skipped, env, args),
-                        skipped_providers=skipped)
+    common.save_run("layers", args, env, entries, skipped, markdown_report(entries, skipped, env, args))
 
 
 if __name__ == "__main__":

@@ -32,6 +32,7 @@ skipped (their autotuned Triton kernels need CUDA) and the timings only show tha
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.util
 from dataclasses import dataclass
 from typing import Callable
@@ -44,7 +45,6 @@ TITANS_VARIANTS = ("mac", "mag", "mal", "lmm", "mac_mal")
 FLA_MODELS = ("mamba2", "deltanet", "gated_deltanet")
 PROVIDERS = tuple(f"titans_{v}" for v in TITANS_VARIANTS) + tuple(f"fla_{m}" for m in FLA_MODELS)
 REFERENCE = "titans_mac"
-MODES = ("fwd", "fwdbwd")
 
 FULL = dict(hidden_size=1024, num_heads=16, num_layers=12, vocab_size=32000, seqlens=[2048, 4096, 8192, 16384],
             tokens=32768, segment_size=512, window_size=512, chunk_size=64, dtype="bf16", warmup_ms=25, rep_ms=200,
@@ -127,10 +127,7 @@ def fit_layers(provider: str, target: int, args) -> tuple[int, int]:
 def skip_reason(provider: str, device: torch.device) -> str | None:
     """Why ``provider`` cannot run here (None when it can)."""
     if provider.startswith("fla_"):
-        if importlib.util.find_spec("fla") is None:
-            return "fla is not installed"
-        if device.type != "cuda":
-            return "fla's autotuned Triton kernels need CUDA"
+        return common.fla_skip_reason(device, "fla's autotuned Triton kernels need CUDA")
     return None
 
 
@@ -151,24 +148,22 @@ def make_step(model, ids: torch.Tensor, mode: str) -> Callable[[], None]:
     return train_step
 
 
+def build_step(provider: str, mode: str, B: int, T: int, num_layers: int, args, device
+               ) -> tuple[Callable[[], None], list[torch.Tensor]]:
+    """The timed closure of ``mode`` (:func:`make_step`) of a fresh ``provider`` model with
+    ``num_layers`` layers on random ids ``[B, T]``, and the model's parameters."""
+    model = model_class(provider)(make_config(provider, num_layers, args)).to(device=device,
+                                                                            dtype=common.DTYPES[args.dtype])
+    model.train(mode == "fwdbwd")
+    ids = torch.randint(0, args.vocab_size, (B, T), device=device)  # [B, T]
+    return make_step(model, ids, mode), list(model.parameters())
+
+
 def run_entry(provider: str, mode: str, T: int, num_layers: int, params: int, args, device) -> Entry:
-    """Build one model, measure one (mode, T) and release its memory."""
-    dtype = common.DTYPES[args.dtype]
+    """Measure one (mode, T) of a fresh model (``common.measure_fresh``); ``B = max(1, tokens // T)``."""
     B = max(1, args.tokens // T)
-    torch.manual_seed(0)
-    model = step = None
-    try:
-        model = model_class(provider)(make_config(provider, num_layers, args)).to(device=device, dtype=dtype)
-        model.train(mode == "fwdbwd")
-        ids = torch.randint(0, args.vocab_size, (B, T), device=device)  # [B, T]
-        step = make_step(model, ids, mode)
-        m = common.measure(step, device, warmup_ms=args.warmup_ms, rep_ms=args.rep_ms, host_reps=args.host_reps,
-                           grad_to_none=list(model.parameters()) if mode == "fwdbwd" else ())
-    except Exception as exc:  # noqa: BLE001 - e.g. OOM while building the model
-        m = common.Measurement(error=common.describe_error(exc))
-    finally:
-        model = step = None  # noqa: F841 - drop the model before freeing memory
-        common.free_memory(device)
+    build = functools.partial(build_step, provider, mode, B, T, num_layers, args, device)
+    m = common.measure_fresh(build, device, args, backward=(mode == "fwdbwd"))
     ktok = B * T / m.median_ms if m.median_ms else None  # tokens per ms = thousands of tokens per s
     peak = m.peak_mem_mb / 1024 if m.peak_mem_mb is not None else None
     return Entry(provider, mode, B, T, num_layers, params / 1e6, m.median_ms, m.p20_ms, m.p80_ms, ktok, peak,
@@ -192,12 +187,9 @@ def run(args, device) -> tuple[list[Entry], dict[str, str], dict[str, tuple[int,
     sizes = {p: fit_layers(p, target, args) for p in active}
     print(f"target size: {target / 1e6:.1f}M parameters ({REFERENCE}, {args.num_layers} layers); "
           + ", ".join(f"{p}: {n} layers {c / 1e6:.1f}M" for p, (n, c) in sizes.items()))
-    entries = []
-    for T in args.seqlens:
-        for mode in args.modes:
-            for provider in active:
-                entries.append(run_entry(provider, mode, T, *sizes[provider], args, device))
-                print(format_entry(entries[-1]), flush=True)
+    entries = common.sweep(args.seqlens, args.modes, active,
+                           lambda provider, mode, T: run_entry(provider, mode, T, *sizes[provider], args, device),
+                           format_entry)
     return entries, skipped, sizes
 
 
@@ -205,32 +197,31 @@ def run(args, device) -> tuple[list[Entry], dict[str, str], dict[str, tuple[int,
 # Report
 # --------------------------------------------------------------------------------------------
 
+def mode_section(mode: str, rows: list[dict], columns: list[tuple[str, str]], env: dict) -> list[str]:
+    """The throughput table of one mode and, on CUDA, its peak-memory table."""
+    title = {"fwd": "Forward (no grad)", "fwdbwd": "Training step (forward + backward)"}[mode]
+    parts = [f"## {title}: thousands of tokens per second (higher is better)", "",
+             common.comparison_table(rows, row_keys=("B", "T"), columns=columns, value_key="ktokens_per_s"), ""]
+    if env["device_type"] == "cuda":
+        parts += [f"## {title}: peak memory, GiB", "",
+                  common.comparison_table(rows, row_keys=("B", "T"), columns=columns, value_key="peak_mem_gib"), ""]
+    return parts
+
+
 def markdown_report(entries: list[Entry], skipped: dict[str, str], sizes: dict, env: dict, args) -> str:
     """Environment, sizes, then per mode a throughput table and a peak-memory table."""
-    rows = [vars(e) for e in entries]
-    columns = [(p, p) for p in args.providers if p in sizes]
-    titles = {"fwd": "Forward (no grad)", "fwdbwd": "Training step (forward + backward)"}
     size_table = common.markdown_table(["provider", "layers", "parameters (M)"],
                                        [[p, n, f"{c / 1e6:.1f}"] for p, (n, c) in sizes.items()], align_right_from=1)
-    parts = [f"# Titans models vs fla models ({args.dtype}, memory={args.memory})", "",
-             common.environment_markdown(env), "",
-             f"Width {args.hidden_size}, {args.num_heads} heads, vocab {args.vocab_size}; Titans segment "
+    notes = [f"Width {args.hidden_size}, {args.num_heads} heads, vocab {args.vocab_size}; Titans segment "
              f"{args.segment_size}, window {args.window_size}, memory chunk {args.chunk_size}; "
-             f"B = max(1, {args.tokens} // T).", "", "## Sizes", "", size_table, ""]
+             f"B = max(1, {args.tokens} // T).", "## Sizes", size_table]
     if env["device_type"] != "cuda":
-        parts += ["**Not GPU figures**: CPU smoke run (perf_counter loop; the JSON's peak memory is the RSS "
-                  "increase of a step).", ""]
-    for mode in args.modes:
-        mode_rows = [r for r in rows if r["mode"] == mode]
-        parts += [f"## {titles[mode]}: thousands of tokens per second (higher is better)", "",
-                  common.comparison_table(mode_rows, row_keys=("B", "T"), columns=columns,
-                                          value_key="ktokens_per_s"), ""]
-        if env["device_type"] == "cuda":
-            parts += [f"## {titles[mode]}: peak memory, GiB", "",
-                      common.comparison_table(mode_rows, row_keys=("B", "T"), columns=columns,
-                                              value_key="peak_mem_gib"), ""]
-    parts += common.report_footer(rows, skipped, lambda e: f"{e['provider']} {e['mode']} T={e['T']}")
-    return "\n".join(parts)
+        notes.append("**Not GPU figures**: CPU smoke run (perf_counter loop; the JSON's peak memory is the RSS "
+                     "increase of a step).")
+    columns = [(p, p) for p in args.providers if p in sizes]
+    return common.mode_report(f"# Titans models vs fla models ({args.dtype}, memory={args.memory})", env, notes,
+                              entries, args.modes, functools.partial(mode_section, columns=columns, env=env),
+                              skipped, lambda e: f"{e['provider']} {e['mode']} T={e['T']}")
 
 
 def plot(entries: list[Entry], path, mode: str = "fwdbwd") -> bool:
@@ -280,7 +271,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seqlens", type=common.int_list, help=f"comma-separated lengths T (default {FULL['seqlens']})")
     p.add_argument("--dtype", choices=sorted(common.DTYPES), help="parameter dtype (default bf16; --quick fp32)")
     p.add_argument("--memory", choices=("linear", "mlp"), default="linear", help="Titans memory (default linear)")
-    p.add_argument("--modes", type=common.choice_list(MODES), default=["fwdbwd"],
+    p.add_argument("--modes", type=common.choice_list(common.MODES), default=["fwdbwd"],
                    help="comma-separated: fwdbwd (training step), fwd (no-grad forward) (default fwdbwd)")
     p.add_argument("--providers", type=common.choice_list(PROVIDERS), default=list(PROVIDERS),
                    help=f"comma-separated providers (default all: {','.join(PROVIDERS)})")
@@ -292,16 +283,14 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> None:
+    """Run the benchmark the command line ``argv`` asks for and write its results (and a plot)."""
     args = parse_args(argv)
     device = common.default_device()
-    env = common.collect_environment(device, common.package_versions())
-    print(f"device: {env['device']}; modes {args.modes}; providers {args.providers}")
+    env = common.start_run(device, args)
     entries, skipped, sizes = run(args, device)
-    _, md_path = common.save_results(args.out, f"models_{env['device_slug']}_{common.timestamp()}", environment=env,
-                                     args=args, entries=entries,
-                                     report=markdown_report(entries, skipped, sizes, env, args),
-                                     skipped_providers=skipped,
-                                     sizes={p: {"layers": n, "params": c} for p, (n, c) in sizes.items()})
+    _, md_path = common.save_run("models", args, env, entries, skipped,
+                                 markdown_report(entries, skipped, sizes, env, args),
+                                 sizes={p: {"layers": n, "params": c} for p, (n, c) in sizes.items()})
     png = md_path.with_suffix(".png")
     if plot(entries, png):
         print(f"wrote {png}")

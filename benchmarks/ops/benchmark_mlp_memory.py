@@ -68,7 +68,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import importlib.util
 import itertools
 import math
 from dataclasses import dataclass
@@ -77,14 +76,13 @@ from typing import Callable
 import torch
 
 from benchmarks import common
-from benchmarks.ops.benchmark_momentum_delta_rule import Shape, build_fla_gated, make_closure, make_qkv
+from benchmarks.ops.benchmark_momentum_delta_rule import Shape, build_fla_gated, build_timed, make_qkv
 
 OURS = "mlp_memory"
 LINEAR = "momentum_delta_rule"
 FLA_GATED = "fla_chunk_gated_delta_rule"
 TITANS_PYTORCH = "titans_pytorch"
 PROVIDERS = (OURS, LINEAR, FLA_GATED, TITANS_PYTORCH)
-MODES = ("fwd", "fwdbwd")
 ACTIVATIONS = ("silu", "gelu")
 
 # Column headers of the Markdown tables, and the ratio columns (numerator, denominator, header).
@@ -220,14 +218,8 @@ def builder(provider: str, activation: str) -> Callable:
 def skip_reason(provider: str, device: torch.device) -> str | None:
     """Why ``provider`` cannot run here (None when it can)."""
     if provider == TITANS_PYTORCH:
-        return None if importlib.util.find_spec("titans_pytorch") else "titans-pytorch is not installed"
-    if provider != FLA_GATED:
-        return None
-    if importlib.util.find_spec("fla") is None:
-        return "fla is not installed"
-    if device.type != "cuda":
-        return "fla's kernels need CUDA"
-    return None
+        return common.not_installed("titans_pytorch", "titans-pytorch")
+    return common.fla_skip_reason(device) if provider == FLA_GATED else None
 
 
 # --------------------------------------------------------------------------------------------
@@ -235,27 +227,16 @@ def skip_reason(provider: str, device: torch.device) -> str | None:
 # --------------------------------------------------------------------------------------------
 
 def run_entry(provider: str, mode: str, s: MLPShape, args, device, launch: str = "default") -> Entry:
-    """Build the inputs of one (provider, mode, shape), measure it and release its memory; ours
-    under the launch setting ``launch`` (``--launches``)."""
+    """Measure one (provider, mode, shape) on fresh inputs (``common.measure_fresh``); ours under the
+    launch setting ``launch`` (``--launches``)."""
     from titans_layers.ops.mlp_memory.chunk import override_mlp_launch
 
-    dtype = common.DTYPES[args.dtype]
-    torch.manual_seed(0)
-    forward = leaves = fn = None
-    try:
-        with override_mlp_launch(**parse_launch(launch)):
-            forward, leaves = builder(provider, args.activation)(s, dtype, device, requires_grad=(mode == "fwdbwd"))
-            fn = make_closure(forward, s, mode, dtype, device)
-            m = common.measure(fn, device, warmup_ms=args.warmup_ms, rep_ms=args.rep_ms, host_reps=args.host_reps,
-                               grad_to_none=leaves if mode == "fwdbwd" else ())
-    except Exception as exc:  # noqa: BLE001 - e.g. OOM while building the inputs
-        m = common.Measurement(error=common.describe_error(exc))
-    finally:
-        forward = leaves = fn = None  # noqa: F841 - drop the inputs before freeing memory
-        common.free_memory(device)
-    tps = s.B * s.T / (m.median_ms / 1e3) if m.median_ms else None
+    build = functools.partial(build_timed, builder(provider, args.activation), s, mode, common.DTYPES[args.dtype],
+                              device)
+    m = common.measure_fresh(build, device, args, backward=(mode == "fwdbwd"),
+                             context=override_mlp_launch(**parse_launch(launch)))
     return Entry(launch_provider(provider, launch), mode, s.B, s.T, s.H, s.K, s.V, s.Dh, s.chunk_size, args.dtype,
-                 m.median_ms, m.p20_ms, m.p80_ms, tps, m.peak_mem_mb, m.error)
+                 m.median_ms, m.p20_ms, m.p80_ms, m.tokens_per_s(s.B * s.T), m.peak_mem_mb, m.error)
 
 
 def parse_launch(launch: str) -> dict[str, int]:
@@ -287,22 +268,22 @@ def format_entry(e: Entry) -> str:
     head = f"[{e.provider:>26}] {e.mode:<6} B={e.B} T={e.T:<6} H={e.H} K={e.K} Dh={e.Dh} C={e.chunk_size}"
     if e.error:
         return f"{head}: {e.error}"
-    mem = f", peak {e.peak_mem_mb:.0f} MiB" if e.peak_mem_mb is not None else ""
     return (f"{head}: {e.median_ms:.3f} ms (p20 {e.p20_ms:.3f}, p80 {e.p80_ms:.3f}), "
-            f"{e.tokens_per_s / 1e3:.1f} K tok/s{mem}")
+            f"{e.tokens_per_s / 1e3:.1f} K tok/s{common.peak_note(e.peak_mem_mb)}")
 
 
 def run(args, device) -> tuple[list[Entry], dict[str, str]]:
-    """Measure every provider x mode x shape that can run here. Returns (entries, skipped providers)."""
+    """Measure every provider x mode x shape that can run here, ours once per launch setting.
+    Returns (entries, skipped providers)."""
     active, skipped = common.active_providers(args.providers, skip_reason, device)
-    entries = []
-    for s in shapes(args):
-        for mode in args.modes:
-            for provider in active:
-                for launch in (args.launches if provider == OURS else ["default"]):
-                    entries.append(run_entry(provider, mode, s, args, device, launch))
-                    print(format_entry(entries[-1]), flush=True)
-    return entries, skipped
+    variants = [(provider, launch) for provider in active
+                for launch in (args.launches if provider == OURS else ["default"])]
+
+    def run_one(variant: tuple[str, str], mode: str, s: MLPShape) -> Entry:
+        provider, launch = variant
+        return run_entry(provider, mode, s, args, device, launch)
+
+    return common.sweep(shapes(args), args.modes, variants, run_one, format_entry), skipped
 
 
 # --------------------------------------------------------------------------------------------
@@ -326,35 +307,28 @@ def memory_heading(env: dict) -> str:
             "included; `-`: not measurable here):")
 
 
-def mode_section(rows: list[dict], mode: str, env: dict, args) -> list[str]:
+def mode_section(mode: str, rows: list[dict], env: dict, args) -> list[str]:
     """The time table of one mode, then its peak-memory table."""
-    titles = {"fwd": "Forward", "fwdbwd": "Forward + backward"}
-    columns = [(p, LABELS[p]) for p in args.providers]
-    ratios = [r for r in RATIOS if r[0] in args.providers and r[1] in args.providers]
+    columns, ratios = common.provider_columns(args.providers, LABELS, RATIOS)
     if OURS in args.providers:  # a column per other launch setting, with its ratios to ours and to fla
         variants = [launch_provider(OURS, launch) for launch in args.launches if launch != "default"]
         columns += [(v, v) for v in variants]
         ratios += [(v, OURS, f"{v} / mlp") for v in variants]
         ratios += [(v, FLA_GATED, f"{v} / gated_delta") for v in variants if FLA_GATED in args.providers]
-    mode_rows = [r for r in rows if r["mode"] == mode]
-    parts = [f"## {titles[mode]}", "", "Median ms:", "",
-             common.comparison_table(mode_rows, row_keys=ROW_KEYS, columns=columns, ratios=ratios), "",
-             memory_heading(env), "",
-             common.comparison_table(mode_rows, row_keys=ROW_KEYS, columns=columns, ratios=ratios,
-                                     value_key="peak_mem_mb"), ""]
-    return parts
+    return [f"## {common.MODE_TITLES[mode]}", "", "Median ms:", "",
+            common.comparison_table(rows, row_keys=ROW_KEYS, columns=columns, ratios=ratios), "",
+            memory_heading(env), "",
+            common.comparison_table(rows, row_keys=ROW_KEYS, columns=columns, ratios=ratios,
+                                    value_key="peak_mem_mb"), ""]
 
 
 def markdown_report(entries: list[Entry], skipped: dict[str, str], env: dict, args) -> str:
     """Environment, then per mode a table of median ms and one of peak memory."""
-    rows = [vars(e) for e in entries]
-    parts = [f"# MLP-memory op vs the linear op, fla and titans-pytorch ({args.dtype}, {args.device})", "",
-             common.environment_markdown(env), "", timing_note(env, args), ""]
-    for mode in args.modes:
-        parts += mode_section(rows, mode, env, args)
-    parts += common.report_footer(rows, skipped, lambda e: f"{e['provider']} {e['mode']} T={e['T']} H={e['H']} "
-                                                           f"K={e['K']} Dh={e['Dh']} C={e['chunk_size']}")
-    return "\n".join(parts)
+    return common.mode_report(f"# MLP-memory op vs the linear op, fla and titans-pytorch ({args.dtype}, {args.device})",
+                              env, [timing_note(env, args)], entries, args.modes,
+                              functools.partial(mode_section, env=env, args=args), skipped,
+                              lambda e: f"{e['provider']} {e['mode']} T={e['T']} H={e['H']} K={e['K']} "
+                                        f"Dh={e['Dh']} C={e['chunk_size']}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -383,22 +357,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dtype", choices=sorted(common.DTYPES), help="dtype of every input (default CUDA bf16, CPU fp32)")
     p.add_argument("--activation", choices=ACTIVATIONS, default="silu",
                    help="our MLP memory's activation (default silu; titans-pytorch's MLP uses gelu)")
-    p.add_argument("--modes", type=common.choice_list(MODES), default=list(MODES),
-                   help="comma-separated modes: fwd (forward only), fwdbwd (forward + backward) (default both)")
-    p.add_argument("--providers", type=common.choice_list(PROVIDERS), default=list(PROVIDERS),
-                   help=f"comma-separated providers to run (default {','.join(PROVIDERS)})")
+    common.add_mode_and_provider_args(p, PROVIDERS)
     p.add_argument("--launches", type=lambda text: [x.strip() for x in text.split(";") if x.strip()],
                    default=["default"],
                    help="';'-separated launch settings of our Triton kernels to compare, each 'default' or "
                         "field=int pairs such as 'BT=16,fwd_warps=4' (module docstring; CUDA only)")
     p.add_argument("--cpu", action="store_true", help="run on the CPU even when CUDA is available")
     p.add_argument("--threads", type=int, help="torch CPU threads (torch.set_num_threads; default torch's own)")
-    p.add_argument("--warmup-ms", type=int, help=f"do_bench warm-up time, ms (default {FULL['warmup_ms']})")
-    p.add_argument("--rep-ms", type=int, help=f"do_bench repetition time, ms (default {FULL['rep_ms']})")
-    p.add_argument("--host-reps", type=int,
-                   help=f"timed calls per entry off CUDA, after one warm-up call (default {CPU['host_reps']})")
-    p.add_argument("--out", default="benchmarks/results",
-                   help="directory for the JSON and Markdown results (default benchmarks/results)")
+    common.add_timing_and_output_args(p, dict(FULL, host_reps=CPU["host_reps"]))  # --host-reps: used off CUDA
     p.add_argument("--quick", action="store_true",
                    help=f"tiny smoke-test config {QUICK} (seconds on CPU); explicit flags still win")
     args = p.parse_args(argv)
@@ -413,18 +379,16 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> None:
+    """Run the benchmark the command line ``argv`` asks for and write its results."""
     args = parse_args(argv)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    env = common.collect_environment(device, common.package_versions())
+    env = common.start_run(device, args, args.dtype)
     env["cpu_threads"] = torch.get_num_threads()
-    print(f"device: {env['device']}; {args.dtype}; modes {args.modes}; providers {args.providers}")
     entries, skipped = run(args, device)
-    common.save_results(args.out, f"ops_mlp_memory_{env['device_slug']}_{common.timestamp()}",
-                        environment=env, args=args, entries=entries,
-                        report=markdown_report(entries, skipped, env, args),
-                        skipped_providers=skipped)
+    report = markdown_report(entries, skipped, env, args)
+    common.save_run("ops_mlp_memory", args, env, entries, skipped, report)
 
 
 if __name__ == "__main__":

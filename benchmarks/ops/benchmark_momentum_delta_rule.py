@@ -27,7 +27,7 @@ short ``perf_counter`` loop: they only show that the script runs.
 from __future__ import annotations
 
 import argparse
-import importlib.util
+import functools
 import itertools
 from dataclasses import dataclass
 from typing import Callable
@@ -41,7 +41,6 @@ OURS = "momentum_delta_rule"
 FLA_GATED = "fla_chunk_gated_delta_rule"
 FLA_DELTA = "fla_chunk_delta_rule"
 PROVIDERS = (OURS, FLA_GATED, FLA_DELTA)
-MODES = ("fwd", "fwdbwd")
 
 # Column headers of the Markdown tables, and the ratio columns (numerator, denominator, header).
 LABELS = {OURS: "ours (ms)", FLA_GATED: "fla gated_delta (ms)", FLA_DELTA: "fla delta (ms)"}
@@ -158,11 +157,7 @@ def skip_reason(provider: str, device: torch.device) -> str | None:
         if device.type != "cuda" and not common.is_interpreting():
             return "needs CUDA, or TRITON_INTERPRET=1 on CPU"
         return None
-    if importlib.util.find_spec("fla") is None:
-        return "fla is not installed"
-    if device.type != "cuda":
-        return "fla's kernels need CUDA"
-    return None
+    return common.fla_skip_reason(device)
 
 
 # --------------------------------------------------------------------------------------------
@@ -181,20 +176,18 @@ def make_closure(forward: Callable[[], torch.Tensor], s: Shape, mode: str, dtype
     return fwdbwd
 
 
+def build_timed(build: Callable, s: Shape, mode: str, dtype, device) -> tuple[Callable[[], None], list]:
+    """The timed closure of ``mode`` (:func:`make_closure`) around the forward that ``build`` (a
+    ``(shape, dtype, device, requires_grad) -> (forward, leaves)`` builder, e.g. one of
+    :data:`BUILDERS`) makes at shape ``s``, and its leaf inputs (requiring grad in fwdbwd mode)."""
+    forward, leaves = build(s, dtype, device, requires_grad=(mode == "fwdbwd"))
+    return make_closure(forward, s, mode, dtype, device), leaves
+
+
 def run_entry(provider: str, mode: str, s: Shape, args, device) -> Entry:
-    """Build the inputs of one (provider, mode, shape), measure it and release its memory."""
-    dtype = common.DTYPES[args.dtype]
-    torch.manual_seed(0)
-    try:
-        forward, leaves = BUILDERS[provider](s, dtype, device, requires_grad=(mode == "fwdbwd"))
-        fn = make_closure(forward, s, mode, dtype, device)
-        m = common.measure(fn, device, warmup_ms=args.warmup_ms, rep_ms=args.rep_ms, host_reps=args.host_reps,
-                           grad_to_none=leaves if mode == "fwdbwd" else ())
-    except Exception as exc:  # noqa: BLE001 - e.g. OOM while building the inputs
-        m = common.Measurement(error=common.describe_error(exc))
-    finally:
-        forward = leaves = fn = None  # noqa: F841 - drop the inputs before freeing memory
-        common.free_memory(device)
+    """Measure one (provider, mode, shape) on fresh inputs (``common.measure_fresh``)."""
+    build = functools.partial(build_timed, BUILDERS[provider], s, mode, common.DTYPES[args.dtype], device)
+    m = common.measure_fresh(build, device, args, backward=(mode == "fwdbwd"))
     return Entry(provider, mode, s.B, s.T, s.H, s.K, s.V, s.chunk_size, args.dtype,
                  m.median_ms, m.p20_ms, m.p80_ms, m.peak_mem_mb, m.error)
 
@@ -210,42 +203,35 @@ def format_entry(e: Entry) -> str:
     head = f"[{e.provider:>26}] {e.mode:<6} B={e.B} T={e.T:<6} H={e.H} K={e.K} V={e.V} C={e.chunk_size}"
     if e.error:
         return f"{head}: {e.error}"
-    mem = f", peak {e.peak_mem_mb:.0f} MiB" if e.peak_mem_mb is not None else ""
-    return f"{head}: {e.median_ms:.3f} ms (p20 {e.p20_ms:.3f}, p80 {e.p80_ms:.3f}){mem}"
+    return f"{head}: {e.median_ms:.3f} ms (p20 {e.p20_ms:.3f}, p80 {e.p80_ms:.3f}){common.peak_note(e.peak_mem_mb)}"
 
 
 def run(args, device) -> tuple[list[Entry], dict[str, str]]:
     """Measure every provider x mode x shape that can run here. Returns (entries, skipped providers)."""
     active, skipped = common.active_providers(args.providers, skip_reason, device)
-    entries = []
-    for s in shapes(args):
-        for mode in args.modes:
-            for provider in active:
-                entries.append(run_entry(provider, mode, s, args, device))
-                print(format_entry(entries[-1]), flush=True)
-    return entries, skipped
+    run_one = functools.partial(run_entry, args=args, device=device)
+    return common.sweep(shapes(args), args.modes, active, run_one, format_entry), skipped
 
 
 # --------------------------------------------------------------------------------------------
 # Report
 # --------------------------------------------------------------------------------------------
 
+def mode_section(mode: str, rows: list[dict], args) -> list[str]:
+    """The table of one mode: median ms per provider, and the ratios of ours to fla."""
+    columns, ratios = common.provider_columns(args.providers, LABELS, RATIOS)
+    table = common.comparison_table(rows, row_keys=ROW_KEYS, columns=columns, ratios=ratios)
+    return [f"## {common.MODE_TITLES[mode]}", "", table, ""]
+
+
 def markdown_report(entries: list[Entry], skipped: dict[str, str], env: dict, args) -> str:
     """Environment, then one table per mode (median ms per provider, and ratios of ours to fla)."""
-    rows = [vars(e) for e in entries]
-    columns = [(p, LABELS[p]) for p in args.providers]
-    ratios = [r for r in RATIOS if r[0] in args.providers and r[1] in args.providers]
-    titles = {"fwd": "Forward", "fwdbwd": "Forward + backward"}
-    parts = [f"# chunk_momentum_delta_rule vs fla ({args.dtype})", "", common.environment_markdown(env), "",
-             f"Median ms ({'triton do_bench' if env['device_type'] == 'cuda' else 'perf_counter loop'}); "
-             "ratio columns are ours / fla (above 1: ours is slower).", ""]
-    for mode in args.modes:
-        table = common.comparison_table([r for r in rows if r["mode"] == mode], row_keys=ROW_KEYS,
-                                        columns=columns, ratios=ratios)
-        parts += [f"## {titles[mode]}", "", table, ""]
-    parts += common.report_footer(rows, skipped, lambda e: f"{e['provider']} {e['mode']} T={e['T']} H={e['H']} "
-                                                           f"K={e['K']} C={e['chunk_size']}")
-    return "\n".join(parts)
+    note = (f"Median ms ({'triton do_bench' if env['device_type'] == 'cuda' else 'perf_counter loop'}); "
+            "ratio columns are ours / fla (above 1: ours is slower).")
+    return common.mode_report(f"# chunk_momentum_delta_rule vs fla ({args.dtype})", env, [note], entries, args.modes,
+                              functools.partial(mode_section, args=args), skipped,
+                              lambda e: f"{e['provider']} {e['mode']} T={e['T']} H={e['H']} K={e['K']} "
+                                        f"C={e['chunk_size']}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -265,16 +251,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         f"(default {FULL['chunk_sizes']})")
     p.add_argument("--dtype", choices=sorted(common.DTYPES), default="bf16",
                    help="dtype of q, k, v and gates (default bf16)")
-    p.add_argument("--modes", type=common.choice_list(MODES), default=list(MODES),
-                   help="comma-separated modes: fwd (forward only), fwdbwd (forward + backward) (default both)")
-    p.add_argument("--providers", type=common.choice_list(PROVIDERS), default=list(PROVIDERS),
-                   help=f"comma-separated providers to run (default {','.join(PROVIDERS)})")
-    p.add_argument("--warmup-ms", type=int, help=f"do_bench warm-up time, ms (default {FULL['warmup_ms']})")
-    p.add_argument("--rep-ms", type=int, help=f"do_bench repetition time, ms (default {FULL['rep_ms']})")
-    p.add_argument("--host-reps", type=int,
-                   help=f"timed calls per entry off CUDA, after one warm-up call (default {FULL['host_reps']})")
-    p.add_argument("--out", default="benchmarks/results",
-                   help="directory for the JSON and Markdown results (default benchmarks/results)")
+    common.add_mode_and_provider_args(p, PROVIDERS)
+    common.add_timing_and_output_args(p, FULL)
     p.add_argument("--quick", action="store_true",
                    help=f"tiny smoke-test config {QUICK} (runs on CPU under TRITON_INTERPRET=1); "
                         "explicit size flags still win")
@@ -283,15 +261,13 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> None:
+    """Run the benchmark the command line ``argv`` asks for and write its results."""
     args = parse_args(argv)
     device = common.default_device()
-    env = common.collect_environment(device, common.package_versions())
-    print(f"device: {env['device']}; modes {args.modes}; providers {args.providers}")
+    env = common.start_run(device, args)
     entries, skipped = run(args, device)
-    common.save_results(args.out, f"ops_momentum_delta_rule_{env['device_slug']}_{common.timestamp()}",
-                        environment=env, args=args, entries=entries,
-                        report=markdown_report(entries, skipped, env, args),
-                        skipped_providers=skipped)
+    report = markdown_report(entries, skipped, env, args)
+    common.save_run("ops_momentum_delta_rule", args, env, entries, skipped, report)
 
 
 if __name__ == "__main__":

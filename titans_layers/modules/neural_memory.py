@@ -9,7 +9,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from fla.layers.utils import get_layer_cache, repad_hidden_states, unpad_hidden_states, update_layer_cache
 
-from titans_layers.modules.checks import check_hidden_states, check_padding, flag, head_dim_for, positive_finite, positive_int
+from titans_layers.modules.checks import (check_hidden_states, check_padding, flag, head_dim_for, positive_finite,
+                                         positive_int)
 from titans_layers.modules.short_conv import ShortConvolution
 from titans_layers.ops.common.clipping import check_max_update_norm
 from titans_layers.ops import (chunk_mlp_memory, chunk_momentum_delta_rule, fused_recurrent_mlp_memory,

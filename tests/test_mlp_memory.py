@@ -16,11 +16,24 @@ from titans_layers.testing import (assert_close, check_against_reference, check_
 
 f16, bf16, f32, f64 = torch.float16, torch.bfloat16, torch.float32, torch.float64
 
+def _one_chunk_blocks(op, *args, **kwargs):
+    """``op`` with the dual form's read blocks cut to a single chunk (the default fits a test's
+    whole sequence in one block)."""
+    saved, dual_form._BLOCK_BYTES = dual_form._BLOCK_BYTES, 1
+    try:
+        return op(*args, **kwargs)
+    finally:
+        dual_form._BLOCK_BYTES = saved
+
+
 IMPLS = {
     "naive_recurrent": (naive_recurrent_mlp_memory, dict(dtypes=(f32, bf16), chunk_sizes=(1, 3, 16), max_T=40,
                                                          max_dim=16)),
     "naive_chunk": (naive_chunk_mlp_memory, dict(dtypes=(f64, f32, bf16, f16), chunk_sizes=(1, 2, 3, 5, 16, 64),
                                                  max_T=100, max_dim=24)),
+    # the dual form reading (and, without gradients, keeping) one chunk's states at a time
+    "naive_chunk_blocks": (lambda *a, **kw: _one_chunk_blocks(naive_chunk_mlp_memory, *a, **kw),
+                           dict(dtypes=(f64, f32, bf16), chunk_sizes=(1, 3, 16), max_T=60, max_dim=16)),
     # the Triton kernels run under the interpreter on CPU: short cases that still cross tiles,
     # chunks and (hidden widths up to 2 * max_dim > 16) several Dh blocks
     "chunk": (chunk_mlp_memory, dict(dtypes=(f32, bf16, f16), chunk_sizes=(16, 32, 64), max_T=80, max_dim=16)),

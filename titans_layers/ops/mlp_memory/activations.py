@@ -13,9 +13,13 @@ _INV_SQRT_2 = 1 / math.sqrt(2)
 _INV_SQRT_2PI = 1 / math.sqrt(2 * math.pi)
 
 
-def act(z: torch.Tensor, activation: str) -> torch.Tensor:
-    """The memory's activation: SiLU, or GELU in its exact erf form."""
-    return F.silu(z) if activation == "silu" else F.gelu(z)
+def act(z: torch.Tensor, activation: str, out: torch.Tensor | None = None) -> torch.Tensor:
+    """The memory's activation: SiLU, or GELU in its exact erf form (into ``out`` if given)."""
+    if out is None:
+        return F.silu(z) if activation == "silu" else F.gelu(z)
+    if activation == "silu":
+        return torch.ops.aten.silu.out(z, out=out)
+    return torch.ops.aten.gelu.out(z, approximate="none", out=out)
 
 
 def act_grad(z: torch.Tensor, activation: str) -> torch.Tensor:
@@ -35,8 +39,12 @@ def act_grad2(z: torch.Tensor, activation: str) -> torch.Tensor:
     return torch.exp(-0.5 * z * z) * _INV_SQRT_2PI * (2 - z * z)
 
 
-def act_vjp(grad: torch.Tensor, z: torch.Tensor, activation: str) -> torch.Tensor:
-    """``grad * act'(z)`` in one fused op (ATen's own activation backward)."""
+def act_vjp(grad: torch.Tensor, z: torch.Tensor, activation: str, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``grad * act'(z)`` in one fused op (ATen's own activation backward; into ``out`` if given)."""
+    if out is not None:
+        if activation == "silu":
+            return torch.ops.aten.silu_backward.grad_input(grad, z, grad_input=out)
+        return torch.ops.aten.gelu_backward.grad_input(grad, z, approximate="none", grad_input=out)
     if activation == "silu":
         return torch.ops.aten.silu_backward(grad, z)
     return torch.ops.aten.gelu_backward(grad, z, approximate="none")

@@ -3,25 +3,28 @@ backward: the engine of ``naive_chunk_mlp_memory``, the MLP memory's CPU executi
 
 Notation (module docstring of :mod:`~titans_layers.ops.mlp_memory.naive`): per chunk, ``Z = K a1``,
 ``Hk = act(Z)``, ``Err = Hk a2 (+ K) - V``, ``D = Err a2^T``, ``Delta = D * act'(Z)``, the written
-rows ``X1 = step * Delta`` and ``X2 = step * Err``; the chunk-start states are kept as pairs
-``WS1 = (W1, S1)`` ``[N, H, 2, K, Dh]`` and ``WS2 = (W2, S2)`` ``[N, H, 2, Dh, V]``, which the chunk's
-gates mix with ``M = [[A_c, B_c], [0, E_c]]`` (``new_i = sum_j M[i, j] old_j``), and into which
-the chunk writes ``(g, h) * X`` through ``K^T`` and ``Hk^T``.
+rows ``X1 = step * Delta`` and ``X2 = step * Err``.
+
+Each weight and its momentum are kept side by side, ``P1 = [W1 | S1]`` ``[N, H, K, 2 Dh]`` and
+``P2 = [W2 | S2]`` ``[N, H, Dh, 2 V]``, so that one matmul serves both halves:
+
+- a chunk's writes: ``P_end = mix(P_start) - L^T [g X | h X]`` (``L`` = K for the first layer, Hk
+  for the second; ``g``, ``h`` each write's weight in the chunk-end W and S), one GEMM per layer,
+  with ``mix([W | S]) = [A_c W + B_c S | E_c S]`` from the chunk's gates;
+- a query's read: ``Q P1 = [Q W1 | Q S1]``, then ``Zq = A * (Q W1) + B * (Q S1) - P1m X1``.
 
 Only the writes are sequential: a chunk's anchor is the previous chunk's end weights. So
 
-- forward: a loop over chunks computes the writes and the chunk-end states (three matmuls for the
-  gradients, two for the writes); then every query of a block of chunks reads its per-token
-  weights at once, batched over the block's chunks;
+- forward: a loop over chunks computes the writes (three matmuls for the gradients, one per layer
+  for the states); then every query of a block of chunks reads its per-token weights at once;
 - backward: the reads' backward is batched over all chunks (it needs only forward quantities);
-  then a reverse loop carries the state gradients from each chunk's end to its start, through
-  its writes and its anchor; what is left per token (k, v, theta, the gate rows) is batched again.
+  then a reverse loop carries the state gradients from each chunk's end to its start, through its
+  writes and its anchor; what is left per token (k, theta, the gate rows) is batched again.
 
-Autograd over the chunk loop of the same algebra keeps a dozen tensors per chunk and walks a
-long graph of small ops; this backward keeps, per chunk, the four chunk-start weights and, per
-token, ``Z``, ``Err``, ``D`` and the query pre-activations ``Zq``.
-
-Not twice differentiable (``once_differentiable``).
+Both loops run a dozen small ops per chunk on views made up front (batch and heads flattened),
+into preallocated buffers; at small chunk sizes the passes over the states bound them. The forward
+keeps, per chunk, the chunk-start states and, per token, ``Z``, ``Err``, ``D`` and the query
+pre-activations ``Zq``. Not twice differentiable (``once_differentiable``).
 """
 
 from __future__ import annotations
@@ -32,113 +35,150 @@ from torch.autograd.function import once_differentiable
 from titans_layers.ops.common.clipping import clipped_step
 from titans_layers.ops.mlp_memory.activations import act, act_grad2, act_vjp
 
-# Without gradients the chunk-start states of a block of chunks live only while its queries read
-# them; a block holds about this many bytes of them.
-_BLOCK_BYTES = 16 << 20
+# The queries of a block of chunks read at once, after its writes, while the block's chunk-start
+# states (about this many bytes) are still in cache; without gradients only a block's states live.
+_BLOCK_BYTES = 2 << 20
 
 
-def _mix(M: torch.Tensor, WS: torch.Tensor) -> torch.Tensor:
-    """``new_i = sum_j M[i, j] WS_j``: M ``[N, H, 2, 2]``, WS ``[N, H, 2, R, S]`` -> ``[N, H, 2, R, S]``."""
-    return (M @ WS.flatten(-2)).view_as(WS)
+def _mm(a, b, add=None, alpha=1):
+    """``alpha * a @ b (+ add)`` over any leading dims (flattened into one batch of GEMMs).
+
+    a ``[..., m, k]``, b ``[..., k, n]`` -> ``[..., m, n]``."""
+    a3, b3 = a.reshape(-1, *a.shape[-2:]), b.reshape(-1, *b.shape[-2:])
+    if add is not None:
+        r = torch.baddbmm(add.reshape(-1, *add.shape[-2:]), a3, b3, alpha=alpha)
+    else:
+        r = torch.bmm(a3, b3)
+        if alpha != 1:
+            r.mul_(alpha)
+    return r.view(*a.shape[:-2], *r.shape[-2:])
 
 
-def _mix_add(M, WS, L, R, out=None, alpha=1):
-    """``_mix(M, WS) + alpha * L @ R_i`` in one batched GEMM: L ``[N, H, R0, C]`` (shared by both
-    states), R ``[N, H, 2, C, R1]``, WS ``[N, H, 2, R0, R1]``; into ``out`` (shaped as WS) if given."""
-    N, H = WS.shape[:2]
-    L = L.unsqueeze(2).expand(N, H, 2, *L.shape[-2:])
-    result = torch.baddbmm(_mix(M, WS).flatten(0, 2), L.flatten(0, 2), R.flatten(0, 2), alpha=alpha,
-                           out=None if out is None else out.view(-1, *out.shape[-2:]))
-    return result.view_as(WS)
+def _mm_acc(out, a, b, alpha=1):
+    """``out += alpha * a @ b`` in place (shapes as :func:`_mm`); returns ``out``."""
+    out.view(-1, *out.shape[-2:]).baddbmm_(a.reshape(-1, *a.shape[-2:]), b.reshape(-1, *b.shape[-2:]), alpha=alpha)
+    return out
+
+
+def _chunks(x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """``[n, N, H, *rest]`` -> the n per-chunk views ``[N * H, *rest]``."""
+    return x.flatten(1, 2).unbind(0)
+
+
+def _state_views(starts: torch.Tensor):
+    """Per-chunk views of chunk-start states ``[n, N, H, R, 2 S]``: the pairs ``[N * H, R, 2 S]``, the
+    same as ``[N * H, R, 2, S]``, and their weight and momentum halves ``[N * H, R, S]``."""
+    flat = starts.flatten(1, 2)
+    pair = _pair(flat)
+    return flat.unbind(0), pair.unbind(0), pair[..., 0, :].unbind(0), pair[..., 1, :].unbind(0)
+
+
+def _pair(P: torch.Tensor) -> torch.Tensor:
+    """``[..., 2 S]`` -> ``[..., 2, S]``: the weight half and the momentum half (a view)."""
+    return P.unflatten(-1, (2, P.shape[-1] // 2))
+
+
+def _weighted(PP: torch.Tensor, A: torch.Tensor, B: torch.Tensor, out=None) -> torch.Tensor:
+    """``A * PP_W + B * PP_S`` for rows ``PP = [PP_W | PP_S]`` ``[..., C, 2 S]``, A and B ``[..., C]``."""
+    S = PP.shape[-1] // 2
+    return torch.addcmul(PP[..., :S] * A.unsqueeze(-1), PP[..., S:], B.unsqueeze(-1), out=out)
+
+
+def _spread(X: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """Rows ``[w_0 X | w_1 X]`` ``[..., C, 2 S]`` from X ``[..., C, S]`` and w ``[..., C, 2, 1]``."""
+    return (X.unsqueeze(-2) * w).flatten(-2)
+
+
+class _GradPair:
+    """Gradients of a state pair ``[W | S]`` ``[N * H, R, 2 S]`` with views of its halves."""
+
+    def __init__(self, flat: torch.Tensor):
+        self.flat = flat
+        self.pair = _pair(flat)  # [NH, R, 2, S]
+        self.weight, self.momentum = self.pair[..., 0, :], self.pair[..., 1, :]
+
+    def mix_transposed_into(self, out: "_GradPair", ae, b) -> "_GradPair":
+        """The adjoint of a chunk's state mixing ``[W | S] -> [A_c W + B_c S | E_c S]``:
+        ``out = [A_c G_W | B_c G_W + E_c G_S]``; ae ``[NH, 1, 2, 1]`` holds ``(A_c, E_c)``, b
+        ``[NH, 1, 1]`` holds ``B_c``."""
+        torch.mul(self.pair, ae, out=out.pair)
+        out.momentum.addcmul_(self.weight, b)
+        return out
+
+    def add_to_weight(self, rows, x):
+        """``G_W += x`` on the rows where ``rows`` ``[N, 1, 1, 1]`` is True (x ``[N, H, R, S]``)."""
+        self.weight.add_(_where_rows(rows, x).flatten(0, 1))
+
+
+def _pair_products(G, P):
+    """``[[<G_W, W>, <G_W, S>], [<G_S, W>, <G_S, S>]]`` ``[NH, 2, 2]`` for ``G``, ``P`` ``[NH, R, 2 S]``."""
+    NH, R, S2 = G.shape
+    g, p = G.view(NH * R, 2, S2 // 2), P.view(NH * R, 2, S2 // 2)
+    return torch.bmm(g, p.mT).view(NH, R, 2, 2).sum(1)
 
 
 def _write_norm(Kn, Delta, Hk, Err) -> torch.Tensor:
-    """``||G_t||`` of each token's rank-one gradients: ``sqrt(|k|^2 |delta|^2 + |h|^2 |err|^2)`` ``[N, H, C]``."""
+    """``||G_t||`` of each token's rank-one gradients: ``sqrt(|k|^2 |delta|^2 + |h|^2 |err|^2)`` ``[..., C]``."""
     return (Kn.square().sum(-1) * Delta.square().sum(-1) + Hk.square().sum(-1) * Err.square().sum(-1)).sqrt()
 
 
-def _write_chunk(Kn, target, theta, gh, M, WS1, WS2, a1, a2, activation, max_update_norm, out1, out2):
-    """One chunk's writes, taken at its anchor weights ``(a1, a2)``, and the states at its end.
-
-    Kn ``[N, H, C, K]``; target ``[N, H, C, V]`` (v, minus k with the residual); theta ``[N, H, C]``;
-    gh ``[N, H, 2, C]`` (each write's weight in the chunk-end W and S); M ``[N, H, 2, 2]``;
-    WS1 ``[N, H, 2, K, Dh]``, WS2 ``[N, H, 2, Dh, V]`` at the chunk start; a1 ``[N, H, K, Dh]``,
-    a2 ``[N, H, Dh, V]``. The chunk-end states go into ``out1`` and ``out2`` (shaped as WS1, WS2).
-    Returns ``(Z, Hk, Err, D, Delta, step, norm)``, ``norm`` the write norm (None without clipping).
-    """
-    Z = Kn @ a1  # [N, H, C, Dh]
-    Hk = act(Z, activation)
-    Err = Hk @ a2 - target  # [N, H, C, V]
-    D = Err @ a2.mT  # [N, H, C, Dh]
-    Delta = act_vjp(D, Z, activation)
-    norm = None
-    step = theta
-    if max_update_norm is not None:
-        norm = _write_norm(Kn, Delta, Hk, Err)
-        step = clipped_step(theta, norm, max_update_norm)
-    w = (gh * step.unsqueeze(-2)).unsqueeze(-1)  # [N, H, 2, C, 1]
-    _mix_add(M, WS1, Kn.mT, w * Delta.unsqueeze(2), out=out1, alpha=-1)  # [N, H, 2, K, Dh]
-    _mix_add(M, WS2, Hk.mT, w * Err.unsqueeze(2), out=out2, alpha=-1)  # [N, H, 2, Dh, V]
-    return Z, Hk, Err, D, Delta, step, norm
-
-
-def _read(Q, WS1s, WS2s, AB, P1, Gamma, Hk, X1, X2, activation):
-    """Every query of a run of chunks, at its own per-token weights.
-
-    Q ``[n, N, H, C, K]``; WS1s ``[n, N, H, 2, K, Dh]``, WS2s ``[n, N, H, 2, Dh, V]`` chunk-start
-    states; AB ``[n, N, H, 2, C, 1]`` (weights of W_0 and S_0 in W_t); P1 ``(Q K^T) * Gamma`` and
-    Gamma ``[n, N, H, C, C]``; Hk, X1 ``[n, N, H, C, Dh]``; X2 ``[n, N, H, C, V]``.
-    Returns ``(Zq, o)``: ``[n, N, H, C, Dh]`` and ``[n, N, H, C, V]`` (without the residual).
-    """
-    Zq = (AB * (Q.unsqueeze(3) @ WS1s)).sum(3) - P1 @ X1
-    Hq = act(Zq, activation)
-    o = (AB * (Hq.unsqueeze(3) @ WS2s)).sum(3) - ((Hq @ Hk.mT) * Gamma) @ X2
-    return Zq, o
-
-
-def _read_backward(dO, Q, K, starts1, starts2, AB, Gamma, Zq, Hk, X1, X2, activation):
-    """Backward of :func:`_read` over all chunks at once (shapes as there, dO like o), except
-    into the chunk-start states, which the reverse loop takes chunk by chunk from ``Hq``,
-    ``AB * dO`` and ``AB * dZq``.
-
-    Returns dQ, dK ``[NC, N, H, C, K]``; dAB ``[NC, N, H, 2, C]``; dGamma ``[NC, N, H, C, C]``; the
-    reads' gradients of X1, X2 and Hk; Hq ``[NC, N, H, C, Dh]``; ``AB * dZq`` ``[NC, N, H, 2, C, Dh]``
-    and ``AB * dO`` ``[NC, N, H, 2, C, V]``.
-    """
-    Hq = act(Zq, activation)
-    # o = sum_i AB_i (Hq @ WS2_i) - (R2 * Gamma) @ X2,   R2 = Hq Hk^T
-    dOW = dO.unsqueeze(3) @ starts2.mT  # [NC, N, H, 2, C, Dh]
-    dAB = (dOW * Hq.unsqueeze(3)).sum(-1)  # [NC, N, H, 2, C]
-    R2 = Hq @ Hk.mT  # [NC, N, H, C, C]
-    dP2 = -(dO @ X2.mT)
-    dGamma = dP2 * R2
-    dR2 = dP2 * Gamma
-    dZq = act_vjp((AB * dOW).sum(3) + dR2 @ Hk, Zq, activation)  # [NC, N, H, C, Dh]
-    dHk = dR2.mT @ Hq
-    dX2 = -((R2 * Gamma).mT @ dO)
-    # Zq = sum_i AB_i (Q @ WS1_i) - (R1 * Gamma) @ X1,   R1 = Q K^T
-    dZW = dZq.unsqueeze(3) @ starts1.mT  # [NC, N, H, 2, C, K]
-    dAB += (dZW * Q.unsqueeze(3)).sum(-1)
-    R1 = Q @ K.mT
-    dP1 = -(dZq @ X1.mT)
-    dGamma += dP1 * R1
-    dR1 = dP1 * Gamma
-    dQ = (AB * dZW).sum(3) + dR1 @ K
-    dK = dR1.mT @ Q
-    dX1 = -((R1 * Gamma).mT @ dZq)
-    return dQ, dK, dAB, dGamma, dX1, dX2, dHk, Hq, AB * dZq.unsqueeze(3), AB * dO.unsqueeze(3)
-
-
-def _mixing(A, Bv, E) -> torch.Tensor:
-    """Each chunk's state mixing ``M = [[A_c, B_c], [0, E_c]]`` ``[NC, N, H, 2, 2]`` from its gates
-    ``[NC, N, H, C]``."""
-    A_c, B_c, E_c = A[..., -1], Bv[..., -1], E[..., -1]  # [NC, N, H]
-    return torch.stack([torch.stack([A_c, B_c], -1), torch.stack([torch.zeros_like(E_c), E_c], -1)], -2)
+def _mixing(A, Bv, E):
+    """Each chunk's state mixing from its gates ``[NC, N, H, C]``: ``(A_c, E_c)`` ``[NC, N, H, 1, 2, 1]``
+    and ``B_c`` ``[NC, N, H, 1, 1]``."""
+    ae = torch.stack([A[..., -1], E[..., -1]], dim=-1)  # [NC, N, H, 2]
+    return ae[..., None, :, None], Bv[..., -1, None, None]
 
 
 def _where_rows(rows: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """``x`` on the rows where ``rows`` ``[N, 1, 1, 1]`` is True, 0 elsewhere."""
     return torch.where(rows, x, torch.zeros((), dtype=x.dtype, device=x.device))
+
+
+def _read(Q, starts1, starts2, A, Bv, P1m, Gamma, Hk, X1, X2, activation, Zq, o):
+    """Every query of a run of chunks, at its own per-token weights.
+
+    Q ``[n, N, H, C, K]``; starts1 ``[n, N, H, K, 2 Dh]``, starts2 ``[n, N, H, Dh, 2 V]`` chunk-start
+    states; A, Bv ``[n, N, H, C]`` (weights of W_0 and S_0 in W_t); P1m ``(Q K^T) * Gamma`` and
+    Gamma ``[n, N, H, C, C]``; Hk, X1 ``[n, N, H, C, Dh]``; X2 ``[n, N, H, C, V]``.
+    Writes ``Zq`` ``[n, N, H, C, Dh]`` and ``o`` ``[n, N, H, C, V]`` (without the residual).
+    """
+    _mm_acc(_weighted(_mm(Q, starts1), A, Bv, out=Zq), P1m, X1, alpha=-1)
+    Hq = act(Zq, activation)
+    _mm_acc(_weighted(_mm(Hq, starts2), A, Bv, out=o), _mm(Hq, Hk.mT).mul_(Gamma), X2, alpha=-1)
+
+
+def _read_backward(dO, Q, K, starts1, starts2, A, Bv, Gamma, Zq, Hk, X1, X2, activation):
+    """Backward of :func:`_read` over all chunks at once (shapes as there, dO like o), except
+    into the chunk-start states, which the reverse loop takes chunk by chunk from ``Hq``,
+    ``[A dO | B dO]`` and ``[A dZq | B dZq]``.
+
+    Returns dQ, dK ``[NC, N, H, C, K]``; dA, dBv ``[NC, N, H, C]``; dGamma ``[NC, N, H, C, C]``;
+    the reads' gradients of X1, X2 and Hk; Hq ``[NC, N, H, C, Dh]``; ``[A dZq | B dZq]``
+    ``[NC, N, H, C, 2 Dh]`` and ``[A dO | B dO]`` ``[NC, N, H, C, 2 V]``.
+    """
+    AB = torch.stack([A, Bv], dim=-1).unsqueeze(-1)  # [NC, N, H, C, 2, 1]
+    Hq = act(Zq, activation)
+    # o = A (Hq W2) + B (Hq S2) - (R2 * Gamma) @ X2,   R2 = Hq Hk^T
+    ABdO = _spread(dO, AB)  # [NC, N, H, C, 2V]
+    dAB = (_pair(_mm(Hq, starts2)) * dO.unsqueeze(-2)).sum(-1)  # [NC, N, H, C, 2]
+    R2 = _mm(Hq, Hk.mT)  # [NC, N, H, C, C]
+    dP2 = _mm(dO, X2.mT, alpha=-1)
+    dGamma = dP2 * R2
+    dR2 = dP2.mul_(Gamma)
+    dZq = act_vjp(_mm(dR2, Hk, add=_mm(ABdO, starts2.mT)), Zq, activation)  # [NC, N, H, C, Dh]
+    dHk = _mm(dR2.mT, Hq)
+    dX2 = _mm(R2.mul_(Gamma).mT, dO, alpha=-1)
+    # Zq = A (Q W1) + B (Q S1) - (R1 * Gamma) @ X1,   R1 = Q K^T
+    ABdZq = _spread(dZq, AB)  # [NC, N, H, C, 2Dh]
+    dAB += (_pair(_mm(Q, starts1)) * dZq.unsqueeze(-2)).sum(-1)
+    R1 = _mm(Q, K.mT)
+    dP1 = _mm(dZq, X1.mT, alpha=-1)
+    dGamma += dP1 * R1
+    dR1 = dP1.mul_(Gamma)
+    dQ = _mm(dR1, K, add=_mm(ABdZq, starts1.mT))
+    dK = _mm(dR1.mT, Q)
+    dX1 = _mm(R1.mul_(Gamma).mT, dZq, alpha=-1)
+    return dQ, dK, dAB[..., 0], dAB[..., 1], dGamma, dX1, dX2, dHk, Hq, ABdZq, ABdO
 
 
 class MLPDualForm(torch.autograd.Function):
@@ -160,71 +200,111 @@ class MLPDualForm(torch.autograd.Function):
     def forward(ctx, Q, K, V, theta, A, Bv, E, Gamma, h, W1, S1, W2, S2, a1, a2, last_chunk, activation, residual,
                 max_update_norm, save):
         NC, N, H, C, _ = Q.shape
-        target = V - K if residual else V  # Err = Hk a2 - target
-        gh = torch.stack([Gamma[..., -1, :], h], dim=-2)  # [NC, N, H, 2, C]
-        M = _mixing(A, Bv, E)  # [NC, N, H, 2, 2]
-        AB = torch.stack([A, Bv], dim=-2).unsqueeze(-1)  # [NC, N, H, 2, C, 1]
-        P1 = (Q @ K.mT) * Gamma  # [NC, N, H, C, C]
+        Dh, Vd = W1.shape[-1], W2.shape[-1]
+        neg_target = K - V if residual else -V  # Err = Hk a2 + neg_target
+        gh = torch.stack([Gamma[..., -1, :], h], dim=-1).unsqueeze(-1)  # [NC, N, H, C, 2, 1]
+        ae, b = _mixing(A, Bv, E)
+        P1m = _mm(Q, K.mT).mul_(Gamma)  # [NC, N, H, C, C]
+        clip = max_update_norm is not None
+        w = None if clip else gh * theta[..., None, None]  # each write's weight in W and S, step included
+        # Chunks are written one by one and read a block at a time, while the block's states are in
+        # cache. The states at the chunk starts: of every chunk and the end with save (the backward
+        # needs them), else of one block and its end: [NC or block + 1, N, H, K, 2Dh], [.., Dh, 2V].
         chunk_bytes = 2 * (W1.numel() + W2.numel()) * W1.element_size()
-        block = NC if save else max(1, min(NC, _BLOCK_BYTES // chunk_bytes))
-        # states at the chunk starts of a block, and at its end: [block + 1, N, H, 2, K, Dh], [.., 2, Dh, V]
-        starts1 = W1.new_empty(block + 1, N, H, 2, *W1.shape[-2:])
-        starts2 = W2.new_empty(block + 1, N, H, 2, *W2.shape[-2:])
-        starts1[0, :, :, 0], starts1[0, :, :, 1], starts2[0, :, :, 0], starts2[0, :, :, 1] = W1, S1, W2, S2
+        block = max(1, min(NC, _BLOCK_BYTES // chunk_bytes))
+        kept = NC if save else block
+        starts1 = W1.new_empty(kept + 1, N, H, W1.shape[-2], 2 * Dh)
+        starts2 = W2.new_empty(kept + 1, N, H, Dh, 2 * Vd)
+        starts1[0, ..., :Dh], starts1[0, ..., Dh:], starts2[0, ..., :Vd], starts2[0, ..., Vd:] = W1, S1, W2, S2
+        # what each chunk's writes leave for its reads, and for the backward (Z, Err, D, step, norm, Zq)
+        Z, D = Q.new_empty(kept, N, H, C, Dh), Q.new_empty(kept, N, H, C, Dh)
+        Err = Q.new_empty(kept, N, H, C, Vd)
+        step, norm = (Q.new_empty(kept, N, H, C), Q.new_empty(kept, N, H, C)) if clip else (None, None)
+        Hk, Delta = Q.new_empty(block, N, H, C, Dh), Q.new_empty(block, N, H, C, Dh)
+        Zq = Q.new_empty(kept, N, H, C, Dh)
+        o = Q.new_empty(NC, N, H, C, Vd)
         ends = torch.tensor(last_chunk, device=Q.device).view(N, 1, 1, 1)
-        anchor1, anchor2 = final_a1, final_a2 = a1, a2
-        names = ("Z", "Hk", "Err", "D", "Delta", "step", "norm")
-        outs = []
+        final_a1, final_a2 = a1, a2
+        # The chunk loop runs a dozen small ops per chunk; its per-chunk views are made up front,
+        # with batch and heads flattened: [N * H, ...].
+        NH = N * H
+        Kc, KcT, tgt, Zc, Dc, Ec = (_chunks(x) for x in (K, K.mT, neg_target, Z, D, Err))
+        Hc, Deltac, Eu, Deltau = (_chunks(x) for x in (Hk, Delta, Err.unsqueeze(-2), Delta.unsqueeze(-2)))
+        ae3, b3, gh3 = _chunks(ae), _chunks(b), _chunks(gh)  # [NH, 1, 2, 1], [NH, 1, 1], [NH, C, 2, 1]
+        w3 = None if clip else _chunks(w)
+        if clip:
+            thc, stepc, normc = _chunks(theta), _chunks(step), _chunks(norm)  # [NH, C]
+        P1s, P1p, P1w, P1sw = _state_views(starts1)
+        P2s, P2p, P2w, P2sw = _state_views(starts2)
+        P2wT = tuple(x.mT for x in P2w)
+        a1c, a2c = (x.expand(N, H, *x.shape[-2:]).reshape(NH, *x.shape[-2:]) for x in (a1, a2))
+        sp1, sp2 = Q.new_empty(NH, C, 2, Dh), Q.new_empty(NH, C, 2, Vd)  # [g X | h X] of each layer
+        sp1f, sp2f = sp1.view(NH, C, 2 * Dh), sp2.view(NH, C, 2 * Vd)
         for lo in range(0, NC, block):
             hi = min(NC, lo + block)
-            if lo > 0:  # a new block starts from the last one's end
+            base = 0 if save else lo  # chunk n's slot in the kept buffers is n - base
+            if lo > 0 and not save:  # a new block starts from the last one's end
                 starts1[0], starts2[0] = starts1[block], starts2[block]
-            cols = {name: [] for name in names}
             for n in range(lo, hi):
-                WS1, WS2 = starts1[n - lo], starts2[n - lo]
+                j, i = n - base, n - lo
                 if n > 0:
-                    anchor1, anchor2 = WS1[:, :, 0], WS2[:, :, 0]
+                    an1, an2, an2T = P1w[j], P2w[j], P2wT[j]  # the anchor: this chunk's start weights
                     if n in last_chunk:
-                        final_a1 = torch.where(ends == n, anchor1, final_a1)
-                        final_a2 = torch.where(ends == n, anchor2, final_a2)
-                res = _write_chunk(K[n], target[n], theta[n], gh[n], M[n], WS1, WS2,
-                                   anchor1, anchor2, activation, max_update_norm, starts1[n - lo + 1],
-                                   starts2[n - lo + 1])
-                for name, value in zip(names, res):
-                    cols[name].append(value)
-            col = {name: torch.stack(v) for name, v in cols.items() if v[0] is not None}  # [n, N, H, C, *]
-            s = col["step"].unsqueeze(-1)
-            Zq, o = _read(Q[lo:hi], starts1[:hi - lo], starts2[:hi - lo], AB[lo:hi],
-                          P1[lo:hi], Gamma[lo:hi], col["Hk"], s * col["Delta"], s * col["Err"], activation)
-            outs.append(o)
-        last = starts1[NC - lo], starts2[NC - lo]  # the final states
+                        final_a1 = torch.where(ends == n, an1.unflatten(0, (N, H)), final_a1)
+                        final_a2 = torch.where(ends == n, an2.unflatten(0, (N, H)), final_a2)
+                else:
+                    an1, an2, an2T = a1c, a2c, a2c.mT
+                z = torch.bmm(Kc[n], an1, out=Zc[j])  # [NH, C, Dh]
+                hk = act(z, activation, out=Hc[i])
+                err = torch.baddbmm(tgt[n], hk, an2, out=Ec[j])  # [NH, C, V]
+                delta = act_vjp(torch.bmm(err, an2T, out=Dc[j]), z, activation, out=Deltac[i])
+                if clip:
+                    normc[j].copy_(_write_norm(Kc[n], delta, hk, err))
+                    stepc[j].copy_(clipped_step(thc[n], normc[j], max_update_norm))
+                    wn = gh3[n] * stepc[j][..., None, None]
+                else:
+                    wn = w3[n]
+                # P_end = [A_c W + B_c S | E_c S] - L^T [g X | h X]
+                torch.mul(Deltau[i], wn, out=sp1)
+                torch.mul(P1p[j], ae3[n], out=P1p[j + 1])
+                P1w[j + 1].addcmul_(P1sw[j], b3[n])
+                P1s[j + 1].baddbmm_(KcT[n], sp1f, alpha=-1)
+                torch.mul(Eu[j], wn, out=sp2)
+                torch.mul(P2p[j], ae3[n], out=P2p[j + 1])
+                P2w[j + 1].addcmul_(P2sw[j], b3[n])
+                P2s[j + 1].baddbmm_(hk.mT, sp2f, alpha=-1)
+            m, r = hi - lo, slice(lo - base, hi - base)
+            s = (step[r] if clip else theta[lo:hi]).unsqueeze(-1)  # [m, N, H, C, 1]
+            _read(Q[lo:hi], starts1[r], starts2[r], A[lo:hi], Bv[lo:hi], P1m[lo:hi], Gamma[lo:hi], Hk[:m],
+                  s * Delta[:m], s * Err[r], activation, Zq[r], o[lo:hi])
+        last = starts1[NC - base], starts2[NC - base]  # the final states
         if NC in last_chunk:
-            final_a1 = torch.where(ends == NC, last[0][:, :, 0], final_a1)
-            final_a2 = torch.where(ends == NC, last[1][:, :, 0], final_a2)
-        o = torch.cat(outs)  # [NC, N, H, C, V]
+            final_a1 = torch.where(ends == NC, last[0][..., :Dh], final_a1)
+            final_a2 = torch.where(ends == NC, last[1][..., :Vd], final_a2)
         if residual:
             o = o + Q
-        if save:  # one block: its columns hold every chunk
-            ctx.save_for_backward(Q, K, theta, A, Bv, Gamma, gh, M, a1, a2, col["Z"], col["Err"], col["D"],
-                                  col["step"], Zq, starts1, starts2, col.get("norm"))
+        if save:  # the kept buffers hold every chunk
+            ctx.save_for_backward(Q, K, theta, A, Bv, Gamma, gh, ae, b, a1, a2, Z, Err, D,
+                                  step if clip else theta, Zq, starts1, starts2, norm)
             ctx.config = (list(last_chunk), activation, residual, max_update_norm)
         # copies: the outputs must not alias the saved states
-        return (o, last[0][:, :, 0].clone(), last[0][:, :, 1].clone(), last[1][:, :, 0].clone(),
-                last[1][:, :, 1].clone(), final_a1.clone(), final_a2.clone())
+        return (o, last[0][..., :Dh].clone(), last[0][..., Dh:].clone(), last[1][..., :Vd].clone(),
+                last[1][..., Vd:].clone(), final_a1.clone(), final_a2.clone())
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dO, dW1, dS1, dW2, dS2, dA1, dA2):
-        Q, K, theta, A, Bv, Gamma, gh, M, a1, a2, Z, Err, D, step, Zq, starts1, starts2, norm = ctx.saved_tensors
+        (Q, K, theta, A, Bv, Gamma, gh, ae, b, a1, a2, Z, Err, D, step, Zq, starts1, starts2,
+         norm) = ctx.saved_tensors
         last_chunk, activation, residual, c = ctx.config
         NC, N, H, C, _ = Q.shape
+        Dh, Vd = Z.shape[-1], Err.shape[-1]
         Hk, app = act(Z, activation), act_grad2(Z, activation)  # [NC, N, H, C, Dh]
         Delta = act_vjp(D, Z, activation)
         s = step.unsqueeze(-1)  # [NC, N, H, C, 1]
         X1, X2 = s * Delta, s * Err
-        AB = torch.stack([A, Bv], dim=-2).unsqueeze(-1)  # [NC, N, H, 2, C, 1]
-        dQ, dK, dAB, dGamma, dX1r, dX2r, dHkr, Hq, ABdZq, ABdO = _read_backward(
-            dO, Q, K, starts1[:NC], starts2[:NC], AB, Gamma, Zq, Hk, X1, X2, activation)
+        dQ, dK, dA, dBv, dGamma, dX1r, dX2r, dHkr, Hq, ABdZq, ABdO = _read_backward(
+            dO, Q, K, starts1[:NC], starts2[:NC], A, Bv, Gamma, Zq, Hk, X1, X2, activation)
         clipped = None
         if c is not None:  # where clipped, step = c / ||G||: its gradient flows into ||G||, none into theta
             clipped = theta * norm > c
@@ -234,66 +314,86 @@ class MLPDualForm(torch.autograd.Function):
             h2, e2 = Hk.square().sum(-1, keepdim=True), Err.square().sum(-1, keepdim=True)
 
         ends = torch.tensor(last_chunk, device=Q.device).view(N, 1, 1, 1)
-        G1, G2 = torch.stack([dW1, dS1], 2), torch.stack([dW2, dS2], 2)  # gradients of the chunk-end states
-        if NC in last_chunk:
-            G1[:, :, 0] += _where_rows(ends == NC, dA1)
-            G2[:, :, 0] += _where_rows(ends == NC, dA2)
         dZ, dErr, dstep = torch.empty_like(Z), torch.empty_like(Err), torch.empty_like(step)
-        dgh, dM = torch.empty_like(gh), torch.empty_like(M)
+        dgh, dM = torch.empty_like(gh.squeeze(-1)), Q.new_empty(NC, N, H, 2, 2)
+        # per-chunk views, batch and heads flattened: [N * H, ...] (as in the forward)
+        NH = N * H
+        Kc, KcT, Hc, HcT, Zc, Dc, Deltac, Ec, appc = (_chunks(x) for x in (K, K.mT, Hk, Hk.mT, Z, D, Delta, Err, app))
+        X1u, X2u, sc, gh3 = _chunks(X1.unsqueeze(-2)), _chunks(X2.unsqueeze(-2)), _chunks(s), _chunks(gh)
+        dX1rc, dX2rc, dHkrc, dKc = _chunks(dX1r), _chunks(dX2r), _chunks(dHkr), _chunks(dK)
+        QcT, HqcT, ABdZqc, ABdOc = _chunks(Q.mT), _chunks(Hq.mT), _chunks(ABdZq), _chunks(ABdO)
+        dZc, dErrc, dstepc, dghc, dMc = (_chunks(x) for x in (dZ, dErr, dstep, dgh, dM))
+        ae3, b3 = _chunks(ae), _chunks(b)
+        P1s, _, P1w, _ = _state_views(starts1)
+        P2s, _, P2w, _ = _state_views(starts2)
+        a1c, a2c = (x.expand(N, H, *x.shape[-2:]).reshape(NH, *x.shape[-2:]) for x in (a1, a2))
+        if c is not None:
+            coefc, k2c, d2c, h2c, e2c = (_chunks(x) for x in (coef, k2, d2, h2, e2))
+        # the gradients of the chunk-end states, and a second buffer each for the chunk-start ones
+        G1 = _GradPair(torch.cat([dW1, dS1], -1).flatten(0, 1))  # [NH, K, 2Dh]
+        G2 = _GradPair(torch.cat([dW2, dS2], -1).flatten(0, 1))  # [NH, Dh, 2V]
+        spare1, spare2 = _GradPair(torch.empty_like(G1.flat)), _GradPair(torch.empty_like(G2.flat))
+        if NC in last_chunk:
+            G1.add_to_weight(ends == NC, dA1)
+            G2.add_to_weight(ends == NC, dA2)
+        sp1, sp2 = Q.new_empty(NH, C, 2, Dh), Q.new_empty(NH, C, 2, Vd)  # [g X | h X] of each layer
+        sp1f, sp2f = sp1.view(NH, C, 2 * Dh), sp2.view(NH, C, 2 * Vd)
         for n in reversed(range(NC)):
-            Kn, Hkn, Dn, Deltan, Errn, sn = K[n], Hk[n], D[n], Delta[n], Err[n], s[n]
-            WS1, WS2 = starts1[n], starts2[n]  # [N, H, 2, K, Dh], [N, H, 2, Dh, V]
-            a1n, a2n = (WS1[:, :, 0], WS2[:, :, 0]) if n > 0 else (a1, a2)
-            w = gh[n].unsqueeze(-1)  # [N, H, 2, C, 1]
-            # the chunk's writes into its end states: WS1 -= K^T (w X1), WS2 -= Hk^T (w X2)
-            KG = Kn.unsqueeze(2) @ G1  # [N, H, 2, C, Dh]
-            HG = Hkn.unsqueeze(2) @ G2  # [N, H, 2, C, V]
-            dX1 = dX1r[n] - (w * KG).sum(2)
-            dX2 = dX2r[n] - (w * HG).sum(2)
-            dHk = dHkr[n] - ((w * X2[n].unsqueeze(2)) @ G2.mT).sum(2)  # [N, H, C, Dh]
-            dK[n] -= ((w * X1[n].unsqueeze(2)) @ G1.mT).sum(2)
-            dgh[n] = -(KG * X1[n].unsqueeze(2)).sum(-1) - (HG * X2[n].unsqueeze(2)).sum(-1)
+            an1, an2 = (P1w[n], P2w[n]) if n > 0 else (a1c, a2c)
+            wn, g1, g2 = gh3[n], G1.flat, G2.flat
+            # the chunk's writes into its end states: P1 -= K^T [g X1 | h X1], P2 -= Hk^T [g X2 | h X2]
+            KG = torch.bmm(Kc[n], g1).view(NH, C, 2, Dh)
+            HG = torch.bmm(Hc[n], g2).view(NH, C, 2, Vd)
+            dX1 = dX1rc[n] - (wn * KG).sum(-2)  # [NH, C, Dh]
+            dX2 = dX2rc[n] - (wn * HG).sum(-2)  # [NH, C, V]
+            dHk = torch.baddbmm(dHkrc[n], torch.mul(X2u[n], wn, out=sp2).view_as(sp2f), g2.mT, alpha=-1)
+            dKc[n].baddbmm_(torch.mul(X1u[n], wn, out=sp1).view_as(sp1f), g1.mT, alpha=-1)
+            torch.sub(-(KG * X1u[n]).sum(-1), (HG * X2u[n]).sum(-1), out=dghc[n])
             # X1 = step * Delta, X2 = step * Err
-            dDelta, dE = sn * dX1, sn * dX2
-            dstep[n] = (dX1 * Deltan).sum(-1) + (dX2 * Errn).sum(-1)
-            if clipped is not None:
-                r = coef[n, ..., None] * dstep[n, ..., None]  # [N, H, C, 1]
-                dDelta = dDelta + (r * k2[n]) * Deltan
-                dE = dE + (r * h2[n]) * Errn
-                dHk = dHk + (r * e2[n]) * Hkn
-                dK[n] += (r * d2[n]) * Kn
+            dDelta, dE = sc[n] * dX1, sc[n] * dX2
+            torch.add((dX1 * Deltac[n]).sum(-1), (dX2 * Ec[n]).sum(-1), out=dstepc[n])
+            if c is not None:
+                r = coefc[n].unsqueeze(-1) * dstepc[n].unsqueeze(-1)  # [NH, C, 1]
+                dDelta = dDelta + (r * k2c[n]) * Deltac[n]
+                dE = dE + (r * h2c[n]) * Ec[n]
+                dHk = dHk + (r * e2c[n]) * Hc[n]
+                dKc[n].addcmul_(r * d2c[n], Kc[n])
             # Delta = (Err a2^T) * act'(Z); Err = act(Z) a2 - target; Z = K a1
-            dD = act_vjp(dDelta, Z[n], activation)
-            dE = dE + dD @ a2n
-            da2 = dD.mT @ Errn + Hkn.mT @ dE  # [N, H, Dh, V]
-            dZn = act_vjp(dHk + dE @ a2n.mT, Z[n], activation) + dDelta * Dn * app[n]
-            da1 = Kn.mT @ dZn  # [N, H, K, Dh]
-            dZ[n], dErr[n] = dZn, dE
+            dD = act_vjp(dDelta, Zc[n], activation)
+            dE = torch.baddbmm(dE, dD, an2, out=dErrc[n])
+            da2 = torch.baddbmm(torch.bmm(dD.mT, Ec[n]), HcT[n], dE)  # [NH, Dh, V]
+            dZn = act_vjp(torch.baddbmm(dHk, dE, an2.mT), Zc[n], activation, out=dZc[n])
+            dZn.addcmul_(dDelta * Dc[n], appc[n])
+            da1 = torch.bmm(KcT[n], dZn)  # [NH, K, Dh]
             # back to the chunk start: through the gates' mixing, the reads, and the anchor
-            dM[n] = G1.flatten(-2) @ WS1.flatten(-2).mT + G2.flatten(-2) @ WS2.flatten(-2).mT
-            G1 = _mix_add(M[n].mT, G1, Q[n].mT, ABdZq[n])
-            G2 = _mix_add(M[n].mT, G2, Hq[n].mT, ABdO[n])
+            torch.add(_pair_products(g1, P1s[n]), _pair_products(g2, P2s[n]), out=dMc[n])
+            G1.mix_transposed_into(spare1, ae3[n], b3[n]).flat.baddbmm_(QcT[n], ABdZqc[n])
+            G2.mix_transposed_into(spare2, ae3[n], b3[n]).flat.baddbmm_(HqcT[n], ABdOc[n])
+            G1, spare1, G2, spare2 = spare1, G1, spare2, G2
             if n > 0:
-                G1[:, :, 0] += da1
-                G2[:, :, 0] += da2
+                G1.weight.add_(da1)
+                G2.weight.add_(da2)
                 if n in last_chunk:
-                    G1[:, :, 0] += _where_rows(ends == n, dA1)
-                    G2[:, :, 0] += _where_rows(ends == n, dA2)
+                    G1.add_to_weight(ends == n, dA1)
+                    G2.add_to_weight(ends == n, dA2)
+        da1, da2 = da1.view_as(dA1), da2.view_as(dA2)
         if 0 in last_chunk:  # da1, da2 of the first chunk: its anchor is the initial one
             da1 = da1 + _where_rows(ends == 0, dA1)
             da2 = da2 + _where_rows(ends == 0, dA2)
+        G1, G2 = G1.flat.unflatten(0, (N, H)), G2.flat.unflatten(0, (N, H))
 
         dK[0] += dZ[0] @ a1.mT
-        dK[1:] += dZ[1:] @ starts1[1:NC, :, :, 0].mT
+        if NC > 1:
+            _mm_acc(dK[1:], dZ[1:], starts1[1:NC, ..., :Dh].mT)
         dV = -dErr
         if residual:
             dQ += dO
             dK += dErr
         dtheta = dstep if clipped is None else torch.where(clipped, torch.zeros_like(dstep), dstep)
-        dA, dBv, dE_gate = dAB[:, :, :, 0], dAB[:, :, :, 1], torch.zeros_like(A)
+        dE_gate = torch.zeros_like(A)
         dA[..., -1] += dM[..., 0, 0]
         dBv[..., -1] += dM[..., 0, 1]
         dE_gate[..., -1] = dM[..., 1, 1]
-        dGamma[..., -1, :] += dgh[:, :, :, 0]
-        return (dQ, dK, dV, dtheta, dA, dBv, dE_gate, dGamma, dgh[:, :, :, 1], G1[:, :, 0], G1[:, :, 1],
-                G2[:, :, 0], G2[:, :, 1], da1, da2, None, None, None, None, None)
+        dGamma[..., -1, :] += dgh[..., 0]
+        return (dQ, dK, dV, dtheta, dA, dBv, dE_gate, dGamma, dgh[..., 1], G1[..., :Dh], G1[..., Dh:],
+                G2[..., :Vd], G2[..., Vd:], da1, da2, None, None, None, None, None)

@@ -16,6 +16,7 @@ from titans_layers.testing import (assert_close, check_against_reference, check_
 
 f16, bf16, f32, f64 = torch.float16, torch.bfloat16, torch.float32, torch.float64
 
+
 def _one_chunk_blocks(op, *args, **kwargs):
     """``op`` with the dual form's read blocks cut to a single chunk (the default fits a test's
     whole sequence in one block)."""

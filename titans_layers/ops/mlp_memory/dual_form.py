@@ -65,6 +65,11 @@ def _chunks(x: torch.Tensor) -> tuple[torch.Tensor, ...]:
     return x.flatten(1, 2).unbind(0)
 
 
+def _heads_flat(x: torch.Tensor, N: int, H: int) -> torch.Tensor:
+    """``[N or 1, H, R, S]`` (an expanded view is fine) -> ``[N * H, R, S]``."""
+    return x.expand(N, H, *x.shape[-2:]).reshape(N * H, *x.shape[-2:])
+
+
 def _state_views(starts: torch.Tensor):
     """Per-chunk views of chunk-start states ``[n, N, H, R, 2 S]``: the pairs ``[N * H, R, 2 S]``, the
     same as ``[N * H, R, 2, S]``, and their weight and momentum halves ``[N * H, R, S]``."""
@@ -251,7 +256,7 @@ class MLPDualForm(torch.autograd.Function):
         P1s, P1p, P1w, P1sw = _state_views(starts1)
         P2s, P2p, P2w, P2sw = _state_views(starts2)
         P2wT = tuple(x.mT for x in P2w)
-        a1c, a2c = (x.expand(N, H, *x.shape[-2:]).reshape(NH, *x.shape[-2:]) for x in (a1, a2))
+        a1c, a2c = _heads_flat(a1, N, H), _heads_flat(a2, N, H)  # the initial anchors [NH, R, S]
         sp1, sp2 = Q.new_empty(NH, C, 2, Dh), Q.new_empty(NH, C, 2, Vd)  # [g X | h X] of each layer
         sp1f, sp2f = sp1.view(NH, C, 2 * Dh), sp2.view(NH, C, 2 * Vd)
         for lo in range(0, NC, block):
@@ -340,7 +345,7 @@ class MLPDualForm(torch.autograd.Function):
         (ae1, b1), (ae2, b2) = _mixing_rows(ae, b, Dh), _mixing_rows(ae, b, Vd)
         P1s, _, P1w, _ = _state_views(starts1)
         P2s, _, P2w, _ = _state_views(starts2)
-        a1c, a2c = (x.expand(N, H, *x.shape[-2:]).reshape(NH, *x.shape[-2:]) for x in (a1, a2))
+        a1c, a2c = _heads_flat(a1, N, H), _heads_flat(a2, N, H)  # the initial anchors [NH, R, S]
         if c is not None:
             coefc, k2c, d2c, h2c, e2c = (_chunks(x) for x in (coef, k2, d2, h2, e2))
         # the gradients of the chunk-end states, and a second buffer each for the chunk-start ones

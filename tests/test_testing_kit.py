@@ -1,5 +1,7 @@
 """The contract checks must fail on broken implementations (a check that cannot fail is a defect)."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -7,6 +9,7 @@ from titans_layers.ops import (MomentumDeltaRuleState, naive_chunk_momentum_delt
                                naive_recurrent_momentum_delta_rule)
 from titans_layers.testing import (check_against_reference, check_continuation, check_deterministic, check_errors,
                                    check_varlen, make_case, relative_error)
+from titans_layers.testing.clipping import clear_of_the_bound, clip_ratios
 
 
 def case(**over):
@@ -132,3 +135,16 @@ def test_uninitialised_memory_is_poisoned():
     assert torch.isnan(torch.empty(3)).all()
     assert torch.isnan(torch.empty_like(torch.zeros(2))).all()
     assert torch.isnan(torch.zeros(1).new_empty(4)).all()
+
+
+@pytest.mark.parametrize("family", ["linear", "mlp"])
+def test_clear_of_the_bound_rejects_a_write_on_the_bound(family, device):
+    """With the bound at the largest write norm nothing is clipped, so that token sits exactly on
+    the bound (ratio 1) and the case is rejected; a bound 10x larger leaves every write clear."""
+    drawn = make_case(seed=3, B=1, T=20, H=1, K=8, V=8, dtype=torch.bfloat16, chunk_size=4, family=family,
+                     device=device)
+    with_bound = lambda c: dataclasses.replace(drawn, extra={**drawn.extra, "max_update_norm": c})  # noqa: E731
+    largest = clip_ratios(with_bound(1e6)).max().item() * 1e6  # the largest write norm (nothing clipped)
+    on_it = clip_ratios(with_bound(largest))
+    assert (on_it - 1).abs().min().item() < 1e-12 and not clear_of_the_bound(with_bound(largest))
+    assert clear_of_the_bound(with_bound(10 * largest))

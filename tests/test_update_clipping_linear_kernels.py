@@ -13,7 +13,7 @@ K = V = 128 as a real call would.
 The clip decision is a discontinuity of the gradient (``d theta' / d theta`` jumps from 1 to 0),
 so a token whose write sits on the bound to within rounding would make any two correct
 implementations disagree: drawn cases keep every token a relative margin away from the bound
-(measured on the float64 trajectory; see :func:`clip_ratios`).
+(:mod:`titans_layers.testing.clipping`).
 """
 
 import dataclasses
@@ -26,10 +26,10 @@ from hypothesis import strategies as st
 
 import titans_layers.ops.momentum_delta_rule.chunk as chunk_module
 import titans_layers.ops.momentum_delta_rule.naive as naive_module
-from titans_layers.ops import (chunk_momentum_delta_rule, fused_recurrent_momentum_delta_rule,
-                               naive_chunk_momentum_delta_rule)
+from titans_layers.ops import chunk_momentum_delta_rule, fused_recurrent_momentum_delta_rule
 from titans_layers.testing import (GATE_PATTERNS, assert_close, check_against_reference, check_continuation,
                                    check_deterministic, check_varlen, make_case, pin_gates, tolerance)
+from titans_layers.testing.clipping import clear_of_the_bound, clip_ratios
 from titans_layers.testing.compare import assert_identical
 from titans_layers.testing.contract import run_with_grads
 
@@ -45,31 +45,6 @@ BOUNDS = (1e-4, 0.05, 0.5, 1e3)
 
 def with_bound(case, bound):
     return dataclasses.replace(case, extra={**case.extra, "max_update_norm": bound})
-
-
-def clip_ratios(case) -> torch.Tensor:
-    """``theta_t ||G_t|| / c`` of every token with theta_t > 0 on the float64 clipped trajectory
-    (the chunked reference, with its ``clipped_step`` recorded); > 1 means clipped."""
-    ratios = []
-    clipped_step = naive_module.clipped_step
-
-    def record(theta, norm, bound):
-        ratios.append((theta * norm / bound)[theta > 0].flatten())
-        return clipped_step(theta, norm, bound)
-
-    init = None if case.initial_state is None else tuple(x.double() for x in case.initial_state)
-    with mock.patch.object(naive_module, "clipped_step", record), torch.no_grad():
-        naive_chunk_momentum_delta_rule(*(x.double() for x in case.inputs), chunk_size=case.chunk_size,
-                                        initial_state=init, cu_seqlens=case.cu_seqlens, **case.extra)
-    return torch.cat(ratios) if ratios else torch.zeros(0, dtype=torch.float64)
-
-
-def clear_of_the_bound(case) -> bool:
-    """No token's write within rounding of the bound (relative 1e-4; 5e-3 for half inputs on a GPU,
-    whose kernels round their matmul inputs to tf32)."""
-    band = 5e-3 if case.q.device.type == "cuda" and case.dtype != f32 else 1e-4
-    ratios = clip_ratios(case)
-    return ratios.numel() == 0 or (ratios - 1).abs().min().item() > band
 
 
 def gradients(impl, case, inputs, initial_state):

@@ -1,19 +1,21 @@
 """Update clipping (``max_update_norm``) in the MLP family's Triton kernels, ``chunk_mlp_memory`` and
 ``fused_recurrent_mlp_memory``: against the float64 clipped per-token reference (outputs, final
 states, every gradient), at any split point, packed, at gates of exactly 0 and 1, and bit-identical
-to the unclipped kernels when the bound never bites. (Clipped chunked prefill then token-by-token
-decoding: ``tests/test_mlp_memory.py``.)"""
+to the unclipped kernels when the bound never bites. Drawn cases keep every token's write clear of
+the bound, where the gradient jumps (:mod:`titans_layers.testing.clipping`). (Clipped chunked
+prefill then token-by-token decoding: ``tests/test_mlp_memory.py``.)"""
 
 import dataclasses
 
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import assume, given
 from hypothesis import strategies as st
 
 from titans_layers.ops.mlp_memory import chunk_mlp_memory, fused_recurrent_mlp_memory, naive_recurrent_mlp_memory
 from titans_layers.testing import (check_against_reference, check_continuation, check_deterministic,
                                    check_varlen, make_case, op_cases, pin_gates, relative_error, tolerance)
+from titans_layers.testing.clipping import clear_of_the_bound
 from titans_layers.testing.contract import run_with_grads
 
 bf16, f32, f64 = torch.bfloat16, torch.float32, torch.float64
@@ -31,8 +33,12 @@ BOUNDS = (1e-4, 3e-3, 0.01, 1.0)
 
 @st.composite
 def clipped_cases(draw, name, device, varlen):
+    """A drawn case with a drawn bound, every token's write clear of it (the clip decision is a
+    discontinuity of the gradient: :mod:`titans_layers.testing.clipping`)."""
     case = draw(op_cases(family="mlp", varlen=varlen, device=device, **KERNELS[name][1]))
-    return dataclasses.replace(case, extra={**case.extra, "max_update_norm": draw(st.sampled_from(BOUNDS))})
+    case = dataclasses.replace(case, extra={**case.extra, "max_update_norm": draw(st.sampled_from(BOUNDS))})
+    assume(clear_of_the_bound(case))
+    return case
 
 
 @pytest.mark.parametrize("name", list(KERNELS))

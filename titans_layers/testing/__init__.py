@@ -4,6 +4,8 @@
 - :mod:`.cases`: op inputs drawn from a seed (:class:`OpCase`, :func:`make_case`).
 - :mod:`.strategies`: Hypothesis strategies for op inputs and states (:func:`op_cases`).
 - :mod:`.compare`: the relative-error comparison and the SPEC tolerances.
+- :mod:`.clipping`: how far a case's writes sit from the update-clipping bound, where the
+  gradient jumps (clipping tests draw cases clear of it).
 - :mod:`.contract`: one check per promise, and :func:`verify_momentum_delta_rule` /
   :func:`verify_mlp_memory`, which run them all against a candidate implementation.
 """

@@ -85,3 +85,24 @@ def test_mlp_benchmark_sweeps_batch_sizes():
     shapes = benchmark_mlp_memory.shapes(args)
     assert sorted((s.B, s.T) for s in shapes) == sorted([(1, 40), (1, 80), (3, 40), (3, 80)] * 3)  # 3 chunk sizes
     assert benchmark_mlp_memory.parse_args(["--cpu"]).batch == [1]
+
+
+def test_kernel_resources_writes_per_token_counts(tmp_path):
+    """``benchmarks.kernel_resources`` end to end on the decode kernels of the MLP memory for sm_90
+    (fast to compile; no per-token columns), and one chunk kernel's row with its per-token counts."""
+    from benchmarks import kernel_resources
+    from titans_layers.testing.kernel_builds import MLP_KERNELS, mlp_build
+
+    kernel_resources.main(["--match", "fused_recurrent_mlp", "--capabilities", "90", "--jobs", "2",
+                           "--out", str(tmp_path)])
+    (json_path,) = tmp_path.glob("*.json")
+    rows = json.loads(json_path.read_text())["rows"]
+    assert len(rows) == 4 and all(r["sm"] == 90 and r["registers"] > 0 for r in rows)
+    assert all(r[c] == "-" for r in rows for c in kernel_resources.TOKEN_COLUMNS)
+    row = kernel_resources.measure(mlp_build(MLP_KERNELS[0], 64, 256, 64, "bf16", 0, False, False, capability=90))
+    assert all(row[c] > 0 for c in kernel_resources.TOKEN_COLUMNS if c != "spill KB / token")
+    # the forward's state traffic per tile and Dh block: the anchor copy (2 loads, 2 stores; counted
+    # in every tile, as static counts weigh no branch), pass 1 (2 loads), pass 2 (6 loads, 4 stores,
+    # 4 tile-state stores) of [64, 32] float32; 8 blocks, 32 tokens a tile; plus a token's own inputs
+    state_kb = 20 * 64 * 32 * 4 * 8 / 32 / 1024
+    assert row["BH"] == 32 and state_kb <= row["global KB / token"] <= state_kb + 2, row

@@ -1,19 +1,18 @@
 """Every Triton kernel compiles to a cubin for sm_80 and sm_90 at the block sizes, warps and stages
-the launchers use (``titans_layers/testing/kernel_builds.py``), and fits the GPU's shared memory:
-a kernel that only the interpreter accepts fails here."""
+the launchers use on each (``titans_layers/testing/kernel_builds.py``), and fits the GPU's shared
+memory: a kernel that only the interpreter accepts fails here."""
 
 import pytest
 
 from titans_layers.testing.compile import compile_in_subprocess
-from titans_layers.testing.kernel_builds import kernel_builds
+from titans_layers.testing.kernel_builds import CAPABILITIES, kernel_builds
 
-BUILDS = kernel_builds()
+BUILDS = [build for capability in CAPABILITIES for build in kernel_builds(capability)]
 
 
-@pytest.mark.parametrize("capability", [80, 90])
-@pytest.mark.parametrize("build", BUILDS, ids=[f"{b.name}-{b.label}" for b in BUILDS])
-def test_kernel_compiles_for_gpu(build, capability):
-    usage = compile_in_subprocess(build.kernel, capability=capability, **build.compile_kwargs())
+@pytest.mark.parametrize("build", BUILDS, ids=[f"sm{b.capability}-{b.name}-{b.label}" for b in BUILDS])
+def test_kernel_compiles_for_gpu(build):
+    usage = compile_in_subprocess(build.kernel, **build.compile_kwargs())
     assert 0 < usage["registers"] <= 255 and usage["shared"] >= 0
 
 
@@ -36,4 +35,23 @@ def test_builds_cover_every_kernel():
             if isinstance(obj, KernelInterface) and getattr(fn, "__module__", None) == info.name:
                 if name.endswith("_kernel"):
                     kernels.add(f"{info.name}:{name}")
-    assert len(kernels) == 7 and kernels == {b.kernel for b in BUILDS}
+    assert len(kernels) == 7 and all(kernels == {b.kernel for b in kernel_builds(c)} for c in CAPABILITIES)
+
+
+def test_sass_profile_recovers_the_state_traffic_of_the_mlp_backward():
+    """``sass_profile`` finds the backward's tile loop and its three Dh loops, and its per-token
+    global traffic is what the kernel must move: per tile and Dh block, 2 anchor blocks (pass A),
+    10 state and adjoint blocks (pass B), 12 loads and 6 stores (pass C) of ``[BK, BH]`` float32,
+    plus each token's own inputs and gradients (a few bytes per thread)."""
+    from titans_layers.testing.kernel_builds import MLP_KERNELS, mlp_build
+
+    build = mlp_build(MLP_KERNELS[1], 64, 256, 64, "bf16", 0, False, False, capability=90)
+    usage = compile_in_subprocess(build.kernel, sass=dict(tile_tokens=build.tile_tokens, inner_trips=build.inner_trips),
+                                  **build.compile_kwargs())
+    loops, per_token = usage["sass"]["loops"], usage["sass"]["per_token"]
+    assert len(loops) == 4 and all(loop["mma"] > 0 for loop in loops)
+    c = build.constexprs
+    threads = 32 * build.num_warps
+    state = 30 * 4 * c["BK"] * c["BH"] * build.inner_trips / threads / build.tile_tokens  # bytes per thread and token
+    assert state <= per_token["global_bytes"] <= state + 16, (state, per_token)
+    assert per_token["mma"] > 0 and per_token["instructions"] > per_token["mma"]

@@ -255,8 +255,9 @@ def test_float32_wide_heads_run_in_16_token_tiles(device):
     check_continuation(chunk_mlp_memory, case)
 
 
-@pytest.mark.parametrize("launch", [dict(BT=16), dict(fwd_BH=16, bwd_BH=32), dict(fwd_BH=64, BT=16, fwd_warps=4)],
-                         ids=["tile16", "bh16-32", "bh64-tile16-warps4"])
+@pytest.mark.parametrize("launch", [dict(BT=16), dict(fwd_BH=16, bwd_BH=32), dict(fwd_BH=64, BT=16, fwd_warps=4),
+                                    dict(bwd_BH=64)],
+                         ids=["tile16", "bh16-32", "bh64-tile16-warps4", "bwd-bh64"])
 def test_launch_overrides_keep_the_results(launch, device):
     """Other tile sizes, Dh blocks and warps (what ``benchmark_mlp_memory --launches`` sweeps on a
     GPU) compute the same function: the reference, and continuation across a mid-chunk split."""
@@ -268,6 +269,22 @@ def test_launch_overrides_keep_the_results(launch, device):
         check_against_reference(chunk_mlp_memory, case)
         check_continuation(chunk_mlp_memory, case)
     assert mlp_launch(32, 16, 16, 40, f32).BT == 32  # restored on leaving
+
+
+def test_backward_dh_block_follows_the_gpu():
+    """The backward's Dh block: on sm_90 and later with room for it, 64 for 16-bit inputs at K, V
+    <= 64 and 32 up to 128; 16 for float32 inputs, on sm_80, on GPUs with 99 KB of shared memory
+    a block and under the interpreter; never wider than Dh needs."""
+    from titans_layers.ops.common.triton_utils import GPU
+    from titans_layers.ops.mlp_memory.chunk import mlp_launch
+    h100, a100, rtx5090 = GPU(90, 227 << 10), GPU(80, 163 << 10), GPU(120, 99 << 10)
+    bh = lambda K, Dh, dtype, gpu: mlp_launch(64, K, K, Dh, dtype, gpu).bwd_BH
+    sm90 = [bh(64, 256, bf16, h100), bh(64, 256, f16, h100), bh(128, 256, bf16, h100), bh(64, 256, f32, h100)]
+    assert sm90 == [64, 64, 32, 16]
+    assert [bh(64, 256, bf16, a100), bh(64, 256, bf16, rtx5090), bh(64, 256, bf16, None)] == [16, 16, 16]
+    assert bh(64, 256, bf16, GPU(90, 190 << 10)) == 32  # room for the narrower block only
+    assert [bh(64, 20, bf16, h100), bh(64, 8, bf16, h100)] == [32, 16]
+    assert all(mlp_launch(64, 64, 64, 256, bf16, gpu).fwd_BH == 32 for gpu in (a100, h100, None))
 
 
 def test_low_precision_dot_operands(device):

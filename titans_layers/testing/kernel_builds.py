@@ -1,6 +1,7 @@
-"""Every Triton kernel of the library at the block sizes, warps and stages its launcher uses, at the
-largest tiles and on each precision path: what ``tests/test_kernel_compile.py`` compiles for sm_80
-and sm_90 and ``python -m benchmarks.kernel_resources`` reports (shared memory, registers, spills)."""
+"""Every Triton kernel of the library at the block sizes, warps and stages its launcher uses on a GPU
+of each compute capability, at the largest tiles and on each precision path: what
+``tests/test_kernel_compile.py`` compiles for sm_80 and sm_90 and ``python -m
+benchmarks.kernel_resources`` reports (shared memory, registers, spills, per-token SASS counts)."""
 
 from __future__ import annotations
 
@@ -8,10 +9,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from titans_layers.ops.common.triton_utils import block_sizes, dot_precision
+from titans_layers.ops.common.triton_utils import GPU, block_sizes, dot_precision
 from titans_layers.ops.mlp_memory.chunk import mlp_launch
 from titans_layers.ops.momentum_delta_rule.chunk import CLIP_BWD_MAX_TILE, launch_blocks, launch_warps, tile_size
 from titans_layers.ops.momentum_delta_rule.fused_recurrent import DECODE_STAGES
+from titans_layers.testing.compile import SHARED_MEMORY_LIMIT
 
 LINEAR_CHUNK = "titans_layers.ops.momentum_delta_rule.chunk_kernels"
 LINEAR_FUSED = "titans_layers.ops.momentum_delta_rule.fused_recurrent"
@@ -37,6 +39,11 @@ class KernelBuild:
     constexprs: dict = field(hash=False)
     num_warps: int = 4
     num_stages: int = 1
+    capability: int = 90
+    # tokens per iteration of the kernel's outer loop, and trips of each loop inside it (None: the
+    # kernel has no such structure to count per token; see ``compile.sass_profile``)
+    tile_tokens: int | None = None
+    inner_trips: int | None = None
 
     @property
     def name(self) -> str:
@@ -44,9 +51,9 @@ class KernelBuild:
         return self.kernel.split(":")[1]
 
     def compile_kwargs(self) -> dict:
-        """Keyword arguments of ``compile_for_gpu`` / ``compile_in_subprocess`` (besides ``capability``)."""
-        return dict(pointers=self.pointers, scalars=self.scalars, constexprs=self.constexprs,
-                    num_warps=self.num_warps, num_stages=self.num_stages)
+        """Keyword arguments of ``compile_for_gpu`` / ``compile_in_subprocess``, ``capability`` included."""
+        return dict(capability=self.capability, pointers=self.pointers, scalars=self.scalars,
+                    constexprs=self.constexprs, num_warps=self.num_warps, num_stages=self.num_stages)
 
 
 def _pointers(inputs: tuple[str, ...], dtype: str) -> dict[str, str]:
@@ -55,9 +62,11 @@ def _pointers(inputs: tuple[str, ...], dtype: str) -> dict[str, str]:
     return pointers
 
 
-def linear_build(kernel: str, dim: int, chunk_size: int, dtype: str, clip: bool = False) -> KernelBuild:
-    """A linear-family kernel at K = V = ``dim``. ``clip``: the update-clipping variant (all of V in
-    one program: one V block, or for the split backward V in sub-blocks of the unclipped width)."""
+def linear_build(kernel: str, dim: int, chunk_size: int, dtype: str, clip: bool = False,
+                 capability: int = 90) -> KernelBuild:
+    """A linear-family kernel at K = V = ``dim``, for a GPU of ``capability`` (the linear launch does
+    not depend on it). ``clip``: the update-clipping variant (all of V in one program: one V block,
+    or for the split backward V in sub-blocks of the unclipped width)."""
     split = kernel.endswith("bwd_split_kernel")
     BK, BV = block_sizes(dim, dim) if split else launch_blocks(dim, dim, clip)[:2]
     constexprs = dict(H=16, K=dim, V=dim, C=chunk_size, BK=BK, BV=BV, IS_VARLEN=True)
@@ -74,14 +83,14 @@ def linear_build(kernel: str, dim: int, chunk_size: int, dtype: str, clip: bool 
     label = f"K{dim}-C{chunk_size}-{dtype}" + ("-clip" if clip else "")
     return KernelBuild(kernel, label, _pointers(LINEAR_INPUTS, dtype),
                        {"T": "i32", "n_tokens": "i32", "max_norm": "fp32"}, constexprs,
-                       num_warps=launch_warps(BK, BV, decode), num_stages=stages)
+                       num_warps=launch_warps(BK, BV, decode), num_stages=stages, capability=capability)
 
 
 def mlp_build(kernel: str, dim: int, hidden: int, chunk_size: int, dtype: str, act: int, residual: bool,
-              clip: bool, lowp_dots: bool = False) -> KernelBuild:
-    """An MLP-memory kernel at K = V = ``dim``, Dh = ``hidden``, activation code ``act``;
-    ``lowp_dots``: its ``MLPLaunch.lowp_dots`` variant (chunk kernels)."""
-    launch = mlp_launch(chunk_size, dim, dim, hidden, DTYPES[dtype])
+              clip: bool, lowp_dots: bool = False, capability: int = 90) -> KernelBuild:
+    """An MLP-memory kernel at K = V = ``dim``, Dh = ``hidden``, activation code ``act``, as launched
+    on a GPU of ``capability``; ``lowp_dots``: its ``MLPLaunch.lowp_dots`` variant (chunk kernels)."""
+    launch = mlp_launch(chunk_size, dim, dim, hidden, DTYPES[dtype], GPU(capability, SHARED_MEMORY_LIMIT[capability]))
     part = "decode" if kernel.startswith(MLP_FUSED) else ("bwd" if kernel.endswith("bwd_kernel") else "fwd")
     warps, stages, BH = {"fwd": (launch.fwd_warps, 1, launch.fwd_BH), "bwd": (launch.bwd_warps, 1, launch.bwd_BH),
                          "decode": (launch.decode_warps, launch.decode_stages, launch.fwd_BH)}[part]
@@ -92,8 +101,9 @@ def mlp_build(kernel: str, dim: int, hidden: int, chunk_size: int, dtype: str, a
     if part == "fwd":
         constexprs["STORE_TILES"] = True
     label = f"K{dim}-Dh{hidden}-C{chunk_size}-{dtype}" + ("-clip" if clip else "") + ("-lowp" if lowp_dots else "")
+    per_token = {} if part == "decode" else dict(tile_tokens=launch.BT, inner_trips=-(-hidden // BH))
     return KernelBuild(kernel, label, _pointers(MLP_INPUTS, dtype), {"T": "i32", "max_norm": "fp32"}, constexprs,
-                       num_warps=warps, num_stages=stages)
+                       num_warps=warps, num_stages=stages, capability=capability, **per_token)
 
 
 LINEAR_KERNELS = [f"{LINEAR_CHUNK}:chunk_momentum_delta_rule_fwd_kernel",
@@ -124,10 +134,16 @@ MLP_CONFIGS = [(64, 256, 64, "bf16", 0, False, False), (128, 256, 64, "bf16", 1,
 MLP_LOWP_CONFIGS = [MLP_CONFIGS[0], MLP_CONFIGS[1]]
 
 
-def kernel_builds() -> list[KernelBuild]:
-    """Every kernel build the compile check covers (29; each compiled for sm_80 and sm_90)."""
-    builds = [linear_build(kernel, *config) for kernel in LINEAR_KERNELS for config in LINEAR_CONFIGS]
-    builds += [linear_build(kernel, *config, clip=True) for kernel, config in LINEAR_CLIP_CASES]
-    builds += [mlp_build(kernel, *config) for kernel in MLP_KERNELS for config in MLP_CONFIGS]
-    builds += [mlp_build(kernel, *config, lowp_dots=True) for kernel in MLP_KERNELS[:2] for config in MLP_LOWP_CONFIGS]
+CAPABILITIES = (80, 90)
+
+
+def kernel_builds(capability: int) -> list[KernelBuild]:
+    """Every kernel build the compile check covers for a GPU of ``capability`` (29 each for sm_80
+    and sm_90)."""
+    builds = [linear_build(kernel, *config, capability=capability) for kernel in LINEAR_KERNELS
+              for config in LINEAR_CONFIGS]
+    builds += [linear_build(kernel, *config, clip=True, capability=capability) for kernel, config in LINEAR_CLIP_CASES]
+    builds += [mlp_build(kernel, *config, capability=capability) for kernel in MLP_KERNELS for config in MLP_CONFIGS]
+    builds += [mlp_build(kernel, *config, lowp_dots=True, capability=capability) for kernel in MLP_KERNELS[:2]
+               for config in MLP_LOWP_CONFIGS]
     return builds

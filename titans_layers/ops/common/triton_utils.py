@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import os
+from typing import NamedTuple
 
 import torch
 import triton
@@ -15,6 +17,28 @@ MAX_HEAD_DIM = 128
 def is_interpreting() -> bool:
     """True when Triton runs kernels with its CPU interpreter (``TRITON_INTERPRET=1``)."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+class GPU(NamedTuple):
+    """What a launch needs to know of the GPU: its compute capability as one number (80 for sm_80,
+    90 for sm_90) and the shared memory one block may use, in bytes."""
+
+    capability: int
+    shared_memory: int
+
+
+def gpu_of(x: torch.Tensor) -> GPU | None:
+    """The :class:`GPU` that holds ``x``, or None off CUDA (the interpreter, where launch settings
+    only need to be valid)."""
+    if x.device.type != "cuda":
+        return None
+    return _gpu(x.device.index if x.device.index is not None else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=None)
+def _gpu(index: int) -> GPU:
+    major, minor = torch.cuda.get_device_capability(index)
+    return GPU(10 * major + minor, triton.runtime.driver.active.utils.get_device_properties(index)["max_shared_mem"])
 
 
 def check_triton_device(op_name: str, x: torch.Tensor) -> None:

@@ -12,8 +12,8 @@ import triton
 from titans_layers.ops.common.clipping import check_max_update_norm
 from titans_layers.ops.common.grad_mode import needs_grad
 from titans_layers.ops.common.traceable import traceable
-from titans_layers.ops.common.triton_utils import (check_head_dims, check_triton_device, dot_precision,
-                                                   runnable_precision)
+from titans_layers.ops.common.triton_utils import (check_head_dims, check_triton_device, GPU, dot_precision,
+                                                   gpu_of, runnable_precision)
 from titans_layers.ops.common.validation import check_chunk_size, check_op_inputs
 from titans_layers.ops.mlp_memory.chunk_kernels import chunk_mlp_memory_bwd_kernel, chunk_mlp_memory_fwd_kernel
 from titans_layers.ops.mlp_memory.naive import ACTIVATIONS, check_mlp_options
@@ -52,24 +52,42 @@ class MLPLaunch:
 _LAUNCH_OVERRIDE: dict = {}
 
 
-def mlp_launch(chunk_size: int, K: int, V: int, Dh: int, dtype: torch.dtype) -> MLPLaunch:
-    """The launch of the MLP-memory kernels for chunk size C, head dims K, V, hidden width Dh and
-    input dtype (with any :func:`override_mlp_launch` fields in effect).
+# The backward's wider Dh blocks on sm_90 and later: (largest head dim, BH, shared memory it needs)
+WIDE_BWD_BLOCKS = ((64, 64, 196 << 10), (128, 32, 184 << 10))
+
+
+def mlp_launch(chunk_size: int, K: int, V: int, Dh: int, dtype: torch.dtype, gpu: GPU | None = None) -> MLPLaunch:
+    """The launch of the MLP-memory kernels for chunk size C, head dims K, V, hidden width Dh, input
+    dtype and GPU (:func:`~titans_layers.ops.common.triton_utils.gpu_of`; None under the
+    interpreter, which takes the sm_80 launch), with any :func:`override_mlp_launch` fields in
+    effect.
 
     Tiles: BT = min(C, 32), but 16 for float32 inputs with K or V above 64, whose 32-bit ``tl.dot``
     operands would need more shared memory than an A100 block has (200 KB forward, 245 KB
-    backward at K = V = 128, BT = 32). Dh in blocks of 32 columns in the forward and of 16 in the
-    backward, which holds twelve ``[BK|BV, BH]`` state and adjoint blocks per step: with BH = 16
-    it needs 72 KB of shared memory at K = V = 64 in bf16 (100 KB with BH = 32, more than an
-    sm_86/sm_89 block may have).
+    backward at K = V = 128, BT = 32). The forward takes Dh in blocks of 32 columns.
+
+    The backward holds twelve ``[BK|BV, BH]`` state and adjoint blocks per step, and its Dh block
+    is the widest the GPU's shared memory takes among 16, 32, 64 where a wider block is leaner:
+    on sm_90 and later with 227 KB a block, 64 for 16-bit inputs at K, V <= 64 (196 KB) and 32
+    at K, V <= 128 (184 KB) (``WIDE_BWD_BLOCKS``); 16 everywhere else (72 KB at K = V = 64 in
+    bf16; sm_86, sm_89 and sm_120 allow 99 KB). Per
+    token, the bf16 backward at K = V = 64, Dh = 256, sm_90 then issues 2.2x fewer instructions,
+    2.9x fewer MMAs and spills 1.9x fewer bytes than with BH = 16 (``python -m
+    benchmarks.kernel_resources``, from the compiled SASS: eight warps on a ``[32, 16]`` product
+    tile compute half of it twice). On sm_80, BH = 32 spills more, not less, so it keeps 16.
 
     Warps: 8 for the chunk kernels, which spill fewer registers than with 4 (figures and why:
     the Registers entry of ``chunk_kernels.py``); ``benchmark_mlp_memory --launches`` times the
     alternatives on a GPU.
     """
     BT = 16 if dtype == torch.float32 and max(K, V) > 64 else min(chunk_size, 32)
+    bwd_BH = 16
+    if gpu is not None and gpu.capability >= 90 and dtype != torch.float32:
+        bwd_BH = next((bh for dim, bh, shared in WIDE_BWD_BLOCKS if max(K, V) <= dim and shared <= gpu.shared_memory),
+                      16)
     launch = MLPLaunch(BT=BT, BK=max(16, triton.next_power_of_2(K)), BV=max(16, triton.next_power_of_2(V)),
-                       fwd_BH=min(32, max(16, triton.next_power_of_2(Dh))), bwd_BH=16)
+                       fwd_BH=min(32, max(16, triton.next_power_of_2(Dh))),
+                       bwd_BH=min(bwd_BH, max(16, triton.next_power_of_2(Dh))))
     if _LAUNCH_OVERRIDE:
         launch = replace(launch, **_LAUNCH_OVERRIDE)
         if launch.BT < 16 or chunk_size % launch.BT:
@@ -121,7 +139,7 @@ def chunk_fwd(q, k, v, alpha, eta, theta, W1, W2, S1, S2, A1, A2, offset, cu_seq
     """
     s = plan.shape
     Dh = W1.shape[-1]
-    launch = mlp_launch(plan.chunk_size, s.K, s.V, Dh, q.dtype)
+    launch = mlp_launch(plan.chunk_size, s.K, s.V, Dh, q.dtype, gpu_of(q))
     o = torch.empty_like(v)
     W1T, W2T, S1T, S2T, A1T, A2T = (_state_copy(x) for x in (W1, W2, S1, S2, A1, A2))
     if store_tiles:
@@ -157,7 +175,7 @@ def chunk_bwd(q, k, v, alpha, eta, theta, A1, A2, offset, cu_seqlens, plan: Chun
     """
     s = plan.shape
     Dh = A1.shape[-1]
-    launch = mlp_launch(plan.chunk_size, s.K, s.V, Dh, q.dtype)
+    launch = mlp_launch(plan.chunk_size, s.K, s.V, Dh, q.dtype, gpu_of(q))
     adj = lambda g, like: torch.zeros(like.shape, dtype=torch.float32, device=like.device) if g is None \
         else _state_copy(g)
     dW1, dS1, dA1 = adj(dW1T, A1), adj(dS1T, A1), adj(dA1T, A1)
@@ -215,7 +233,7 @@ def prepare_kernel_call(op_name, q, k, v, alpha, eta, theta, chunk_size, initial
     check_head_dims(shape.K, shape.V)
     init = resolve_mlp_state(initial_state, shape, C, q.device)
     check_triton_device(op_name, q)
-    tile = mlp_launch(C, shape.K, shape.V, init.W1.shape[-1], q.dtype).BT
+    tile = mlp_launch(C, shape.K, shape.V, init.W1.shape[-1], q.dtype, gpu_of(q)).BT
     plan = make_plan(shape, C, init.offsets, cu_seqlens, q.device, tile=tile)
     inputs = tuple(x.contiguous() for x in (q, k, v, alpha, eta, theta))
     states = tuple(x.contiguous() for x in (init.W1, init.W2, init.S1, init.S2, init.anchor1, init.anchor2))

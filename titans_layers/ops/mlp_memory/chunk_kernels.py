@@ -62,33 +62,37 @@ Design.
   16-token tiles). No per-token weights.
 - Limits: chunk sizes 16, 32, 64 (``tl.dot`` needs every dim >= 16: BT >= 16); K, V <= 128 (one
   register tile each, padded to powers of two >= 16); any Dh (blocks of BH = 32 columns in the
-  forward, 16 in the backward). Tiles: BT = min(C, 32), but 16 for float32 inputs with K or
-  V > 64 (32-bit ``tl.dot`` operands). Shared memory per program (sm_80; sm_90 the same but
-  156 KB for the last backward; checked by ``tests/test_kernel_compile.py``), forward / backward:
-  K = V = 64, Dh = 256, bf16 52 / 72 KB, fp32 100 / 124 KB; K = V = 128, Dh = 256, bf16
-  100 / 136 KB, fp32 (BT = 16) 145 / 162 KB; with clipping the bf16 forwards need 76 KB (K = V = 64)
-  and 148 KB (K = V = 128), the rest is unchanged. sm_80 allows 163 KB, sm_90 227 KB; sm_86/sm_89
-  allow 99 KB, which only the bf16/fp16 kernels at K = V <= 64 fit. The decode kernel: 0.5 KB.
-  float32, bfloat16, float16 inputs; accumulation in float32; every product goes through
-  ``triton_utils.mm``: IEEE fp32 for float32 inputs, TF32 otherwise, or with
-  ``MLPLaunch.lowp_dots`` operands rounded to the bfloat16 / float16 input dtype.
+  forward; in the backward 16, or on sm_90 64 for 16-bit inputs at K, V <= 64 and 32 up to 128:
+  ``chunk.mlp_launch``). Tiles: BT = min(C, 32), but 16 for float32 inputs with K or V > 64
+  (32-bit ``tl.dot`` operands). Shared memory per program (checked by
+  ``tests/test_kernel_compile.py``), forward / backward at the sm_80 launch: K = V = 64,
+  Dh = 256, bf16 52 / 72 KB, fp32 100 / 124 KB; K = V = 128, Dh = 256, bf16 100 / 136 KB, fp32
+  (BT = 16) 145 / 162 KB (sm_90: 156 KB); with clipping the bf16 forwards need 76 KB (K = V = 64)
+  and 148 KB (K = V = 128), the rest is unchanged. The sm_90 backward's wider blocks: 196 KB
+  (bf16, K = V = 64, BH = 64) and 184 KB (K = V = 128, BH = 32). sm_80 allows 163 KB, sm_90
+  227 KB; sm_86/sm_89 allow 99 KB, which only the bf16/fp16 kernels at K = V <= 64 fit. The
+  decode kernel: 0.5 KB. float32, bfloat16, float16 inputs; accumulation in float32; every
+  product goes through ``triton_utils.mm``: IEEE fp32 for float32 inputs, TF32 otherwise, or
+  with ``MLPLaunch.lowp_dots`` operands rounded to the bfloat16 / float16 input dtype.
 - Parallelism is one program per (sequence, head): the walk over a sequence is serial, so a GPU
   is filled only when N * H is at least its SM count.
-- Registers (``python -m benchmarks.kernel_resources``; launch settings: ``chunk.mlp_launch``).
-  Everything of size ``[BT, K | V | BT]`` stays in registers for a whole tile, and the ``tl.dot``
-  shapes are small (``[BT, K] x [K, BH]`` with BH = 16-32), so Triton lays the warps out along
-  the BH columns and every warp holds all BT rows of the token-side operand. Together this asks
-  for more than a thread's 255 registers and the kernels spill (per thread, bf16, K = V = 64,
-  Dh = 256, sm_90: forward 1.5 KB with 4 warps, 0.8 KB with the 8 they launch with; backward
-  5.7 and 3.9 KB; the float32 kernels fall into ptxas's 32-register allocation with 30-55 KB of
-  spills at 4 warps, about 2 KB at 8). 16-token tiles spill far less
-  (forward 8 bytes, backward 1.2 KB) at twice the state traffic per token and twice the
-  backward's tile-state memory; ``benchmark_mlp_memory --launches`` times both on a GPU.
-  Operands in the input dtype (``lowp_dots``) halve the operand registers and shared memory:
-  bf16, K = V = 64, Dh = 256, sm_90, forward 56 bytes of spills and 24 KB of shared memory,
-  backward 1.9 KB and 42 KB (sm_80: 0.2 KB and 2.5 KB). Putting the hidden units on the rows
-  (``Z^T = a1^T K^T``, so the token-side operands split across the warps) is the restructuring
-  that would cut the register demand itself.
+- Registers and what a token costs (``python -m benchmarks.kernel_resources``, which counts the
+  SASS of each tile loop with its Dh loops taken ``ceil(Dh / BH)`` times; launch settings:
+  ``chunk.mlp_launch``). Everything of size ``[BT, K | V | BT]`` lives for a whole tile and the
+  ``tl.dot`` shapes are small (``[BT, K] x [K, BH]``), so the kernels ask for more than a
+  thread's 255 registers and spill, inside the Dh loops. Per token and head, summed over the
+  program's 256 threads, bf16, K = V = 64, Dh = 256, sm_90: the forward (BT = 32, BH = 32)
+  issues 3.8K warp instructions and 294 warp MMAs and moves 42 KB of state through L2 and 60 KB
+  of spills (16-token tiles: no spills, 82 KB of state); the backward at BH = 16 issues 22K
+  instructions and 1840 MMAs (eight warps on a ``[32, 16]`` product tile compute half of it
+  twice) and spills 690 KB against 62 KB of state, at BH = 64 (its sm_90 launch) 9.8K, 630 MMAs
+  and 363 KB. A thread's spill slots (about 3 KB) times 256 threads exceed the L1, so the
+  spills go to L2: on these counts the backward moves about six times more bytes in spills than
+  in state, and cutting its live registers is the next thing to gain (a GPU run,
+  ``benchmark_mlp_memory --launches``, tells how much time they cost). Operands in the input
+  dtype (``lowp_dots``) halve the operand registers and shared memory (backward at BH = 32:
+  207 KB of spills). Which side of the products holds the tokens is not the lever: a toy loop
+  with four invariant ``[32, 64]`` operands needs 75-128 registers either way round.
 - Numerics of the products (``triton_utils.mm``; the interpreter emulates the GPU's operand
   rounding, so the CPU tests see it). Relative errors against the float64 reference at bf16
   inputs, K = V = 64, Dh = 256, C = 64, T = 600, forget gate 0.01: tf32 operands (truncated, as

@@ -31,7 +31,7 @@ import triton.language as tl
 from titans_layers.ops.common.clipping import check_max_update_norm
 from titans_layers.ops.common.grad_mode import needs_grad
 from titans_layers.ops.common.traceable import traceable
-from titans_layers.ops.common.triton_utils import clip_step, sequence_range
+from titans_layers.ops.common.triton_utils import clip_step, gpu_of, sequence_range
 from titans_layers.ops.mlp_memory.chunk import (KERNEL_CHUNK_SIZES, ChunkPlan, chunk_bwd, chunk_fwd, mlp_launch,
                                                 pack_final_state, prepare_kernel_call)
 from titans_layers.ops.momentum_delta_rule.chunk import varlen_args
@@ -137,7 +137,7 @@ def fused_recurrent_fwd(q, k, v, alpha, eta, theta, W1, W2, S1, S2, A1, A2, offs
     (A: the last chunk's anchor)."""
     s = plan.shape
     Dh = W1.shape[-1]
-    launch = mlp_launch(plan.chunk_size, s.K, s.V, Dh, q.dtype)
+    launch = mlp_launch(plan.chunk_size, s.K, s.V, Dh, q.dtype, gpu_of(q))
     o = torch.empty_like(v)
     W1T, W2T, S1T, S2T, A1T, A2T = (x.detach().to(torch.float32).clone(memory_format=torch.contiguous_format)
                                     for x in (W1, W2, S1, S2, A1, A2))

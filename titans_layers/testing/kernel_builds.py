@@ -5,7 +5,7 @@ benchmarks.kernel_resources`` reports (shared memory, registers, spills, per-tok
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -87,10 +87,13 @@ def linear_build(kernel: str, dim: int, chunk_size: int, dtype: str, clip: bool 
 
 
 def mlp_build(kernel: str, dim: int, hidden: int, chunk_size: int, dtype: str, act: int, residual: bool,
-              clip: bool, lowp_dots: bool = False, capability: int = 90) -> KernelBuild:
+              clip: bool, lowp_dots: bool = False, capability: int = 90, bwd_BH: int | None = None) -> KernelBuild:
     """An MLP-memory kernel at K = V = ``dim``, Dh = ``hidden``, activation code ``act``, as launched
-    on a GPU of ``capability``; ``lowp_dots``: its ``MLPLaunch.lowp_dots`` variant (chunk kernels)."""
+    on a GPU of ``capability``; ``lowp_dots``: its ``MLPLaunch.lowp_dots`` variant (chunk kernels);
+    ``bwd_BH``: another Dh block for the backward than the launch's."""
     launch = mlp_launch(chunk_size, dim, dim, hidden, DTYPES[dtype], GPU(capability, SHARED_MEMORY_LIMIT[capability]))
+    if bwd_BH is not None:
+        launch = replace(launch, bwd_BH=bwd_BH)
     part = "decode" if kernel.startswith(MLP_FUSED) else ("bwd" if kernel.endswith("bwd_kernel") else "fwd")
     warps, stages, BH = {"fwd": (launch.fwd_warps, 1, launch.fwd_BH), "bwd": (launch.bwd_warps, 1, launch.bwd_BH),
                          "decode": (launch.decode_warps, launch.decode_stages, launch.fwd_BH)}[part]
@@ -100,7 +103,8 @@ def mlp_build(kernel: str, dim: int, hidden: int, chunk_size: int, dtype: str, a
         constexprs.update(BT=launch.BT, PRECISION=dot_precision(DTYPES[dtype], lowp_dots))
     if part == "fwd":
         constexprs["STORE_TILES"] = True
-    label = f"K{dim}-Dh{hidden}-C{chunk_size}-{dtype}" + ("-clip" if clip else "") + ("-lowp" if lowp_dots else "")
+    label = f"K{dim}-Dh{hidden}-C{chunk_size}-{dtype}" + ("-clip" if clip else "") + ("-lowp" if lowp_dots else "") \
+        + (f"-bwdBH{bwd_BH}" if bwd_BH is not None else "")
     per_token = {} if part == "decode" else dict(tile_tokens=launch.BT, inner_trips=-(-hidden // BH))
     return KernelBuild(kernel, label, _pointers(MLP_INPUTS, dtype), {"T": "i32", "max_norm": "fp32"}, constexprs,
                        num_warps=warps, num_stages=stages, capability=capability, **per_token)
@@ -138,12 +142,14 @@ CAPABILITIES = (80, 90)
 
 
 def kernel_builds(capability: int) -> list[KernelBuild]:
-    """Every kernel build the compile check covers for a GPU of ``capability`` (29 each for sm_80
-    and sm_90)."""
+    """Every kernel build the compile check covers for a GPU of ``capability`` (29 for sm_80; 30 for
+    sm_90, whose wider backward Dh blocks are set beside the backward at the sm_80 block, BH = 16)."""
     builds = [linear_build(kernel, *config, capability=capability) for kernel in LINEAR_KERNELS
               for config in LINEAR_CONFIGS]
     builds += [linear_build(kernel, *config, clip=True, capability=capability) for kernel, config in LINEAR_CLIP_CASES]
     builds += [mlp_build(kernel, *config, capability=capability) for kernel in MLP_KERNELS for config in MLP_CONFIGS]
     builds += [mlp_build(kernel, *config, lowp_dots=True, capability=capability) for kernel in MLP_KERNELS[:2]
                for config in MLP_LOWP_CONFIGS]
+    if capability >= 90:
+        builds.append(mlp_build(MLP_KERNELS[1], *MLP_CONFIGS[0], capability=capability, bwd_BH=16))
     return builds

@@ -82,16 +82,16 @@ Design.
   ``tl.dot`` shapes are small (``[BT, K] x [K, BH]``), so the kernels ask for more than a
   thread's 255 registers and spill, inside the Dh loops. Per token and head, summed over the
   program's 256 threads, bf16, K = V = 64, Dh = 256, sm_90: the forward (BT = 32, BH = 32)
-  issues 3.8K warp instructions and 294 warp MMAs and moves 42 KB of state through L2 and 60 KB
+  issues 3.8K warp instructions and 294 warp MMAs and moves 41 KB of state through L2 and 60 KB
   of spills (16-token tiles: no spills, 82 KB of state); the backward at BH = 16 issues 22K
   instructions and 1840 MMAs (eight warps on a ``[32, 16]`` product tile compute half of it
-  twice) and spills 690 KB against 62 KB of state, at BH = 64 (its sm_90 launch) 9.8K, 630 MMAs
+  twice) and spills 690 KB against 61 KB of state, at BH = 64 (its sm_90 launch) 9.8K, 630 MMAs
   and 363 KB. A thread's spill slots (about 3 KB) times 256 threads exceed the L1, so the
   spills go to L2: on these counts the backward moves about six times more bytes in spills than
   in state, and cutting its live registers is the next thing to gain (a GPU run,
   ``benchmark_mlp_memory --launches``, tells how much time they cost). Operands in the input
-  dtype (``lowp_dots``) halve the operand registers and shared memory (backward at BH = 32:
-  207 KB of spills). Which side of the products holds the tokens is not the lever: a toy loop
+  dtype (``lowp_dots``) halve the operand registers and shared memory (at the sm_90 launch: the
+  forward spills nothing, the backward 238 KB with 7.9K instructions and 315 MMAs). Which side of the products holds the tokens is not the lever: a toy loop
   with four invariant ``[32, 64]`` operands needs 75-128 registers either way round.
 - Numerics of the products (``triton_utils.mm``; the interpreter emulates the GPU's operand
   rounding, so the CPU tests see it). Relative errors against the float64 reference at bf16

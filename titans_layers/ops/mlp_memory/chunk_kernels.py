@@ -91,8 +91,9 @@ Design.
   in state, and cutting its live registers is the next thing to gain (a GPU run,
   ``benchmark_mlp_memory --launches``, tells how much time they cost). Operands in the input
   dtype (``lowp_dots``) halve the operand registers and shared memory (at the sm_90 launch: the
-  forward spills nothing, the backward 238 KB with 7.9K instructions and 315 MMAs). Which side of the products holds the tokens is not the lever: a toy loop
-  with four invariant ``[32, 64]`` operands needs 75-128 registers either way round.
+  forward spills nothing, the backward 238 KB with 7.9K instructions and 315 MMAs). Which side
+  of the products holds the tokens is not the lever: a toy loop with four invariant ``[32, 64]``
+  operands needs 75-128 registers either way round.
 - Numerics of the products (``triton_utils.mm``; the interpreter emulates the GPU's operand
   rounding, so the CPU tests see it). Relative errors against the float64 reference at bf16
   inputs, K = V = 64, Dh = 256, C = 64, T = 600, forget gate 0.01: tf32 operands (truncated, as

@@ -28,9 +28,9 @@ class GPU(NamedTuple):
 
 
 def gpu_of(x: torch.Tensor) -> GPU | None:
-    """The :class:`GPU` that holds ``x``, or None off CUDA (the interpreter, where launch settings
-    only need to be valid)."""
-    if x.device.type != "cuda":
+    """The :class:`GPU` that holds ``x``, or None off CUDA and under the interpreter (where launch
+    settings only need to be valid)."""
+    if x.device.type != "cuda" or is_interpreting():
         return None
     return _gpu(x.device.index if x.device.index is not None else torch.cuda.current_device())
 

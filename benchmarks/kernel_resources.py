@@ -48,8 +48,7 @@ TOKEN_COLUMNS = ("warp instr / token", "MMA / token", "spill KB / token", "globa
 
 def measure(build: KernelBuild) -> dict:
     """One build's figures (a row of the report)."""
-    sass = None if build.tile_tokens is None else dict(tile_tokens=build.tile_tokens, inner_trips=build.inner_trips)
-    usage = compile_in_subprocess(build.kernel, sass=sass, **build.compile_kwargs())
+    usage = compile_in_subprocess(build.kernel, sass=build.sass_kwargs(), **build.compile_kwargs())
     row = {"kernel": build.name, "build": build.label, "sm": build.capability, "warps": build.num_warps,
            "stages": build.num_stages, "BH": build.constexprs.get("BH", "-"),
            "shared KB": round(usage["shared"] / 1024, 1), "registers": usage["registers"],

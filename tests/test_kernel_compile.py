@@ -46,8 +46,7 @@ def test_sass_profile_recovers_the_state_traffic_of_the_mlp_backward():
     from titans_layers.testing.kernel_builds import MLP_KERNELS, mlp_build
 
     build = mlp_build(MLP_KERNELS[1], 64, 256, 64, "bf16", 0, False, False, capability=90)
-    usage = compile_in_subprocess(build.kernel, sass=dict(tile_tokens=build.tile_tokens, inner_trips=build.inner_trips),
-                                  **build.compile_kwargs())
+    usage = compile_in_subprocess(build.kernel, sass=build.sass_kwargs(), **build.compile_kwargs())
     loops, per_token = usage["sass"]["loops"], usage["sass"]["per_token"]
     assert len(loops) == 4 and all(loop["mma"] > 0 for loop in loops)
     c = build.constexprs

@@ -85,13 +85,6 @@ _WIDTH_BYTES = {"128": 16, "64": 8, "U16": 2, "S16": 2, "U8": 1, "S8": 1}
 _SASS_LINE = re.compile(r"\s*/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;")
 
 
-def _cuobjdump() -> str:
-    try:
-        return triton.knobs.nvidia.cuobjdump.path
-    except AttributeError:  # older Triton: the binary it bundles
-        return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-
-
 def _instruction_counts(instructions: list[str]) -> dict[str, int]:
     """Per-thread counts over a run of SASS instructions: all of them, MMAs, shared-memory accesses
     and barriers, and the bytes of local (spill) and global memory moved."""
@@ -126,7 +119,7 @@ def sass_profile(compiled, tile_tokens: int | None = None, inner_trips: int | No
         path = os.path.join(tmp, "kernel.cubin")
         with open(path, "wb") as f:
             f.write(compiled.asm["cubin"])
-        sass = subprocess.run([_cuobjdump(), "-sass", path], capture_output=True, text=True, check=True).stdout
+        sass = subprocess.run([triton.knobs.nvidia.cuobjdump.path, "-sass", path], capture_output=True, text=True, check=True).stdout
     lines = [m.groups() for m in map(_SASS_LINE.match, sass.splitlines()) if m]
     index = {int(address, 16): i for i, (address, _) in enumerate(lines)}
     loops = set()
@@ -146,9 +139,9 @@ def sass_profile(compiled, tile_tokens: int | None = None, inner_trips: int | No
     if not all(nested(x, (a, b)) for x in inner) or any(nested(x, y) for x in inner for y in inner if x != y):
         raise AssertionError(f"{compiled.metadata.name}: loops {loops} are not one outer loop with loops one level "
                              "inside it")
-    outer, per_inner = _instruction_counts(texts[a:b + 1]), [_instruction_counts(texts[x:y + 1]) for x, y in inner]
+    outer, per_inner = profile["loops"][0], profile["loops"][1:]
     profile["per_token"] = {key: (outer[key] + (inner_trips - 1) * sum(c[key] for c in per_inner)) / tile_tokens
-                            for key in outer}
+                            for key in _instruction_counts([])}
     return profile
 
 

@@ -55,6 +55,10 @@ class KernelBuild:
         return dict(capability=self.capability, pointers=self.pointers, scalars=self.scalars,
                     constexprs=self.constexprs, num_warps=self.num_warps, num_stages=self.num_stages)
 
+    def sass_kwargs(self) -> dict | None:
+        """Keyword arguments of ``compile.sass_profile`` for per-token counts, or None (no tiles)."""
+        return None if self.tile_tokens is None else dict(tile_tokens=self.tile_tokens, inner_trips=self.inner_trips)
+
 
 def _pointers(inputs: tuple[str, ...], dtype: str) -> dict[str, str]:
     pointers = {name: f"*{dtype}" for name in inputs}

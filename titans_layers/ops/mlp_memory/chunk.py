@@ -12,7 +12,7 @@ import triton
 from titans_layers.ops.common.clipping import check_max_update_norm
 from titans_layers.ops.common.grad_mode import needs_grad
 from titans_layers.ops.common.traceable import traceable
-from titans_layers.ops.common.triton_utils import (check_head_dims, check_triton_device, GPU, dot_precision,
+from titans_layers.ops.common.triton_utils import (GPU, check_head_dims, check_triton_device, dot_precision,
                                                    gpu_of, runnable_precision)
 from titans_layers.ops.common.validation import check_chunk_size, check_op_inputs
 from titans_layers.ops.mlp_memory.chunk_kernels import chunk_mlp_memory_bwd_kernel, chunk_mlp_memory_fwd_kernel
@@ -70,11 +70,11 @@ def mlp_launch(chunk_size: int, K: int, V: int, Dh: int, dtype: torch.dtype, gpu
     is the widest the GPU's shared memory takes among 16, 32, 64 where a wider block is leaner:
     on sm_90 and later with 227 KB a block, 64 for 16-bit inputs at K, V <= 64 (196 KB) and 32
     at K, V <= 128 (184 KB) (``WIDE_BWD_BLOCKS``); 16 everywhere else (72 KB at K = V = 64 in
-    bf16; sm_86, sm_89 and sm_120 allow 99 KB). Per
-    token, the bf16 backward at K = V = 64, Dh = 256, sm_90 then issues 2.2x fewer instructions,
-    2.9x fewer MMAs and spills 1.9x fewer bytes than with BH = 16 (``python -m
-    benchmarks.kernel_resources``, from the compiled SASS: eight warps on a ``[32, 16]`` product
-    tile compute half of it twice). On sm_80, BH = 32 spills more, not less, so it keeps 16.
+    bf16; sm_86, sm_89 and sm_120 allow 99 KB). Per token, the bf16 backward at K = V = 64,
+    Dh = 256, sm_90 then issues 2.2x fewer instructions, 2.9x fewer MMAs and spills 1.9x fewer
+    bytes than with BH = 16 (``python -m benchmarks.kernel_resources``, from the compiled SASS:
+    eight warps on a ``[32, 16]`` product tile compute half of it twice). On sm_80, BH = 32
+    spills more, not less, so it keeps 16.
 
     Warps: 8 for the chunk kernels, which spill fewer registers than with 4 (figures and why:
     the Registers entry of ``chunk_kernels.py``); ``benchmark_mlp_memory --launches`` times the

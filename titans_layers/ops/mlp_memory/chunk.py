@@ -53,7 +53,7 @@ _LAUNCH_OVERRIDE: dict = {}
 
 
 # The backward's wider Dh blocks on sm_90 and later: (largest head dim, BH, shared memory it needs)
-WIDE_BWD_BLOCKS = ((64, 64, 196 << 10), (128, 32, 184 << 10))
+WIDE_BWD_BLOCKS = ((64, 64, 208 << 10), (128, 32, 200 << 10))
 
 
 def mlp_launch(chunk_size: int, K: int, V: int, Dh: int, dtype: torch.dtype, gpu: GPU | None = None) -> MLPLaunch:
@@ -66,15 +66,15 @@ def mlp_launch(chunk_size: int, K: int, V: int, Dh: int, dtype: torch.dtype, gpu
     operands would need more shared memory than an A100 block has (200 KB forward, 245 KB
     backward at K = V = 128, BT = 32). The forward takes Dh in blocks of 32 columns.
 
-    The backward holds twelve ``[BK|BV, BH]`` state and adjoint blocks per step, and its Dh block
-    is the widest the GPU's shared memory takes among 16, 32, 64 where a wider block is leaner:
-    on sm_90 and later with 227 KB a block, 64 for 16-bit inputs at K, V <= 64 (196 KB) and 32
-    at K, V <= 128 (184 KB) (``WIDE_BWD_BLOCKS``); 16 everywhere else (72 KB at K = V = 64 in
-    bf16; sm_86, sm_89 and sm_120 allow 99 KB). Per token, the bf16 backward at K = V = 64,
-    Dh = 256, sm_90 then issues 2.2x fewer instructions, 2.9x fewer MMAs and spills 1.9x fewer
-    bytes than with BH = 16 (``python -m benchmarks.kernel_resources``, from the compiled SASS:
-    eight warps on a ``[32, 16]`` product tile compute half of it twice). On sm_80, BH = 32
-    spills more, not less, so it keeps 16.
+    The backward holds up to ten ``[BK|BV, BH]`` state and adjoint blocks per step, and its Dh
+    block is the widest the GPU's shared memory takes among 16, 32, 64 where a wider block is
+    leaner: on sm_90 and later with 227 KB a block, 64 for 16-bit inputs at K, V <= 64 (208 KB)
+    and 32 at K, V <= 128 (200 KB) (``WIDE_BWD_BLOCKS``); 16 everywhere else (72 KB at
+    K = V = 64 in bf16; sm_86, sm_89 and sm_120 allow 99 KB). Per token, the bf16 backward at
+    K = V = 64, Dh = 256, sm_90 then issues 2.0x fewer instructions and 2.6x fewer MMAs and
+    spills 1.2x fewer bytes than with BH = 16 (``python -m benchmarks.kernel_resources``, from
+    the compiled SASS: eight warps on a ``[32, 16]`` product tile compute half of it twice). On
+    sm_80, BH = 32 spills more, not less, so it keeps 16.
 
     Warps: 8 for the chunk kernels, which spill fewer registers than with 4 (figures and why:
     the Registers entry of ``chunk_kernels.py``); ``benchmark_mlp_memory --launches`` times the
@@ -184,11 +184,13 @@ def chunk_bwd(q, k, v, alpha, eta, theta, A1, A2, offset, cu_seqlens, plan: Chun
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     dalpha, deta, dtheta = torch.empty_like(alpha), torch.empty_like(eta), torch.empty_like(theta)
     clip = max_norm is not None
+    # each program's pass B hands pass C five [BT, Dh] float32 slots per tile (written before read)
+    handoff = torch.empty(s.N * s.H, 5, plan.tile_size, Dh, dtype=torch.float32, device=q.device)
     cu, is_varlen = varlen_args(cu_seqlens, plan.tile_indptr)
     if s.N * s.H > 0:
         chunk_mlp_memory_bwd_kernel[(s.N * s.H,)](
             q, k, v, alpha, eta, theta, offset, cu, plan.tile_indptr, A1, A2, *tiles, do,
-            dW1, dS1, dA1, dW2, dS2, dA2, dq, dk, dv, dalpha, deta, dtheta, norms if clip else dW1,
+            dW1, dS1, dA1, dW2, dS2, dA2, dq, dk, dv, dalpha, deta, dtheta, norms if clip else dW1, handoff,
             s.T, max_norm if clip else 0.0, H=s.H, K=s.K, V=s.V, Dh=Dh, C=plan.chunk_size, BT=plan.tile_size,
             BK=launch.BK, BV=launch.BV, BH=launch.bwd_BH, ACT=act, RESIDUAL=residual, IS_VARLEN=is_varlen,
             CLIP=clip, PRECISION=kernel_precision(launch, q.dtype), num_warps=launch.bwd_warps, num_stages=1)

@@ -32,9 +32,12 @@ Design.
   chunk's anchor ``(a1, a2)`` (float32, in place: they enter holding the gradients of the final
   state and leave holding those of the initial state): (A) ``Err``; (B) over Dh blocks, every
   reduction over Dh: ``Hq Hk^T``, the adjoints of ``Zq``'s rows through ``P1``, ``dErr``, ``dq``,
-  the gate adjoints (so the gate gradients, ``dq``, ``dv`` and ``dtheta`` are final after B);
-  (C) over Dh blocks, recompute the block once more and write the adjoints of its tile-start
-  state and of the anchor; ``dk`` is final after C. At the first tile of a chunk the anchor
+  the gate adjoints (so the gate gradients, ``dq``, ``dv`` and ``dtheta`` are final after B),
+  handing pass C each block's ``Z``, ``Err a2^T``, ``Hq``, ``dZq`` and ``dX1`` ``[BT, BH]``
+  through a float32 workspace of five ``[BT, Dh]`` slots per program (in L2); (C) over Dh
+  blocks, read those back (so C recomputes nothing and never loads the tile-start state) and
+  write the adjoints of the block's tile-start state and of the anchor; ``dk`` is final after C.
+  The handoff cuts pass C's products from 23 to 12 a block. At the first tile of a chunk the anchor
   adjoint joins the weights' adjoint (the anchor is the chunk-start weights) and is reset.
   Gate gradients: the linear kernel's division-free products, exact at gates 0 and 1.
 - Update clipping (``CLIP``, ``ops/common/clipping.py``): token t's step becomes
@@ -52,24 +55,26 @@ Design.
   stores and ``tl.dot`` operands differ), so ``tl.debug_barrier()`` (CTA-wide ``bar.sync``, which
   also orders global memory within the block) sits (a) between the last load and the first store
   of a Dh block in every pass that rewrites the block it read (forward pass 2, backward pass C,
-  decode pass 2): write-after-read; (b) at the end of every pass that stores state (forward
-  anchor copy and pass 2, backward pass B before pass C's stores, pass C before the next tile's
-  loads): read-after-write across blocks and tiles. The interpreter runs each block-wide op at
+  decode pass 2): write-after-read; (b) at the end of every pass that stores state or hands
+  values on (forward anchor copy and pass 2, backward pass B before pass C's loads of the
+  handoff and its stores, pass C before the next tile's loads and handoff stores):
+  read-after-write across blocks and tiles. The interpreter runs each block-wide op at
   once and cannot catch a missing barrier; the placement is by construction.
 - Memory the backward keeps per token and head: the inputs, plus one tile-start state
   ``(W1, S1, W2, S2)`` per tile of BT tokens, ``8 Dh (K + V) / BT`` bytes per token
   (8 KB at K = V = 64, Dh = 256, BT = 32; 16 KB at K = V = 128 in bf16, 32 KB in float32 with its
-  16-token tiles). No per-token weights.
+  16-token tiles). No per-token weights. The backward's handoff workspace, ``20 BT Dh`` bytes
+  per (sequence, head), does not grow with T (160 KB at BT = 32, Dh = 256).
 - Limits: chunk sizes 16, 32, 64 (``tl.dot`` needs every dim >= 16: BT >= 16); K, V <= 128 (one
   register tile each, padded to powers of two >= 16); any Dh (blocks of BH = 32 columns in the
   forward; in the backward 16, or on sm_90 64 for 16-bit inputs at K, V <= 64 and 32 up to 128:
   ``chunk.mlp_launch``). Tiles: BT = min(C, 32), but 16 for float32 inputs with K or V > 64
   (32-bit ``tl.dot`` operands). Shared memory per program (checked by
   ``tests/test_kernel_compile.py``), forward / backward at the sm_80 launch: K = V = 64,
-  Dh = 256, bf16 52 / 72 KB, fp32 100 / 124 KB; K = V = 128, Dh = 256, bf16 100 / 136 KB, fp32
-  (BT = 16) 145 / 162 KB (sm_90: 156 KB); with clipping the bf16 forwards need 76 KB (K = V = 64)
-  and 148 KB (K = V = 128), the rest is unchanged. The sm_90 backward's wider blocks: 196 KB
-  (bf16, K = V = 64, BH = 64) and 184 KB (K = V = 128, BH = 32). sm_80 allows 163 KB, sm_90
+  Dh = 256, bf16 52 / 72 KB, fp32 100 / 102 KB; K = V = 128, Dh = 256, bf16 100 / 120 KB, fp32
+  (BT = 16) 145 / 117 KB; with clipping the bf16 forwards need 76 KB (K = V = 64) and 148 KB
+  (K = V = 128), the rest is unchanged. The sm_90 backward's wider blocks: 208 KB (bf16,
+  K = V = 64, BH = 64) and 200 KB (K = V = 128, BH = 32). sm_80 allows 163 KB, sm_90
   227 KB; sm_86/sm_89 allow 99 KB, which only the bf16/fp16 kernels at K = V <= 64 fit. The
   decode kernel: 0.5 KB. float32, bfloat16, float16 inputs; accumulation in float32; every
   product goes through ``triton_utils.mm``: IEEE fp32 for float32 inputs, TF32 otherwise, or
@@ -83,17 +88,21 @@ Design.
   thread's 255 registers and spill, inside the Dh loops. Per token and head, summed over the
   program's 256 threads, bf16, K = V = 64, Dh = 256, sm_90: the forward (BT = 32, BH = 32)
   issues 3.8K warp instructions and 294 warp MMAs and moves 41 KB of state through L2 and 60 KB
-  of spills (16-token tiles: no spills, 82 KB of state); the backward at BH = 16 issues 22K
-  instructions and 1840 MMAs (eight warps on a ``[32, 16]`` product tile compute half of it
-  twice) and spills 690 KB against 61 KB of state, at BH = 64 (its sm_90 launch) 9.8K, 630 MMAs
-  and 363 KB. A thread's spill slots (about 3 KB) times 256 threads exceed the L1, so the
-  spills go to L2: on these counts the backward moves about six times more bytes in spills than
-  in state, and cutting its live registers is the next thing to gain (a GPU run,
-  ``benchmark_mlp_memory --launches``, tells how much time they cost). Operands in the input
-  dtype (``lowp_dots``) halve the operand registers and shared memory (at the sm_90 launch: the
-  forward spills nothing, the backward 238 KB with 7.9K instructions and 315 MMAs). Which side
-  of the products holds the tokens is not the lever: a toy loop with four invariant ``[32, 64]``
-  operands needs 75-128 registers either way round.
+  of spills (16-token tiles: no spills, 82 KB of state); the backward at BH = 64 (its sm_90
+  launch) issues 9.5K instructions and 478 MMAs and spills 284 KB against 63 KB of state and
+  handoff traffic; at BH = 16 (eight warps on a ``[32, 16]`` product tile compute half of it
+  twice) 18.8K, 1230 MMAs and 346 KB. The pass B to C handoff took the BH = 64 backward from
+  630 MMAs and 363 KB of spills to these figures, and the sm_80 one (BH = 16) from 1982 MMAs
+  and 1.10 MB to 1374 and 0.74 MB. A thread's spill slots (about 3 KB) times 256 threads exceed
+  the L1, so the spills go to L2: on these counts the backward still moves about 4.5 times
+  more bytes in spills than in state (a GPU run, ``benchmark_mlp_memory --launches``, tells how
+  much time they cost). Operands in the input dtype (``lowp_dots``) halve the operand registers
+  and shared memory (at the sm_90 launch: the forward spills nothing, the backward 242 KB with
+  8.0K instructions and 239 MMAs). Tried without gain, on the same counts: splitting pass B
+  into a reads' and a writes' loop, moving ``dk``'s write products into pass C, handing pass 1's
+  ``Z`` to pass 2 in the forward (fewer spills, 25 % more instructions), and holding the tokens
+  on the other side of the products (a toy loop with four invariant ``[32, 64]`` operands needs
+  75-128 registers either way round).
 - Numerics of the products (``triton_utils.mm``; the interpreter emulates the GPU's operand
   rounding, so the CPU tests see it). Relative errors against the float64 reference at bf16
   inputs, K = V = 64, Dh = 256, C = 64, T = 600, forget gate 0.01: tf32 operands (truncated, as
@@ -141,6 +150,13 @@ def block_offsets(jb, rk, rv, rb, mk, mv, K: tl.constexpr, V: tl.constexpr, Dh: 
 
 
 @triton.jit
+def handoff_offsets(jb, r, rb, Dh: tl.constexpr, BH: tl.constexpr):
+    """Offsets ``[BT, BH]`` and column mask ``[1, BH]`` of Dh block ``jb`` in a ``[BT, Dh]`` slot."""
+    rh = jb * BH + rb  # [BH]
+    return r[:, None] * Dh + rh[None, :], (rh < Dh)[None, :]
+
+
+@triton.jit
 def anchor_error(b_k, b_v, a1, a2, rk, rv, rb, mk, mv,
                  K: tl.constexpr, V: tl.constexpr, Dh: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr,
                  BH: tl.constexpr, ACT: tl.constexpr, RESIDUAL: tl.constexpr, CLIP: tl.constexpr,
@@ -185,8 +201,9 @@ def write_norm(b_k, b_err, b_nh, a1, a2, rk, rv, rb, mk, mv,
 def recompute_block(b_q, b_k, b_err, b_P1, A, Bv, b_th, b_a1, b_a2, b_W1, b_S1,
                     ACT: tl.constexpr, PRECISION: tl.constexpr):
     """One Dh block of a tile: Hk, act'(Z), act''(Z), Err a2^T, Delta, X1, Q W1, Q S1, Hq,
-    act'(Zq), all ``[BT, BH]``."""
-    b_hk, b_d1, b_d2 = activation(mm(b_k, b_a1, PRECISION), ACT)
+    act'(Zq), Z, all ``[BT, BH]``."""
+    b_z = mm(b_k, b_a1, PRECISION)
+    b_hk, b_d1, b_d2 = activation(b_z, ACT)
     b_ea = mm(b_err, tl.trans(b_a2), PRECISION)  # [BT, BH]
     b_delta = b_ea * b_d1
     b_x1 = b_th[:, None] * b_delta
@@ -194,7 +211,7 @@ def recompute_block(b_q, b_k, b_err, b_P1, A, Bv, b_th, b_a1, b_a2, b_W1, b_S1,
     b_qs1 = mm(b_q, b_S1, PRECISION)
     b_zq = A[:, None] * b_qw1 + Bv[:, None] * b_qs1 - mm(b_P1, b_x1, PRECISION)
     b_hq, b_dq1, _ = activation(b_zq, ACT)
-    return b_hk, b_d1, b_d2, b_ea, b_delta, b_x1, b_qw1, b_qs1, b_hq, b_dq1
+    return b_hk, b_d1, b_d2, b_ea, b_delta, b_x1, b_qw1, b_qs1, b_hq, b_dq1, b_z
 
 
 @triton.jit
@@ -271,8 +288,8 @@ def chunk_mlp_memory_fwd_kernel(
                 tl.store(tile_S1 + tb1 + off1, b_S1, mask=m1)
                 tl.store(tile_W2 + tb2 + off2, b_W2, mask=m2)
                 tl.store(tile_S2 + tb2 + off2, b_S2, mask=m2)
-            b_hk, _, _, _, _, b_x1, _, _, b_hq, _ = recompute_block(b_q, b_k, b_err, b_P1, A, Bv, b_th, b_a1, b_a2,
-                                                                     b_W1, b_S1, ACT, PRECISION)
+            b_hk, _, _, _, _, b_x1, _, _, b_hq, _, _ = recompute_block(
+                b_q, b_k, b_err, b_P1, A, Bv, b_th, b_a1, b_a2, b_W1, b_S1, ACT, PRECISION)
             b_o += A[:, None] * mm(b_hq, b_W2, PRECISION) \
                 + Bv[:, None] * mm(b_hq, b_S2, PRECISION)
             b_Pk += mm(b_hq, tl.trans(b_hk), PRECISION)
@@ -306,6 +323,7 @@ def chunk_mlp_memory_bwd_kernel(
     dq, dk, dv,  # [B*T, H, K|V] in the input dtype
     dalpha, deta, dtheta,  # [B*T, H] in the gates' dtypes
     norms,  # [B*T, H] float32: the forward's write norms (read with CLIP)
+    handoff,  # [N * H, 5, BT, Dh] float32 workspace: pass B's Z, Err a2^T, Hq, dZq, dX1 for pass C
     T, max_norm,  # max_norm: the clipping bound c (used with CLIP)
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, Dh: tl.constexpr, C: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BH: tl.constexpr, ACT: tl.constexpr,
@@ -323,6 +341,8 @@ def chunk_mlp_memory_bwd_kernel(
     mk, mv = rk < K, rv < V
     base1 = i_nh.to(tl.int64) * K * Dh
     base2 = i_nh.to(tl.int64) * Dh * V
+    SLOT: tl.constexpr = BT * Dh
+    scr = handoff + i_nh.to(tl.int64) * 5 * SLOT  # this program's [5, BT, Dh]
     lower = r[:, None] >= r[None, :]
     last_row = r[:, None] == BT - 1
     is_last = r == BT - 1
@@ -395,7 +415,7 @@ def chunk_mlp_memory_bwd_kernel(
             b_dS1 = tl.load(dS1 + base1 + off1, mask=m1, other=0.0)
             b_dW2 = tl.load(dW2 + base2 + off2, mask=m2, other=0.0)  # [BH, BV]
             b_dS2 = tl.load(dS2 + base2 + off2, mask=m2, other=0.0)
-            b_hk, b_d1, _, _, b_delta, b_x1, b_qw1, b_qs1, b_hq, b_dq1 = recompute_block(
+            b_hk, b_d1, _, b_ea, b_delta, b_x1, b_qw1, b_qs1, b_hq, b_dq1, b_z = recompute_block(
                 b_q, b_k, b_err, b_P1, A, Bv, b_th, b_a1, b_a2, b_W1, b_S1, ACT, PRECISION)
             b_Pk += mm(b_hq, tl.trans(b_hk), PRECISION)
             dA += tl.sum(b_do * mm(b_hq, b_W2, PRECISION), axis=1)
@@ -416,6 +436,13 @@ def chunk_mlp_memory_bwd_kernel(
             dg -= tl.sum(b_x1 * b_kdw1, axis=1)
             dh -= tl.sum(b_x1 * b_kds1, axis=1)
             dth += tl.sum(b_dx1 * b_delta, axis=1)
+            # what pass C needs of this block, so that it recomputes none of it
+            off_s, m_s = handoff_offsets(jb, r, rb, Dh, BH)
+            tl.store(scr + off_s, b_z, mask=m_s)
+            tl.store(scr + SLOT + off_s, b_ea, mask=m_s)
+            tl.store(scr + 2 * SLOT + off_s, b_hq, mask=m_s)
+            tl.store(scr + 3 * SLOT + off_s, b_dzq, mask=m_s)
+            tl.store(scr + 4 * SLOT + off_s, b_dx1, mask=m_s)
             b_rr = b_th[:, None] * b_dx1 * b_d1  # adjoint of Err a2^T
             b_derr += mm(b_rr, b_a2, PRECISION)
             b_U2 += mm(b_hk, b_dW2, PRECISION)
@@ -428,7 +455,7 @@ def chunk_mlp_memory_bwd_kernel(
             if CLIP:
                 b_nd += tl.sum(b_delta * b_delta, axis=1)
                 b_R += mm(b_delta * b_d1, b_a2, PRECISION)
-        tl.debug_barrier()  # pass C rewrites the adjoint blocks that pass B read
+        tl.debug_barrier()  # pass C reads the handoff and rewrites the adjoint blocks that pass B read
 
         dP1 = tl.where(lower, dP1, 0.0)
         b_dx2 = -mm(tl.trans(b_Pk * Gam), b_do, PRECISION) - g[:, None] * b_U2 \
@@ -471,30 +498,22 @@ def chunk_mlp_memory_bwd_kernel(
         chunk_start = (j % R == 0) & (i > 0)  # this tile's start state is its chunk's anchor
         for jb in range(0, NH):
             off1, m1, off2, m2 = block_offsets(jb, rk, rv, rb, mk, mv, K, V, Dh, BH)
+            off_s, m_s = handoff_offsets(jb, r, rb, Dh, BH)
             b_a1 = tl.load(a1 + off1, mask=m1, other=0.0)
             b_a2 = tl.load(a2 + off2, mask=m2, other=0.0)
-            b_W1 = tl.load(tile_W1 + tb1 + off1, mask=m1, other=0.0)
-            b_S1 = tl.load(tile_S1 + tb1 + off1, mask=m1, other=0.0)
-            b_W2 = tl.load(tile_W2 + tb2 + off2, mask=m2, other=0.0)
-            b_S2 = tl.load(tile_S2 + tb2 + off2, mask=m2, other=0.0)
             b_dW1 = tl.load(dW1 + base1 + off1, mask=m1, other=0.0)
             b_dS1 = tl.load(dS1 + base1 + off1, mask=m1, other=0.0)
             b_dA1 = tl.load(dA1 + base1 + off1, mask=m1, other=0.0)
             b_dW2 = tl.load(dW2 + base2 + off2, mask=m2, other=0.0)
             b_dS2 = tl.load(dS2 + base2 + off2, mask=m2, other=0.0)
             b_dA2 = tl.load(dA2 + base2 + off2, mask=m2, other=0.0)
-            b_hk, b_d1, b_d2, b_ea, b_delta, _, _, _, b_hq, b_dq1 = recompute_block(
-                b_q, b_k, b_err, b_P1, A, Bv, b_th, b_a1, b_a2, b_W1, b_S1, ACT, PRECISION)
-            b_dhq = A[:, None] * mm(b_do, tl.trans(b_W2), PRECISION) \
-                + Bv[:, None] * mm(b_do, tl.trans(b_S2), PRECISION) \
-                + mm(dPk, b_hk, PRECISION)
-            b_dzq = b_dhq * b_dq1  # [BT, BH]
-            b_dx1 = -mm(tl.trans(b_P1), b_dzq, PRECISION) \
-                - g[:, None] * mm(b_k, b_dW1, PRECISION) \
-                - hh[:, None] * mm(b_k, b_dS1, PRECISION)
-            b_ddelta = b_th[:, None] * b_dx1
+            b_hk, b_d1, b_d2 = activation(tl.load(scr + off_s, mask=m_s, other=0.0), ACT)  # [BT, BH]
+            b_ea = tl.load(scr + SLOT + off_s, mask=m_s, other=0.0)  # Err a2^T
+            b_hq = tl.load(scr + 2 * SLOT + off_s, mask=m_s, other=0.0)
+            b_dzq = tl.load(scr + 3 * SLOT + off_s, mask=m_s, other=0.0)
+            b_ddelta = b_th[:, None] * tl.load(scr + 4 * SLOT + off_s, mask=m_s, other=0.0)  # th * dX1
             if CLIP:
-                b_ddelta += sk[:, None] * b_delta
+                b_ddelta += sk[:, None] * (b_ea * b_d1)
             b_rr = b_ddelta * b_d1
             b_dhk = mm(tl.trans(dPk), b_hq, PRECISION) \
                 - mm(g[:, None] * b_x2, tl.trans(b_dW2), PRECISION) \

@@ -100,9 +100,11 @@ Design.
   and shared memory (at the sm_90 launch: the forward spills nothing, the backward 242 KB with
   8.0K instructions and 239 MMAs). Tried without gain, on the same counts: splitting pass B
   into a reads' and a writes' loop, moving ``dk``'s write products into pass C, handing pass 1's
-  ``Z`` to pass 2 in the forward (fewer spills, 25 % more instructions), and holding the tokens
-  on the other side of the products (a toy loop with four invariant ``[32, 64]`` operands needs
-  75-128 registers either way round).
+  ``Z`` to pass 2 in the forward (fewer spills, 25 % more instructions), taking the gate sums
+  ``<dO, Hq W2>`` from pass B's ``dO W2^T`` (4 fewer MMAs a token on sm_90, but the sm_80 build
+  then spills 2.7 times as much: its allocation flips between about 3 and 8 KB a thread and
+  token on small source changes), and holding the tokens on the other side of the products (a
+  toy loop with four invariant ``[32, 64]`` operands needs 75-128 registers either way round).
 - Numerics of the products (``triton_utils.mm``; the interpreter emulates the GPU's operand
   rounding, so the CPU tests see it). Relative errors against the float64 reference at bf16
   inputs, K = V = 64, Dh = 256, C = 64, T = 600, forget gate 0.01: tf32 operands (truncated, as

@@ -1,23 +1,29 @@
 """Every Triton kernel compiles to a cubin for sm_80 and sm_90 at the block sizes, warps and stages
 the launchers use on each (``titans_layers/testing/kernel_builds.py``), and fits the GPU's shared
-memory: a kernel that only the interpreter accepts fails here."""
+memory: a kernel that only the interpreter accepts fails here. The MLP chunk kernels whose tiles
+shrink on GPUs with 99 KB of shared memory are compiled for sm_89 as well."""
 
 import pytest
 
 from titans_layers.testing.compile import compile_in_subprocess
-from titans_layers.testing.kernel_builds import CAPABILITIES, kernel_builds
+from titans_layers.testing.kernel_builds import CAPABILITIES, kernel_builds, small_shared_builds
 
-BUILDS = [build for capability in CAPABILITIES for build in kernel_builds(capability)]
+BUILDS = [build for capability in CAPABILITIES for build in kernel_builds(capability)] + small_shared_builds()
 
 
 @pytest.mark.parametrize("build", BUILDS, ids=[f"sm{b.capability}-{b.name}-{b.label}" for b in BUILDS])
 def test_kernel_compiles_for_gpu(build):
     usage = compile_in_subprocess(build.kernel, **build.compile_kwargs())
     assert 0 < usage["registers"] <= 255 and usage["shared"] >= 0
+    # mlp_launch's tables of what the MLP chunk kernels need: the sm_90 backward's wide Dh blocks, and
+    # the tiles before sm_90
+    from titans_layers.ops.mlp_memory.chunk import TILE_SHARED, WIDE_BWD_BLOCKS
     c = build.constexprs
-    if build.name == "chunk_mlp_memory_bwd_kernel" and c["BH"] > 16:  # mlp_launch's table of what it needs
-        from titans_layers.ops.mlp_memory.chunk import WIDE_BWD_BLOCKS
+    if build.name == "chunk_mlp_memory_bwd_kernel" and c["BH"] > 16:
         need = next(shared for dim, BH, shared in WIDE_BWD_BLOCKS if max(c["K"], c["V"]) <= dim and BH == c["BH"])
+        assert usage["shared"] <= need, (usage["shared"], need)
+    if build.name.startswith("chunk_mlp_memory") and build.capability < 90:
+        need = TILE_SHARED[(build.pointers["q"] == "*fp32", max(c["K"], c["V"]) > 64)][c["BT"]]
         assert usage["shared"] <= need, (usage["shared"], need)
 
 

@@ -287,6 +287,26 @@ def test_backward_dh_block_follows_the_gpu():
     assert all(mlp_launch(64, 64, 64, 256, bf16, gpu).fwd_BH == 32 for gpu in (a100, h100, None))
 
 
+def test_tiles_follow_the_gpus_shared_memory():
+    """On a GPU with 99 KB of shared memory a block (sm_86, sm_89, sm_120) the chunk kernels take
+    16-token tiles where 32-token ones do not fit (16-bit inputs above K = 64, float32 inputs), and
+    float32 inputs above K = 64, which fit no tile there, get an error naming the need and the GPU;
+    A100 and H100 launches are unchanged. ``test_kernel_compile.py`` holds the table to the kernels."""
+    from titans_layers.ops.common.triton_utils import GPU
+    from titans_layers.ops.mlp_memory.chunk import mlp_launch
+    a100, h100 = GPU(80, 163 << 10), GPU(90, 227 << 10)
+    bt = lambda C, K, dtype, gpu: mlp_launch(C, K, K, 256, dtype, gpu).BT
+    for small in (GPU(86, 99 << 10), GPU(89, 99 << 10), GPU(120, 99 << 10)):
+        assert [bt(64, 64, bf16, small), bt(64, 64, f16, small), bt(64, 128, bf16, small), bt(64, 96, f16, small),
+                bt(64, 64, f32, small), bt(16, 128, bf16, small)] == [32, 32, 16, 16, 16, 16]
+        with pytest.raises(ValueError, match=rf"K = 128, V = 128 with torch.float32 inputs need 145 KB .*"
+                                             rf"sm_{small.capability}\) has 99 KB"):
+            mlp_launch(64, 128, 128, 256, f32, small)
+    for gpu in (a100, h100, None):
+        assert [bt(64, 64, bf16, gpu), bt(64, 128, bf16, gpu), bt(64, 64, f32, gpu), bt(64, 128, f32, gpu)] \
+            == [32, 32, 32, 16]
+
+
 def test_low_precision_dot_operands(device):
     """``MLPLaunch.lowp_dots``: the kernels' ``tl.dot`` operands rounded to the bfloat16 / float16
     input dtype (emulated exactly under the interpreter) keep the SPEC tolerances against the float64

@@ -157,3 +157,11 @@ def kernel_builds(capability: int) -> list[KernelBuild]:
     if capability >= 90:
         builds.append(mlp_build(MLP_KERNELS[1], *MLP_CONFIGS[0], capability=capability, bwd_BH=16))
     return builds
+
+
+def small_shared_builds() -> list[KernelBuild]:
+    """The MLP chunk kernels whose tiles shrink to 16 tokens on a GPU with 99 KB of shared memory a
+    block (sm_86, sm_89, sm_120; ``chunk.TILE_SHARED``), compiled for sm_89: 16-bit inputs at
+    K = V = 128 (with clipping, the most shared memory) and float32 inputs at K = V = 64."""
+    return [mlp_build(kernel, *config, capability=89) for kernel in MLP_KERNELS[:2]
+            for config in (MLP_CONFIGS[1], MLP_CONFIGS[3])]

@@ -55,6 +55,11 @@ _LAUNCH_OVERRIDE: dict = {}
 # The backward's wider Dh blocks on sm_90 and later: (largest head dim, BH, shared memory it needs)
 WIDE_BWD_BLOCKS = ((64, 64, 208 << 10), (128, 32, 200 << 10))
 
+# Shared memory the chunk kernels need before sm_90 (Dh blocks of 32 forward, 16 backward; the most
+# over forward, backward and clipping), by (float32 inputs, K or V above 64), per tile size BT
+TILE_SHARED = {(False, False): {32: 76 << 10, 16: 50 << 10}, (False, True): {32: 148 << 10, 16: 94 << 10},
+               (True, False): {32: 102 << 10, 16: 73 << 10}, (True, True): {16: 145 << 10}}
+
 
 def mlp_launch(chunk_size: int, K: int, V: int, Dh: int, dtype: torch.dtype, gpu: GPU | None = None) -> MLPLaunch:
     """The launch of the MLP-memory kernels for chunk size C, head dims K, V, hidden width Dh, input
@@ -64,7 +69,11 @@ def mlp_launch(chunk_size: int, K: int, V: int, Dh: int, dtype: torch.dtype, gpu
 
     Tiles: BT = min(C, 32), but 16 for float32 inputs with K or V above 64, whose 32-bit ``tl.dot``
     operands would need more shared memory than an A100 block has (200 KB forward, 245 KB
-    backward at K = V = 128, BT = 32). The forward takes Dh in blocks of 32 columns.
+    backward at K = V = 128, BT = 32). The forward takes Dh in blocks of 32 columns. A GPU with
+    less shared memory than the 32-token tiles need (``TILE_SHARED``, the sm_80 figures; sm_86,
+    sm_89 and sm_120 have 99 KB a block) takes 16-token tiles: 16-bit inputs with K or V above
+    64 (148 KB -> 94 KB) and float32 inputs (102 KB -> 73 KB); float32 inputs with K or V above
+    64 need 145 KB even then, and raise a ValueError naming the need on such a GPU.
 
     The backward holds up to ten ``[BK|BV, BH]`` state and adjoint blocks per step, and its Dh
     block is the widest the GPU's shared memory takes among 16, 32, 64 where a wider block is
@@ -81,6 +90,15 @@ def mlp_launch(chunk_size: int, K: int, V: int, Dh: int, dtype: torch.dtype, gpu
     alternatives on a GPU.
     """
     BT = 16 if dtype == torch.float32 and max(K, V) > 64 else min(chunk_size, 32)
+    if gpu is not None:
+        need = TILE_SHARED[(dtype == torch.float32, max(K, V) > 64)]
+        if need.get(BT, 0) > gpu.shared_memory:
+            BT = 16
+        if need[BT] > gpu.shared_memory:
+            raise ValueError(f"the MLP-memory kernels at K = {K}, V = {V} with {dtype} inputs need {need[BT] >> 10} "
+                             f"KB of shared memory a block; this GPU (sm_{gpu.capability}) has "
+                             f"{gpu.shared_memory >> 10} KB (16-bit inputs and K, V <= 64 need less: "
+                             f"chunk.TILE_SHARED)")
     bwd_BH = 16
     if gpu is not None and gpu.capability >= 90 and dtype != torch.float32:
         bwd_BH = next((bh for dim, bh, shared in WIDE_BWD_BLOCKS if max(K, V) <= dim and shared <= gpu.shared_memory),

@@ -75,7 +75,9 @@ Design.
   (BT = 16) 145 / 117 KB; with clipping the bf16 forwards need 76 KB (K = V = 64) and 148 KB
   (K = V = 128), the rest is unchanged. The sm_90 backward's wider blocks: 208 KB (bf16,
   K = V = 64, BH = 64) and 200 KB (K = V = 128, BH = 32). sm_80 allows 163 KB, sm_90
-  227 KB; sm_86/sm_89 allow 99 KB, which only the bf16/fp16 kernels at K = V <= 64 fit. The
+  227 KB; sm_86, sm_89 and sm_120 allow 99 KB, where the launch takes 16-token tiles for 16-bit
+  inputs above K = V = 64 (94 KB) and for float32 inputs (73 KB); float32 inputs above
+  K = V = 64 (145 KB) do not fit there (``chunk.TILE_SHARED``; a ValueError says so). The
   decode kernel: 0.5 KB. float32, bfloat16, float16 inputs; accumulation in float32; every
   product goes through ``triton_utils.mm``: IEEE fp32 for float32 inputs, TF32 otherwise, or
   with ``MLPLaunch.lowp_dots`` operands rounded to the bfloat16 / float16 input dtype.

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import functools
 import os
+from contextlib import contextmanager
 from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
+from triton.runtime.errors import OutOfResources
 
 # Head dims the kernels keep on chip in one tile (K rows, a block of V columns).
 MAX_HEAD_DIM = 128
@@ -48,6 +50,25 @@ def check_triton_device(op_name: str, x: torch.Tensor) -> None:
     raise RuntimeError(f"`{op_name}` runs Triton kernels and needs CUDA tensors (or CPU tensors with "
                        f"TRITON_INTERPRET=1 set before triton is imported); got a tensor on {x.device}. "
                        f"The `naive_chunk_*` ops run anywhere.")
+
+
+@contextmanager
+def explained_launch(kernel: str, q: torch.Tensor, K: int, V: int, chunk_size: int | None = None):
+    """Around a kernel launch: Triton's ``OutOfResources`` (the compiled kernel needs more shared
+    memory a block than this GPU has) becomes a ValueError that names the kernel, the problem
+    (head dims, input dtype, chunk size) and what needs less."""
+    try:
+        yield
+    except OutOfResources as e:
+        gpu = gpu_of(q)
+        problem = f"K = {K}, V = {V} with {q.dtype} inputs" + (f", chunk size {chunk_size}" if chunk_size else "")
+        if e.name == "shared memory":
+            on = f" (sm_{gpu.capability})" if gpu else ""
+            need = f"{e.required >> 10} KB of shared memory a block; this GPU{on} has {e.limit >> 10} KB"
+        else:
+            need = f"{e.required} of {e.name} (limit {e.limit})"
+        raise ValueError(f"{kernel} at {problem} needs {need}. Smaller head dims, bfloat16 / float16 inputs or no "
+                         f"update clipping need less; the naive_chunk_* ops run anywhere") from e
 
 
 def check_head_dims(K: int, V: int) -> None:

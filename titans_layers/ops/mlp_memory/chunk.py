@@ -13,7 +13,7 @@ from titans_layers.ops.common.clipping import check_max_update_norm
 from titans_layers.ops.common.grad_mode import needs_grad
 from titans_layers.ops.common.traceable import traceable
 from titans_layers.ops.common.triton_utils import (GPU, check_head_dims, check_triton_device, dot_precision,
-                                                   gpu_of, runnable_precision)
+                                                   explained_launch, gpu_of, runnable_precision)
 from titans_layers.ops.common.validation import check_chunk_size, check_op_inputs
 from titans_layers.ops.mlp_memory.chunk_kernels import chunk_mlp_memory_bwd_kernel, chunk_mlp_memory_fwd_kernel
 from titans_layers.ops.mlp_memory.naive import ACTIVATIONS, check_mlp_options
@@ -171,12 +171,13 @@ def chunk_fwd(q, k, v, alpha, eta, theta, W1, W2, S1, S2, A1, A2, offset, cu_seq
     norms = theta.new_empty(theta.shape, dtype=torch.float32) if clip else None  # [B, T, H]
     cu, is_varlen = varlen_args(cu_seqlens, plan.tile_indptr)
     if s.N * s.H > 0:
-        chunk_mlp_memory_fwd_kernel[(s.N * s.H,)](
-            q, k, v, alpha, eta, theta, offset, cu, plan.tile_indptr, o, W1T, S1T, A1T, W2T, S2T, A2T, *tiles,
-            norms if clip else W1T, s.T, max_norm if clip else 0.0, H=s.H, K=s.K, V=s.V, Dh=Dh, C=plan.chunk_size,
-            BT=plan.tile_size, BK=launch.BK, BV=launch.BV, BH=launch.fwd_BH, ACT=act, RESIDUAL=residual,
-            IS_VARLEN=is_varlen, STORE_TILES=store_tiles, CLIP=clip, PRECISION=kernel_precision(launch, q.dtype),
-            num_warps=launch.fwd_warps, num_stages=1)
+        with explained_launch("the MLP-memory chunk forward kernel", q, s.K, s.V, plan.chunk_size):
+            chunk_mlp_memory_fwd_kernel[(s.N * s.H,)](
+                q, k, v, alpha, eta, theta, offset, cu, plan.tile_indptr, o, W1T, S1T, A1T, W2T, S2T, A2T, *tiles,
+                norms if clip else W1T, s.T, max_norm if clip else 0.0, H=s.H, K=s.K, V=s.V, Dh=Dh, C=plan.chunk_size,
+                BT=plan.tile_size, BK=launch.BK, BV=launch.BV, BH=launch.fwd_BH, ACT=act, RESIDUAL=residual,
+                IS_VARLEN=is_varlen, STORE_TILES=store_tiles, CLIP=clip, PRECISION=kernel_precision(launch, q.dtype),
+                num_warps=launch.fwd_warps, num_stages=1)
     return o, (W1T, W2T, S1T, S2T, A1T, A2T), (tiles if store_tiles else None), norms
 
 
@@ -206,12 +207,13 @@ def chunk_bwd(q, k, v, alpha, eta, theta, A1, A2, offset, cu_seqlens, plan: Chun
     handoff = torch.empty(s.N * s.H, 5, plan.tile_size, Dh, dtype=torch.float32, device=q.device)
     cu, is_varlen = varlen_args(cu_seqlens, plan.tile_indptr)
     if s.N * s.H > 0:
-        chunk_mlp_memory_bwd_kernel[(s.N * s.H,)](
-            q, k, v, alpha, eta, theta, offset, cu, plan.tile_indptr, A1, A2, *tiles, do,
-            dW1, dS1, dA1, dW2, dS2, dA2, dq, dk, dv, dalpha, deta, dtheta, norms if clip else dW1, handoff,
-            s.T, max_norm if clip else 0.0, H=s.H, K=s.K, V=s.V, Dh=Dh, C=plan.chunk_size, BT=plan.tile_size,
-            BK=launch.BK, BV=launch.BV, BH=launch.bwd_BH, ACT=act, RESIDUAL=residual, IS_VARLEN=is_varlen,
-            CLIP=clip, PRECISION=kernel_precision(launch, q.dtype), num_warps=launch.bwd_warps, num_stages=1)
+        with explained_launch("the MLP-memory chunk backward kernel", q, s.K, s.V, plan.chunk_size):
+            chunk_mlp_memory_bwd_kernel[(s.N * s.H,)](
+                q, k, v, alpha, eta, theta, offset, cu, plan.tile_indptr, A1, A2, *tiles, do,
+                dW1, dS1, dA1, dW2, dS2, dA2, dq, dk, dv, dalpha, deta, dtheta, norms if clip else dW1, handoff,
+                s.T, max_norm if clip else 0.0, H=s.H, K=s.K, V=s.V, Dh=Dh, C=plan.chunk_size, BT=plan.tile_size,
+                BK=launch.BK, BV=launch.BV, BH=launch.bwd_BH, ACT=act, RESIDUAL=residual, IS_VARLEN=is_varlen,
+                CLIP=clip, PRECISION=kernel_precision(launch, q.dtype), num_warps=launch.bwd_warps, num_stages=1)
     return dq, dk, dv, dalpha, deta, dtheta, dW1, dW2, dS1, dS2, dA1, dA2
 
 

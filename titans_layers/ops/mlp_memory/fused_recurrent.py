@@ -31,7 +31,7 @@ import triton.language as tl
 from titans_layers.ops.common.clipping import check_max_update_norm
 from titans_layers.ops.common.grad_mode import needs_grad
 from titans_layers.ops.common.traceable import traceable
-from titans_layers.ops.common.triton_utils import clip_step, gpu_of, sequence_range
+from titans_layers.ops.common.triton_utils import clip_step, explained_launch, gpu_of, sequence_range
 from titans_layers.ops.mlp_memory.chunk import (KERNEL_CHUNK_SIZES, ChunkPlan, chunk_bwd, chunk_fwd, mlp_launch,
                                                 pack_final_state, prepare_kernel_call)
 from titans_layers.ops.momentum_delta_rule.chunk import varlen_args
@@ -143,11 +143,12 @@ def fused_recurrent_fwd(q, k, v, alpha, eta, theta, W1, W2, S1, S2, A1, A2, offs
                                     for x in (W1, W2, S1, S2, A1, A2))
     cu, is_varlen = varlen_args(cu_seqlens, offset)
     if s.N * s.H > 0:
-        fused_recurrent_mlp_memory_fwd_kernel[(s.N * s.H,)](
-            q, k, v, alpha, eta, theta, offset, cu, o, W1T, S1T, A1T, W2T, S2T, A2T,
-            s.T, 0.0 if max_norm is None else max_norm, H=s.H, K=s.K, V=s.V, Dh=Dh, C=plan.chunk_size, BK=launch.BK,
-            BV=launch.BV, BH=launch.fwd_BH, ACT=act, RESIDUAL=residual, IS_VARLEN=is_varlen,
-            CLIP=max_norm is not None, num_warps=launch.decode_warps, num_stages=launch.decode_stages)
+        with explained_launch("the MLP-memory decode kernel", q, s.K, s.V, None):
+            fused_recurrent_mlp_memory_fwd_kernel[(s.N * s.H,)](
+                q, k, v, alpha, eta, theta, offset, cu, o, W1T, S1T, A1T, W2T, S2T, A2T,
+                s.T, 0.0 if max_norm is None else max_norm, H=s.H, K=s.K, V=s.V, Dh=Dh, C=plan.chunk_size, BK=launch.BK,
+                BV=launch.BV, BH=launch.fwd_BH, ACT=act, RESIDUAL=residual, IS_VARLEN=is_varlen,
+                CLIP=max_norm is not None, num_warps=launch.decode_warps, num_stages=launch.decode_stages)
     return o, (W1T, W2T, S1T, S2T, A1T, A2T)
 
 

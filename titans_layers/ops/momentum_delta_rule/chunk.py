@@ -12,7 +12,7 @@ from titans_layers.ops.common.grad_mode import needs_grad
 from titans_layers.ops.common.layout import sequence_lengths
 from titans_layers.ops.common.traceable import traceable
 from titans_layers.ops.common.triton_utils import (block_sizes, check_head_dims, check_triton_device, dot_precision,
-                                                   runnable_precision)
+                                                   explained_launch, runnable_precision)
 from titans_layers.ops.common.validation import OpShape, check_chunk_size, check_op_inputs
 from titans_layers.ops.momentum_delta_rule.chunk_kernels import (chunk_momentum_delta_rule_bwd_kernel,
                                                                  chunk_momentum_delta_rule_bwd_split_kernel,
@@ -114,11 +114,12 @@ def chunk_fwd(q, k, v, alpha, eta, theta, M0, S0, W0, offset, cu_seqlens, plan: 
     keep_norms = store_tiles and clip
     norms = torch.empty(alpha.shape, dtype=torch.float32, device=q.device) if keep_norms else MT  # else unused
     cu, is_varlen = varlen_args(cu_seqlens, plan.tile_indptr)
-    chunk_momentum_delta_rule_fwd_kernel[(NV, s.N * s.H)](
-        q, k, v, alpha, eta, theta, M0, S0, W0, offset, cu, plan.tile_indptr, o, MT, ST, WT, tile_M, tile_S,
-        norms, s.T, max_update_norm if clip else 0.0, H=s.H, K=s.K, V=s.V, C=plan.chunk_size, BT=plan.tile_size,
-        BK=BK, BV=BV, IS_VARLEN=is_varlen, STORE_TILES=store_tiles, PRECISION=precision, CLIP=clip,
-        num_warps=launch_warps(BK, BV), num_stages=1)
+    with explained_launch("the momentum-delta-rule chunk forward kernel", q, s.K, s.V, plan.chunk_size):
+        chunk_momentum_delta_rule_fwd_kernel[(NV, s.N * s.H)](
+            q, k, v, alpha, eta, theta, M0, S0, W0, offset, cu, plan.tile_indptr, o, MT, ST, WT, tile_M, tile_S,
+            norms, s.T, max_update_norm if clip else 0.0, H=s.H, K=s.K, V=s.V, C=plan.chunk_size, BT=plan.tile_size,
+            BK=BK, BV=BV, IS_VARLEN=is_varlen, STORE_TILES=store_tiles, PRECISION=precision, CLIP=clip,
+            num_warps=launch_warps(BK, BV), num_stages=1)
     return (o, MT, ST, WT, (tile_M if store_tiles else None), (tile_S if store_tiles else None),
             (norms if keep_norms else None))
 
@@ -149,18 +150,20 @@ def chunk_bwd(q, k, v, alpha, eta, theta, W0, offset, cu_seqlens, plan: ChunkPla
     dM0, dS0, dW0 = (torch.empty(state, dtype=torch.float32, device=q.device) for _ in range(3))
     cu, is_varlen = varlen_args(cu_seqlens, plan.tile_indptr)
     if split:
-        chunk_momentum_delta_rule_bwd_split_kernel[(1, s.N * s.H)](
-            q, k, v, alpha, eta, theta, W0, offset, cu, plan.tile_indptr, tile_M, tile_S, do.contiguous(),
-            dMT, dST, dWT, dq, dk, dv, dalpha, deta, dtheta, dM0, dS0, dW0, norms, s.T, max_update_norm,
-            H=s.H, K=s.K, V=s.V, C=plan.chunk_size, BT=plan.tile_size, BK=BK, BV=BV, NVS=triton.cdiv(s.V, BV),
-            IS_VARLEN=is_varlen, PRECISION=precision, num_warps=launch_warps(BK, BV), num_stages=1)
+        with explained_launch("the momentum-delta-rule chunk backward kernel", q, s.K, s.V, plan.chunk_size):
+            chunk_momentum_delta_rule_bwd_split_kernel[(1, s.N * s.H)](
+                q, k, v, alpha, eta, theta, W0, offset, cu, plan.tile_indptr, tile_M, tile_S, do.contiguous(),
+                dMT, dST, dWT, dq, dk, dv, dalpha, deta, dtheta, dM0, dS0, dW0, norms, s.T, max_update_norm,
+                H=s.H, K=s.K, V=s.V, C=plan.chunk_size, BT=plan.tile_size, BK=BK, BV=BV, NVS=triton.cdiv(s.V, BV),
+                IS_VARLEN=is_varlen, PRECISION=precision, num_warps=launch_warps(BK, BV), num_stages=1)
     else:
-        chunk_momentum_delta_rule_bwd_kernel[(NV, s.N * s.H)](
-            q, k, v, alpha, eta, theta, W0, offset, cu, plan.tile_indptr, tile_M, tile_S, do.contiguous(),
-            dMT, dST, dWT, dq, dk, dv, dalpha, deta, dtheta, dM0, dS0, dW0, norms if clip else dM0,
-            s.T, n_tokens, max_update_norm if clip else 0.0, H=s.H, K=s.K, V=s.V, C=plan.chunk_size,
-            BT=plan.tile_size, BK=BK, BV=BV, IS_VARLEN=is_varlen, PRECISION=precision, CLIP=clip,
-            num_warps=launch_warps(BK, BV), num_stages=1)
+        with explained_launch("the momentum-delta-rule chunk backward kernel", q, s.K, s.V, plan.chunk_size):
+            chunk_momentum_delta_rule_bwd_kernel[(NV, s.N * s.H)](
+                q, k, v, alpha, eta, theta, W0, offset, cu, plan.tile_indptr, tile_M, tile_S, do.contiguous(),
+                dMT, dST, dWT, dq, dk, dv, dalpha, deta, dtheta, dM0, dS0, dW0, norms if clip else dM0,
+                s.T, n_tokens, max_update_norm if clip else 0.0, H=s.H, K=s.K, V=s.V, C=plan.chunk_size,
+                BT=plan.tile_size, BK=BK, BV=BV, IS_VARLEN=is_varlen, PRECISION=precision, CLIP=clip,
+                num_warps=launch_warps(BK, BV), num_stages=1)
     return (dq.sum(0).to(q.dtype), dk.sum(0).to(k.dtype), dv, dalpha.sum(0).to(alpha.dtype),
             deta.sum(0).to(eta.dtype), dtheta.sum(0).to(theta.dtype), dM0, dS0, dW0)
 

@@ -24,7 +24,7 @@ import triton.language as tl
 
 from titans_layers.ops.common.clipping import check_max_update_norm
 from titans_layers.ops.common.traceable import traceable
-from titans_layers.ops.common.triton_utils import clip_step, sequence_range
+from titans_layers.ops.common.triton_utils import clip_step, explained_launch, sequence_range
 from titans_layers.ops.momentum_delta_rule.chunk import (KERNEL_CHUNK_SIZES, ChunkPlan, chunk_bwd, chunk_fwd,
                                                          launch_blocks, launch_warps, pack_final_state,
                                                          prepare_kernel_call, varlen_args)
@@ -82,10 +82,11 @@ def fused_recurrent_fwd(q, k, v, alpha, eta, theta, M0, S0, W0, offset, cu_seqle
     o = torch.empty_like(v)
     MT, ST, WT = (torch.empty(s.N, s.H, s.K, s.V, dtype=torch.float32, device=q.device) for _ in range(3))
     cu, is_varlen = varlen_args(cu_seqlens, offset)
-    fused_recurrent_momentum_delta_rule_fwd_kernel[(NV, s.N * s.H)](
-        q, k, v, alpha, eta, theta, M0, S0, W0, offset, cu, o, MT, ST, WT, s.T, max_update_norm if clip else 0.0,
-        H=s.H, K=s.K, V=s.V, C=plan.chunk_size, BK=BK, BV=BV, IS_VARLEN=is_varlen, CLIP=clip,
-        num_warps=launch_warps(BK, BV, decode=True), num_stages=DECODE_STAGES)
+    with explained_launch("the momentum-delta-rule decode kernel", q, s.K, s.V, None):
+        fused_recurrent_momentum_delta_rule_fwd_kernel[(NV, s.N * s.H)](
+            q, k, v, alpha, eta, theta, M0, S0, W0, offset, cu, o, MT, ST, WT, s.T, max_update_norm if clip else 0.0,
+            H=s.H, K=s.K, V=s.V, C=plan.chunk_size, BK=BK, BV=BV, IS_VARLEN=is_varlen, CLIP=clip,
+            num_warps=launch_warps(BK, BV, decode=True), num_stages=DECODE_STAGES)
     return o, MT, ST, WT
 
 

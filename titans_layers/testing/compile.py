@@ -119,7 +119,8 @@ def sass_profile(compiled, tile_tokens: int | None = None, inner_trips: int | No
         path = os.path.join(tmp, "kernel.cubin")
         with open(path, "wb") as f:
             f.write(compiled.asm["cubin"])
-        sass = subprocess.run([triton.knobs.nvidia.cuobjdump.path, "-sass", path], capture_output=True, text=True, check=True).stdout
+        sass = subprocess.run([triton.knobs.nvidia.cuobjdump.path, "-sass", path], capture_output=True, text=True,
+                              check=True).stdout
     lines = [m.groups() for m in map(_SASS_LINE.match, sass.splitlines()) if m]
     index = {int(address, 16): i for i, (address, _) in enumerate(lines)}
     loops = set()

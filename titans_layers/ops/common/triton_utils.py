@@ -61,14 +61,20 @@ def explained_launch(kernel: str, q: torch.Tensor, K: int, V: int, chunk_size: i
         yield
     except OutOfResources as e:
         gpu = gpu_of(q)
-        problem = f"K = {K}, V = {V} with {q.dtype} inputs" + (f", chunk size {chunk_size}" if chunk_size else "")
-        if e.name == "shared memory":
-            on = f" (sm_{gpu.capability})" if gpu else ""
-            need = f"{e.required >> 10} KB of shared memory a block; this GPU{on} has {e.limit >> 10} KB"
-        else:
-            need = f"{e.required} of {e.name} (limit {e.limit})"
-        raise ValueError(f"{kernel} at {problem} needs {need}. Smaller head dims, bfloat16 / float16 inputs or no "
-                         f"update clipping need less; the naive_chunk_* ops run anywhere") from e
+        raise shared_memory_error(kernel, K, V, q.dtype, chunk_size, e.required, e.limit,
+                                  gpu.capability if gpu else None, e.name) from e
+
+
+def shared_memory_error(what: str, K: int, V: int, dtype: torch.dtype, chunk_size: int | None, need: int,
+                        limit: int, capability: int | None = None, resource: str = "shared memory") -> ValueError:
+    """The error for ``what`` (a kernel) needing ``need`` bytes of ``resource`` a block at head dims
+    K, V, input ``dtype`` and ``chunk_size`` where the GPU (sm_``capability``) has ``limit``."""
+    problem = f"K = {K}, V = {V} with {dtype} inputs" + (f", chunk size {chunk_size}" if chunk_size else "")
+    on = f" (sm_{capability})" if capability else ""
+    amounts = (f"{need >> 10} KB of shared memory a block; this GPU{on} has {limit >> 10} KB"
+               if resource == "shared memory" else f"{need} of {resource}; this GPU{on} has {limit}")
+    return ValueError(f"{what} at {problem} needs {amounts}. Smaller head dims, bfloat16 / float16 inputs or no "
+                      f"update clipping need less; the naive_chunk_* ops run anywhere")
 
 
 def check_head_dims(K: int, V: int) -> None:

@@ -13,7 +13,8 @@ from titans_layers.ops.common.clipping import check_max_update_norm
 from titans_layers.ops.common.grad_mode import needs_grad
 from titans_layers.ops.common.traceable import traceable
 from titans_layers.ops.common.triton_utils import (GPU, check_head_dims, check_triton_device, dot_precision,
-                                                   explained_launch, gpu_of, runnable_precision)
+                                                   explained_launch, gpu_of, runnable_precision,
+                                                   shared_memory_error)
 from titans_layers.ops.common.validation import check_chunk_size, check_op_inputs
 from titans_layers.ops.mlp_memory.chunk_kernels import chunk_mlp_memory_bwd_kernel, chunk_mlp_memory_fwd_kernel
 from titans_layers.ops.mlp_memory.naive import ACTIVATIONS, check_mlp_options
@@ -95,10 +96,8 @@ def mlp_launch(chunk_size: int, K: int, V: int, Dh: int, dtype: torch.dtype, gpu
         if need.get(BT, 0) > gpu.shared_memory:
             BT = 16
         if need[BT] > gpu.shared_memory:
-            raise ValueError(f"the MLP-memory kernels at K = {K}, V = {V} with {dtype} inputs need {need[BT] >> 10} "
-                             f"KB of shared memory a block; this GPU (sm_{gpu.capability}) has "
-                             f"{gpu.shared_memory >> 10} KB (16-bit inputs and K, V <= 64 need less: "
-                             f"chunk.TILE_SHARED)")
+            raise shared_memory_error("an MLP-memory chunk kernel", K, V, dtype, chunk_size, need[BT],
+                                      gpu.shared_memory, gpu.capability)
     bwd_BH = 16
     if gpu is not None and gpu.capability >= 90 and dtype != torch.float32:
         bwd_BH = next((bh for dim, bh, shared in WIDE_BWD_BLOCKS if max(K, V) <= dim and shared <= gpu.shared_memory),

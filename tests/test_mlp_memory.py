@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 
 from titans_layers.ops.mlp_memory import chunk as chunk_module
 from titans_layers.ops.mlp_memory import dual_form
+from titans_layers.ops.mlp_memory.activations import ACTIVATIONS, act, act_derivatives
 from titans_layers.ops.mlp_memory import fused_recurrent as fused_recurrent_module
 from titans_layers.ops.mlp_memory import (MLPMemoryState, chunk_mlp_memory, fused_recurrent_mlp_memory,
                                          naive_chunk_mlp_memory, naive_recurrent_mlp_memory)
@@ -88,6 +89,18 @@ def test_gates_exactly_zero_or_one(name, activation, gates, device):
                      hidden=16, activation=activation, residual=True, device=device)
     case = pin_gates(case, **gates)
     check_against_reference(IMPLS[name][0], case)
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_activation_derivatives_match_autograd(activation):
+    """The dual form's backward takes act, act' and act'' from act_derivatives: held to autograd's
+    first and second derivatives of the activation, in float64, out to where they saturate."""
+    z = torch.linspace(-12, 12, 2001, dtype=f64, requires_grad=True)
+    h = act(z, activation)
+    (d1,) = torch.autograd.grad(h.sum(), z, create_graph=True)
+    (d2,) = torch.autograd.grad(d1.sum(), z)
+    for got, want in zip(act_derivatives(z.detach(), activation), (h, d1, d2)):
+        torch.testing.assert_close(got, want.detach(), rtol=1e-12, atol=1e-14)
 
 
 def test_learned_initial_memory_gets_summed_gradients(device):

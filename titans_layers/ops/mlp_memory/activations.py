@@ -22,21 +22,19 @@ def act(z: torch.Tensor, activation: str, out: torch.Tensor | None = None) -> to
     return torch.ops.aten.gelu.out(z, approximate="none", out=out)
 
 
-def act_grad(z: torch.Tensor, activation: str) -> torch.Tensor:
-    """First derivative of :func:`act` at ``z``."""
+def act_derivatives(z: torch.Tensor, activation: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(act(z), act'(z), act''(z))``, sharing one sigmoid (SiLU: ``s = sigmoid(z)``, ``z s``,
+    ``s (1 + z (1 - s))``, ``s (1 - s) (2 + z (1 - 2 s))``) or one erf and one exp (GELU:
+    ``z Phi(z)``, ``Phi(z) + z phi(z)``, ``phi(z) (2 - z^2)``, ``phi`` the standard normal density)."""
     if activation == "silu":
         s = torch.sigmoid(z)
-        return s * (1 + z * (1 - s))
-    return 0.5 * (1 + torch.erf(z * _INV_SQRT_2)) + z * torch.exp(-0.5 * z * z) * _INV_SQRT_2PI
-
-
-def act_grad2(z: torch.Tensor, activation: str) -> torch.Tensor:
-    """Second derivative of :func:`act` at ``z``: ``s (1 - s) (2 + z (1 - 2 s))`` for SiLU
-    (``s = sigmoid(z)``), ``phi(z) (2 - z^2)`` for GELU (``phi`` the standard normal density)."""
-    if activation == "silu":
-        s = torch.sigmoid(z)
-        return s * (1 - s) * (2 + z * (1 - 2 * s))
-    return torch.exp(-0.5 * z * z) * _INV_SQRT_2PI * (2 - z * z)
+        one_minus = 1 - s
+        d1 = torch.addcmul(s, s * z, one_minus)  # s (1 + z (1 - s))
+        d2 = (s * one_minus).mul_(torch.addcmul(torch.full_like(z, 2.0), z, one_minus - s))
+        return z * s, d1, d2
+    cdf = torch.erf(z * _INV_SQRT_2).add_(1).mul_(0.5)
+    pdf = torch.exp(-0.5 * z * z).mul_(_INV_SQRT_2PI)
+    return z * cdf, torch.addcmul(cdf, z, pdf), pdf * (2 - z * z)
 
 
 def act_vjp(grad: torch.Tensor, z: torch.Tensor, activation: str, out: torch.Tensor | None = None) -> torch.Tensor:

@@ -33,7 +33,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from titans_layers.ops.common.clipping import clipped_step
-from titans_layers.ops.mlp_memory.activations import act, act_grad2, act_vjp
+from titans_layers.ops.mlp_memory.activations import act, act_derivatives, act_vjp
 
 # The queries of a block of chunks read at once, after its writes, while the block's chunk-start
 # states (about this many bytes) are still in cache; without gradients only a block's states live.
@@ -92,11 +92,6 @@ def _weighted(PP: torch.Tensor, A: torch.Tensor, B: torch.Tensor, out=None) -> t
     """``A * PP_W + B * PP_S`` for rows ``PP = [PP_W | PP_S]`` ``[..., C, 2 S]``, A and B ``[..., C]``."""
     S = PP.shape[-1] // 2
     return _combine(PP[..., :S], PP[..., S:], A, B, out=out)
-
-
-def _spread(X: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """Rows ``[w_0 X | w_1 X]`` ``[..., C, 2 S]`` from X ``[..., C, S]`` and w ``[..., C, 2, 1]``."""
-    return (X.unsqueeze(-2) * w).flatten(-2)
 
 
 class _GradPair:
@@ -165,14 +160,12 @@ def _read(Q, starts1, starts2, A, Bv, P1m, Gamma, Hk, X1, X2, activation, Zq, o)
 
 def _read_backward(dO, Q, K, starts1, starts2, A, Bv, Gamma, Zq, Hk, X1, X2, activation):
     """Backward of :func:`_read` over all chunks at once (shapes as there, dO like o), except
-    into the chunk-start states, which the reverse loop takes chunk by chunk from ``Hq``,
-    ``[A dO | B dO]`` and ``[A dZq | B dZq]``.
+    into the chunk-start states, which the reverse loop takes chunk by chunk: ``Q^T [A dZq | B dZq]``
+    and ``Hq^T [A dO | B dO]``.
 
     Returns dQ, dK ``[NC, N, H, C, K]``; dA, dBv ``[NC, N, H, C]``; dGamma ``[NC, N, H, C, C]``;
-    the reads' gradients of X1, X2 and Hk; Hq ``[NC, N, H, C, Dh]``; ``[A dZq | B dZq]``
-    ``[NC, N, H, C, 2 Dh]`` and ``[A dO | B dO]`` ``[NC, N, H, C, 2 V]``.
+    the reads' gradients of X1, X2 and Hk; Hq and dZq ``[NC, N, H, C, Dh]``.
     """
-    AB = torch.stack([A, Bv], dim=-1).unsqueeze(-1)  # [NC, N, H, C, 2, 1]
     Dh, Vd = Zq.shape[-1], dO.shape[-1]
     Hq = act(Zq, activation)
     # o = A (Hq W2) + B (Hq S2) - (R2 * Gamma) @ X2,   R2 = Hq Hk^T; each saved state is read once
@@ -196,7 +189,7 @@ def _read_backward(dO, Q, K, starts1, starts2, A, Bv, Gamma, Zq, Hk, X1, X2, act
     dQ = _mm(dR1, K, add=_combine(dZW, dZS, A, Bv))
     dK = _mm(dR1.mT, Q)
     dX1 = _mm(R1.mul_(Gamma).mT, dZq, alpha=-1)
-    return dQ, dK, dA, dBv, dGamma, dX1, dX2, dHk, Hq, _spread(dZq, AB), _spread(dO, AB)
+    return dQ, dK, dA, dBv, dGamma, dX1, dX2, dHk, Hq, dZq
 
 
 class MLPDualForm(torch.autograd.Function):
@@ -318,11 +311,11 @@ class MLPDualForm(torch.autograd.Function):
         last_chunk, activation, residual, c = ctx.config
         NC, N, H, C, _ = Q.shape
         Dh, Vd = Z.shape[-1], Err.shape[-1]
-        Hk, app = act(Z, activation), act_grad2(Z, activation)  # [NC, N, H, C, Dh]
-        Delta = act_vjp(D, Z, activation)
+        Hk, ap, app = act_derivatives(Z, activation)  # act, act', act'' at Z [NC, N, H, C, Dh]
+        Delta = D * ap
         s = step.unsqueeze(-1)  # [NC, N, H, C, 1]
         X1, X2 = s * Delta, s * Err
-        dQ, dK, dA, dBv, dGamma, dX1r, dX2r, dHkr, Hq, ABdZq, ABdO = _read_backward(
+        dQ, dK, dA, dBv, dGamma, dX1r, dX2r, dHkr, Hq, dZq = _read_backward(
             dO, Q, K, starts1[:NC], starts2[:NC], A, Bv, Gamma, Zq, Hk, X1, X2, activation)
         clipped = None
         if c is not None:  # where clipped, step = c / ||G||: its gradient flows into ||G||, none into theta
@@ -337,10 +330,11 @@ class MLPDualForm(torch.autograd.Function):
         dgh, dM = torch.empty_like(gh.squeeze(-1)), Q.new_empty(NC, N, H, 2, 2)
         # per-chunk views, batch and heads flattened: [N * H, ...] (as in the forward)
         NH = N * H
-        Kc, KcT, Hc, HcT, Zc, Dc, Deltac, Ec, appc = (_chunks(x) for x in (K, K.mT, Hk, Hk.mT, Z, D, Delta, Err, app))
+        Kc, KcT, Hc, HcT, Dc, Deltac, Ec, apc, appc = (_chunks(x) for x in (K, K.mT, Hk, Hk.mT, D, Delta, Err, ap, app))
         X1u, X2u, sc, gh3 = _chunks(X1.unsqueeze(-2)), _chunks(X2.unsqueeze(-2)), _chunks(s), _chunks(gh)
         dX1rc, dX2rc, dHkrc, dKc = _chunks(dX1r), _chunks(dX2r), _chunks(dHkr), _chunks(dK)
-        QcT, HqcT, ABdZqc, ABdOc = _chunks(Q.mT), _chunks(Hq.mT), _chunks(ABdZq), _chunks(ABdO)
+        QcT, HqcT, dZqu, dOu = _chunks(Q.mT), _chunks(Hq.mT), _chunks(dZq.unsqueeze(-2)), _chunks(dO.unsqueeze(-2))
+        AB = _chunks(torch.stack([A, Bv], dim=-1).unsqueeze(-1))  # [NH, C, 2, 1]
         dZc, dErrc, dstepc, dghc, dMc = (_chunks(x) for x in (dZ, dErr, dstep, dgh, dM))
         (ae1, b1), (ae2, b2) = _mixing_rows(ae, b, Dh), _mixing_rows(ae, b, Vd)
         P1s, _, P1w, _ = _state_views(starts1)
@@ -378,24 +372,27 @@ class MLPDualForm(torch.autograd.Function):
                 dHk = dHk + (r * e2c[n]) * Hc[n]
                 dKc[n].addcmul_(r * d2c[n], Kc[n])
             # Delta = (Err a2^T) * act'(Z); Err = act(Z) a2 - target; Z = K a1
-            dD = act_vjp(dDelta, Zc[n], activation)
+            dD = dDelta * apc[n]
             dE = torch.baddbmm(dE, dD, an2, out=dErrc[n])
-            da2 = torch.baddbmm(torch.bmm(dD.mT, Ec[n]), HcT[n], dE)  # [NH, Dh, V]
-            dZn = act_vjp(torch.baddbmm(dHk, dE, an2.mT), Zc[n], activation, out=dZc[n])
+            dZn = torch.mul(torch.baddbmm(dHk, dE, an2.mT), apc[n], out=dZc[n])
             dZn.addcmul_(dDelta * Dc[n], appc[n])
-            da1 = torch.bmm(KcT[n], dZn)  # [NH, K, Dh]
             # back to the chunk start: through the gates' mixing, the reads, and the anchor
             torch.add(_pair_products(g1, P1s[n]), _pair_products(g2, P2s[n]), out=dMc[n])
-            G1.mix_transposed_into(spare1, ae1[n], b1[n]).flat.baddbmm_(QcT[n], ABdZqc[n])
-            G2.mix_transposed_into(spare2, ae2[n], b2[n]).flat.baddbmm_(HqcT[n], ABdOc[n])
+            ABdZq = torch.mul(dZqu[n], AB[n], out=sp1).view_as(sp1f)  # [A dZq | B dZq]
+            ABdO = torch.mul(dOu[n], AB[n], out=sp2).view_as(sp2f)  # [A dO | B dO]
+            G1.mix_transposed_into(spare1, ae1[n], b1[n]).flat.baddbmm_(QcT[n], ABdZq)
+            G2.mix_transposed_into(spare2, ae2[n], b2[n]).flat.baddbmm_(HqcT[n], ABdO)
             G1, spare1, G2, spare2 = spare1, G1, spare2, G2
+            # the anchor's gradients: da1 = K^T dZ [NH, K, Dh], da2 = dD^T Err + Hk^T dE [NH, Dh, V],
+            # into the previous chunk's end weights (or, for the first chunk, the initial anchor's)
             if n > 0:
-                G1.weight.add_(da1)
-                G2.weight.add_(da2)
+                G1.weight.baddbmm_(KcT[n], dZn)
+                G2.weight.baddbmm_(dD.mT, Ec[n]).baddbmm_(HcT[n], dE)
                 if n in last_chunk:
                     G1.add_to_weight(ends == n, dA1)
                     G2.add_to_weight(ends == n, dA2)
-        da1, da2 = da1.view_as(dA1), da2.view_as(dA2)
+        da1 = torch.bmm(KcT[0], dZn).view_as(dA1)
+        da2 = torch.baddbmm(torch.bmm(dD.mT, Ec[0]), HcT[0], dE).view_as(dA2)
         if 0 in last_chunk:  # da1, da2 of the first chunk: its anchor is the initial one
             da1 = da1 + _where_rows(ends == 0, dA1)
             da2 = da2 + _where_rows(ends == 0, dA2)

@@ -67,3 +67,13 @@ def test_sass_profile_recovers_the_state_traffic_of_the_mlp_backward():
     state = block_bytes * build.inner_trips / threads / build.tile_tokens  # bytes per thread and token
     assert state <= per_token["global_bytes"] <= state + 16, (state, per_token)
     assert per_token["mma"] > 0 and per_token["instructions"] > per_token["mma"]
+
+
+def test_small_shared_builds_are_launch_candidates():
+    """The linear backward's sm_89 builds are launches its launcher would try (``backward_candidates``)."""
+    from titans_layers.ops.momentum_delta_rule.chunk import backward_candidates
+    from titans_layers.testing.kernel_builds import LINEAR_SMALL_SHARED
+
+    for kernel, (dim, _, _), clip, BV in LINEAR_SMALL_SHARED:
+        split = kernel.endswith("split_kernel")
+        assert (split, BV) in [config for _, config in backward_candidates(dim, dim, clip)]

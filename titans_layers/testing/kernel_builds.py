@@ -67,12 +67,15 @@ def _pointers(inputs: tuple[str, ...], dtype: str) -> dict[str, str]:
 
 
 def linear_build(kernel: str, dim: int, chunk_size: int, dtype: str, clip: bool = False,
-                 capability: int = 90) -> KernelBuild:
-    """A linear-family kernel at K = V = ``dim``, for a GPU of ``capability`` (the linear launch does
-    not depend on it). ``clip``: the update-clipping variant (all of V in one program: one V block,
-    or for the split backward V in sub-blocks of the unclipped width)."""
+                 capability: int = 90, BV: int | None = None) -> KernelBuild:
+    """A linear-family kernel at K = V = ``dim``, as launched on a GPU with the shared memory for its
+    widest V blocks (sm_80, sm_90); ``capability`` the GPU compiled for. ``clip``: the
+    update-clipping variant (all of V in one program: one V block, or for the split backward V in
+    sub-blocks of the unclipped width). ``BV``: a narrower V block, one a launch falls back to on a
+    GPU with less shared memory (``chunk.backward_candidates``)."""
     split = kernel.endswith("bwd_split_kernel")
-    BK, BV = block_sizes(dim, dim) if split else launch_blocks(dim, dim, clip)[:2]
+    BK, widest = block_sizes(dim, dim) if split else launch_blocks(dim, dim, clip)[:2]
+    BV = BV or widest
     constexprs = dict(H=16, K=dim, V=dim, C=chunk_size, BK=BK, BV=BV, IS_VARLEN=True)
     if split:
         constexprs["NVS"] = -(-dim // BV)
@@ -84,7 +87,7 @@ def linear_build(kernel: str, dim: int, chunk_size: int, dtype: str, clip: bool 
             constexprs["STORE_TILES"] = True
     decode = kernel.startswith(LINEAR_FUSED)
     stages = DECODE_STAGES if decode else 1
-    label = f"K{dim}-C{chunk_size}-{dtype}" + ("-clip" if clip else "")
+    label = f"K{dim}-C{chunk_size}-{dtype}" + ("-clip" if clip else "") + (f"-BV{BV}" if BV != widest else "")
     return KernelBuild(kernel, label, _pointers(LINEAR_INPUTS, dtype),
                        {"T": "i32", "n_tokens": "i32", "max_norm": "fp32"}, constexprs,
                        num_warps=launch_warps(BK, BV, decode), num_stages=stages, capability=capability)
@@ -159,9 +162,24 @@ def kernel_builds(capability: int) -> list[KernelBuild]:
     return builds
 
 
+# The linear backward's launches on a GPU with 99 KB a block where the widest V blocks do not fit:
+# the first of ``chunk.backward_candidates`` that does, at 32-token tiles (16-token tiles need less).
+# (kernel, (K = V, chunk size, dtype), clip, BV) with the widest launch's and this one's sm_89 needs:
+LINEAR_SMALL_SHARED = [
+    (LINEAR_KERNELS[1], (64, 32, "fp32"), False, 32),  # 132 -> 84 KB
+    (LINEAR_KERNELS[1], (128, 32, "fp32"), False, 16),  # 140 -> 96 KB
+    (LINEAR_SPLIT, (64, 32, "fp32"), True, 32),  # one block 132 KB, split at 64 columns 120 -> 76 KB
+    (LINEAR_SPLIT, (128, 32, "bf16"), True, 16),  # 112 -> 64 KB
+    (LINEAR_SPLIT, (128, 32, "fp32"), True, 16),  # -> 90 KB
+]
+
+
 def small_shared_builds() -> list[KernelBuild]:
-    """The MLP chunk kernels whose tiles shrink to 16 tokens on a GPU with 99 KB of shared memory a
-    block (sm_86, sm_89, sm_120; ``chunk.TILE_SHARED``), compiled for sm_89: 16-bit inputs at
-    K = V = 128 (with clipping, the most shared memory) and float32 inputs at K = V = 64."""
-    return [mlp_build(kernel, *config, capability=89) for kernel in MLP_KERNELS[:2]
-            for config in (MLP_CONFIGS[1], MLP_CONFIGS[3])]
+    """Compiled for sm_89, what a GPU with 99 KB of shared memory a block (sm_86, sm_89, sm_120)
+    launches where it differs from sm_80: the MLP chunk kernels' 16-token tiles
+    (``chunk.TILE_SHARED``: 16-bit inputs at K = V = 128 with clipping, the most shared memory, and
+    float32 inputs at K = V = 64), and the linear backward's narrower V blocks (``LINEAR_SMALL_SHARED``)."""
+    builds = [mlp_build(kernel, *config, capability=89) for kernel in MLP_KERNELS[:2]
+              for config in (MLP_CONFIGS[1], MLP_CONFIGS[3])]
+    return builds + [linear_build(kernel, *config, clip=clip, capability=89, BV=BV)
+                     for kernel, config, clip, BV in LINEAR_SMALL_SHARED]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import os
 from contextlib import contextmanager
-from typing import NamedTuple
+from typing import Callable, NamedTuple, Sequence
 
 import torch
 import triton
@@ -65,6 +65,35 @@ def explained_launch(kernel: str, q: torch.Tensor, K: int, V: int, chunk_size: i
                                   gpu.capability if gpu else None, e.name) from e
 
 
+# (launch key, device) -> index of the first candidate launch that fitted there (launch_first_fitting)
+_FIRST_FIT: dict = {}
+
+
+def launch_first_fitting(key: tuple, candidates: Sequence[tuple[str, object]], launch: Callable, q: torch.Tensor,
+                         K: int, V: int, chunk_size: int | None = None):
+    """``launch(config)`` for the first ``(kernel, config)`` of ``candidates`` (widest tiles first)
+    whose kernel fits the GPU: a launch that raises Triton's ``OutOfResources`` (more shared memory a
+    block than the GPU has; raised before the kernel runs, so nothing was written) moves on to the
+    next candidate. The first that fits is remembered for ``key`` on q's device, so later calls go
+    straight to it. When none fits, the last one's failure is explained as in
+    :func:`explained_launch`. Returns what ``launch`` returns."""
+    if not candidates:
+        raise ValueError("launch_first_fitting needs at least one candidate launch")
+    memo = (key, q.device)
+    for i in range(min(_FIRST_FIT.get(memo, 0), len(candidates) - 1), len(candidates)):
+        kernel, config = candidates[i]
+        if i + 1 < len(candidates):
+            try:
+                result = launch(config)
+            except OutOfResources:
+                continue
+        else:
+            with explained_launch(kernel, q, K, V, chunk_size):
+                result = launch(config)
+        _FIRST_FIT[memo] = i
+        return result
+
+
 def shared_memory_error(what: str, K: int, V: int, dtype: torch.dtype, chunk_size: int | None, need: int,
                         limit: int, capability: int | None = None, resource: str = "shared memory") -> ValueError:
     """The error for ``what`` (a kernel) needing ``need`` bytes of ``resource`` a block at head dims
@@ -90,6 +119,12 @@ def block_sizes(K: int, V: int) -> tuple[int, int]:
     BK = max(16, triton.next_power_of_2(K))
     BV = min(max(16, triton.next_power_of_2(V)), 64 if BK <= 64 else 32)
     return BK, BV
+
+
+def narrower_blocks(BV: int) -> list[int]:
+    """``BV`` and each half of it down to 16: the V blocks to try, widest first, where V blocks are
+    independent programs (a narrower block needs less shared memory and launches more programs)."""
+    return [BV >> i for i in range(max(1, BV.bit_length() - 4))]
 
 
 def dot_precision(dtype: torch.dtype, low_precision_operands: bool = False) -> str:

@@ -12,7 +12,7 @@ from titans_layers.ops.common.grad_mode import needs_grad
 from titans_layers.ops.common.layout import sequence_lengths
 from titans_layers.ops.common.traceable import traceable
 from titans_layers.ops.common.triton_utils import (block_sizes, check_head_dims, check_triton_device, dot_precision,
-                                                   explained_launch, runnable_precision)
+                                                   launch_first_fitting, narrower_blocks, runnable_precision)
 from titans_layers.ops.common.validation import OpShape, check_chunk_size, check_op_inputs
 from titans_layers.ops.momentum_delta_rule.chunk_kernels import (chunk_momentum_delta_rule_bwd_kernel,
                                                                  chunk_momentum_delta_rule_bwd_split_kernel,
@@ -67,11 +67,41 @@ def make_plan(shape: OpShape, chunk_size: int, offsets: list[int], cu_seqlens, d
 
 def launch_blocks(K: int, V: int, clip: bool) -> tuple[int, int, int]:
     """(BK, BV, NV). Clipping needs each token's error norm over all of V, so it takes one V block
-    (``chunk_kernels`` module docstring); without it V splits into blocks of ``block_sizes``."""
+    (``chunk_kernels`` module docstring); without it V splits into blocks of ``block_sizes``.
+    These are the widest blocks; on a GPU with less shared memory a block the chunk kernels may
+    take narrower ones (:func:`forward_candidates`, :func:`backward_candidates`)."""
     BK, BV = block_sizes(K, V)
     if clip:
         BV = max(16, triton.next_power_of_2(V))
     return BK, BV, triton.cdiv(V, BV)
+
+
+FWD_KERNEL = "the momentum-delta-rule chunk forward kernel"
+BWD_KERNEL = "the momentum-delta-rule chunk backward kernel"
+BWD_SPLIT_KERNEL = "the momentum-delta-rule split chunk backward kernel"
+
+
+def forward_candidates(K: int, V: int, clip: bool) -> list[tuple[str, int]]:
+    """The forward's launches to try, widest V block first: ``(kernel, BV)``. Unclipped, the V
+    blocks of :func:`launch_blocks` and each half down to 16 (a GPU with 99 KB a block takes the
+    first that fits, :func:`~titans_layers.ops.common.triton_utils.launch_first_fitting`); clipped,
+    only all of V in one block."""
+    _, BV, _ = launch_blocks(K, V, clip)
+    return [(FWD_KERNEL, b) for b in ([BV] if clip else narrower_blocks(BV))]
+
+
+def backward_candidates(K: int, V: int, clip: bool) -> list[tuple[str, tuple[bool, int]]]:
+    """The backward's launches to try, widest first: ``(kernel, (split, BV))``. Unclipped, the V
+    blocks of ``block_sizes`` and each half down to 16. Clipped: all of V in one block when its
+    state tile is at most ``CLIP_BWD_MAX_TILE``, then the split kernel walking V in sub-blocks of
+    ``block_sizes``' width and each half of it down to 16 (sm_80 / sm_90 take the first; GPUs with
+    99 KB a block take narrower ones at float32, and with clipping above K = V = 64)."""
+    BK, BV = block_sizes(K, V)
+    if not clip:
+        return [(BWD_KERNEL, (False, b)) for b in narrower_blocks(BV)]
+    whole = max(16, triton.next_power_of_2(V))
+    single = [(BWD_KERNEL, (False, whole))] if BK * whole <= CLIP_BWD_MAX_TILE else []
+    return single + [(BWD_SPLIT_KERNEL, (True, b)) for b in narrower_blocks(BV)]
 
 
 def launch_warps(BK: int, BV: int, decode: bool = False) -> int:
@@ -97,12 +127,13 @@ def varlen_args(cu_seqlens, unused: torch.Tensor):
 
 def chunk_fwd(q, k, v, alpha, eta, theta, M0, S0, W0, offset, cu_seqlens, plan: ChunkPlan, store_tiles: bool,
               max_update_norm: float | None = None):
-    """Launch the forward kernel. Returns o ``[B, T, H, V]``, the final ``(M, S, anchor)``,
+    """Launch the forward kernel (the first of :func:`forward_candidates` that fits the GPU's
+    shared memory). Returns o ``[B, T, H, V]``, the final ``(M, S, anchor)``,
     when ``store_tiles`` the tile-start states ``[n_tiles, H, K, V]`` (else None), and when
     ``store_tiles`` and clipping each token's gradient norm ``[B, T, H]`` float32 (else None)."""
     s = plan.shape
     clip = max_update_norm is not None
-    BK, BV, NV = launch_blocks(s.K, s.V, clip)
+    BK = block_sizes(s.K, s.V)[0]
     precision = runnable_precision(dot_precision(q.dtype))
     o = torch.empty_like(v)
     MT, ST, WT = (torch.empty(s.N, s.H, s.K, s.V, dtype=torch.float32, device=q.device) for _ in range(3))
@@ -114,12 +145,16 @@ def chunk_fwd(q, k, v, alpha, eta, theta, M0, S0, W0, offset, cu_seqlens, plan: 
     keep_norms = store_tiles and clip
     norms = torch.empty(alpha.shape, dtype=torch.float32, device=q.device) if keep_norms else MT  # else unused
     cu, is_varlen = varlen_args(cu_seqlens, plan.tile_indptr)
-    with explained_launch("the momentum-delta-rule chunk forward kernel", q, s.K, s.V, plan.chunk_size):
-        chunk_momentum_delta_rule_fwd_kernel[(NV, s.N * s.H)](
+
+    def launch(BV: int) -> None:
+        chunk_momentum_delta_rule_fwd_kernel[(triton.cdiv(s.V, BV), s.N * s.H)](
             q, k, v, alpha, eta, theta, M0, S0, W0, offset, cu, plan.tile_indptr, o, MT, ST, WT, tile_M, tile_S,
             norms, s.T, max_update_norm if clip else 0.0, H=s.H, K=s.K, V=s.V, C=plan.chunk_size, BT=plan.tile_size,
             BK=BK, BV=BV, IS_VARLEN=is_varlen, STORE_TILES=store_tiles, PRECISION=precision, CLIP=clip,
             num_warps=launch_warps(BK, BV), num_stages=1)
+
+    launch_first_fitting(("linear fwd", s.K, s.V, q.dtype, plan.tile_size, clip), forward_candidates(s.K, s.V, clip),
+                         launch, q, s.K, s.V, plan.chunk_size)
     return (o, MT, ST, WT, (tile_M if store_tiles else None), (tile_S if store_tiles else None),
             (norms if keep_norms else None))
 
@@ -129,41 +164,49 @@ def chunk_bwd(q, k, v, alpha, eta, theta, W0, offset, cu_seqlens, plan: ChunkPla
     """Launch the backward kernel. Returns the gradients of q, k, v, alpha, eta, theta and of the
     initial ``(M, S, anchor)`` (float32). Clipping takes the forward's per-token ``norms`` and one
     program per (sequence, head): all of V in one block up to ``CLIP_BWD_MAX_TILE`` state
-    elements, else the split kernel (V in sub-blocks of ``block_sizes``' width)."""
+    elements, else the split kernel (V in sub-blocks of ``block_sizes``' width). The launch is the
+    first of :func:`backward_candidates` that fits the GPU's shared memory."""
     s = plan.shape
     clip = max_update_norm is not None
     if clip and norms is None:
         raise RuntimeError("the clipped backward needs the per-token norms its forward stored")
-    BK, BV, NV = launch_blocks(s.K, s.V, clip)
-    split = clip and BK * BV > CLIP_BWD_MAX_TILE
+    BK = block_sizes(s.K, s.V)[0]
     precision = runnable_precision(dot_precision(q.dtype))
-    if split:
-        BK, BV = block_sizes(s.K, s.V)
     n_tokens = s.B * s.T
     state = (s.N, s.H, s.K, s.V)
     zeros = lambda x: torch.zeros(state, dtype=torch.float32, device=q.device) if x is None else x.float().contiguous()
     dMT, dST, dWT = zeros(dMT), zeros(dST), zeros(dWT)
-    dq = q.new_empty(NV, *q.shape, dtype=torch.float32)
-    dk = q.new_empty(NV, *k.shape, dtype=torch.float32)
+    do = do.contiguous()
     dv = torch.empty_like(v)
-    dalpha, deta, dtheta = (q.new_empty(NV, *alpha.shape, dtype=torch.float32) for _ in range(3))
     dM0, dS0, dW0 = (torch.empty(state, dtype=torch.float32, device=q.device) for _ in range(3))
     cu, is_varlen = varlen_args(cu_seqlens, plan.tile_indptr)
-    if split:
-        with explained_launch("the momentum-delta-rule chunk backward kernel", q, s.K, s.V, plan.chunk_size):
+
+    def launch(config: tuple[bool, int]):
+        split, BV = config
+        # one partial of dq, dk and the gates per program along V (one program holds all of V when
+        # clipping), summed below: [NV, B, T, H, K], [NV, B, T, H]
+        NV = 1 if clip else triton.cdiv(s.V, BV)
+        dq = q.new_empty(NV, *q.shape, dtype=torch.float32)
+        dk = q.new_empty(NV, *k.shape, dtype=torch.float32)
+        dalpha, deta, dtheta = (q.new_empty(NV, *alpha.shape, dtype=torch.float32) for _ in range(3))
+        if split:
             chunk_momentum_delta_rule_bwd_split_kernel[(1, s.N * s.H)](
-                q, k, v, alpha, eta, theta, W0, offset, cu, plan.tile_indptr, tile_M, tile_S, do.contiguous(),
+                q, k, v, alpha, eta, theta, W0, offset, cu, plan.tile_indptr, tile_M, tile_S, do,
                 dMT, dST, dWT, dq, dk, dv, dalpha, deta, dtheta, dM0, dS0, dW0, norms, s.T, max_update_norm,
                 H=s.H, K=s.K, V=s.V, C=plan.chunk_size, BT=plan.tile_size, BK=BK, BV=BV, NVS=triton.cdiv(s.V, BV),
                 IS_VARLEN=is_varlen, PRECISION=precision, num_warps=launch_warps(BK, BV), num_stages=1)
-    else:
-        with explained_launch("the momentum-delta-rule chunk backward kernel", q, s.K, s.V, plan.chunk_size):
+        else:
             chunk_momentum_delta_rule_bwd_kernel[(NV, s.N * s.H)](
-                q, k, v, alpha, eta, theta, W0, offset, cu, plan.tile_indptr, tile_M, tile_S, do.contiguous(),
+                q, k, v, alpha, eta, theta, W0, offset, cu, plan.tile_indptr, tile_M, tile_S, do,
                 dMT, dST, dWT, dq, dk, dv, dalpha, deta, dtheta, dM0, dS0, dW0, norms if clip else dM0,
                 s.T, n_tokens, max_update_norm if clip else 0.0, H=s.H, K=s.K, V=s.V, C=plan.chunk_size,
                 BT=plan.tile_size, BK=BK, BV=BV, IS_VARLEN=is_varlen, PRECISION=precision, CLIP=clip,
                 num_warps=launch_warps(BK, BV), num_stages=1)
+        return dq, dk, dalpha, deta, dtheta
+
+    dq, dk, dalpha, deta, dtheta = launch_first_fitting(
+        ("linear bwd", s.K, s.V, q.dtype, plan.tile_size, clip), backward_candidates(s.K, s.V, clip), launch, q,
+        s.K, s.V, plan.chunk_size)
     return (dq.sum(0).to(q.dtype), dk.sum(0).to(k.dtype), dv, dalpha.sum(0).to(alpha.dtype),
             deta.sum(0).to(eta.dtype), dtheta.sum(0).to(theta.dtype), dM0, dS0, dW0)
 

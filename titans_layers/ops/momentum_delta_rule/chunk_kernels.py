@@ -37,7 +37,9 @@ theta everywhere theta was used.
   does the same up to ``CLIP_BWD_MAX_TILE`` (64 x 64) state elements; beyond, one block would need
   more shared memory than an A100/H100 has (fp32 at 128 x 64: 234 KB), so
   :func:`chunk_momentum_delta_rule_bwd_split_kernel` walks V in sub-blocks of the unclipped
-  width, with the adjoint state in global memory and two passes per tile. With a bound that never
+  width, with the adjoint state in global memory and two passes per tile. On a GPU with less
+  shared memory a block (99 KB: sm_86, sm_89, sm_120) the launch falls back from the single block
+  to the split kernel, and to narrower sub-blocks, until one fits (``chunk.backward_candidates``). With a bound that never
   bites the results equal the unclipped kernel's bit for bit when V fits one block anyway (V <= 64,
   or <= 32 for K > 64); otherwise only the summation order of the V-block partials of dq, dk and
   the gates differs.

@@ -46,7 +46,7 @@ def test_builds_cover_every_kernel():
             if isinstance(obj, KernelInterface) and getattr(fn, "__module__", None) == info.name:
                 if name.endswith("_kernel"):
                     kernels.add(f"{info.name}:{name}")
-    assert len(kernels) == 7 and all(kernels == {b.kernel for b in kernel_builds(c)} for c in CAPABILITIES)
+    assert len(kernels) == 8 and all(kernels == {b.kernel for b in kernel_builds(c)} for c in CAPABILITIES)
 
 
 def test_sass_profile_recovers_the_state_traffic_of_the_mlp_backward():
@@ -70,10 +70,11 @@ def test_sass_profile_recovers_the_state_traffic_of_the_mlp_backward():
 
 
 def test_small_shared_builds_are_launch_candidates():
-    """The linear backward's sm_89 builds are launches its launcher would try (``backward_candidates``)."""
-    from titans_layers.ops.momentum_delta_rule.chunk import backward_candidates
+    """The linear chunk kernels' sm_89 builds are launches their launchers would try
+    (``forward_candidates``, ``backward_candidates``)."""
+    from titans_layers.ops.momentum_delta_rule.chunk import backward_candidates, forward_candidates
     from titans_layers.testing.kernel_builds import LINEAR_SMALL_SHARED
 
     for kernel, (dim, _, _), clip, BV in LINEAR_SMALL_SHARED:
-        split = kernel.endswith("split_kernel")
-        assert (split, BV) in [config for _, config in backward_candidates(dim, dim, clip)]
+        candidates = forward_candidates if "_fwd_" in kernel else backward_candidates
+        assert (kernel.endswith("split_kernel"), BV) in [config for _, config in candidates(dim, dim, clip)]

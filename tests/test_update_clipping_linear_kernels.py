@@ -8,7 +8,9 @@ the unclipped kernel's results bit for bit.
 The clipped backward has two kernels: all of V in one block up to a ``[64, 64]`` state tile, and
 beyond that the split kernel (V in sub-blocks, adjoints in global memory); the ``split_backward``
 fixture forces the latter at small sizes (16-column sub-blocks), and one test runs it at
-K = V = 128 as a real call would.
+K = V = 128 as a real call would. The clipped forward likewise has a split kernel, for GPUs whose
+shared memory does not take all of V in one block; ``split_forward`` forces it (every launch of
+the single-block forward fails as on such a GPU).
 
 The clip decision is a discontinuity of the gradient (``d theta' / d theta`` jumps from 1 to 0),
 so a token whose write sits on the bound to within rounding would make any two correct
@@ -19,6 +21,8 @@ implementations disagree: drawn cases keep every token a relative margin away fr
 import dataclasses
 from unittest import mock
 
+from triton.runtime.errors import OutOfResources
+
 import pytest
 import torch
 from hypothesis import assume, given
@@ -26,6 +30,7 @@ from hypothesis import strategies as st
 
 import titans_layers.ops.momentum_delta_rule.chunk as chunk_module
 import titans_layers.ops.momentum_delta_rule.naive as naive_module
+from titans_layers.ops.common import triton_utils
 from titans_layers.ops import chunk_momentum_delta_rule, fused_recurrent_momentum_delta_rule
 from titans_layers.testing import (GATE_PATTERNS, assert_close, check_against_reference, check_continuation,
                                    check_deterministic, check_varlen, make_case, pin_gates, tolerance)
@@ -285,6 +290,61 @@ def test_split_backward_bound_biting_for_every_token(split_backward, device):
     assert torch.count_nonzero(grads["theta"]) == 0
     check_against_reference(chunk_momentum_delta_rule, case)
     assert split_backward.launches == 2
+
+
+class _NoRoom:
+    """A kernel whose every launch fails as on a GPU without the shared memory it needs."""
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            raise OutOfResources(128 << 10, 99 << 10, "shared memory")
+        return launch
+
+
+@pytest.fixture
+def split_forward(monkeypatch):
+    """Every clipped forward through the split kernel (the single-block one never fits), in
+    sub-blocks of 16 columns of V; yields the launch counter."""
+    counted = _Counted(chunk_module.chunk_momentum_delta_rule_fwd_split_kernel)
+    block_sizes = chunk_module.block_sizes
+    monkeypatch.setattr(triton_utils, "_FIRST_FIT", {})
+    monkeypatch.setattr(chunk_module, "block_sizes", lambda K, V: (block_sizes(K, V)[0], 16))
+    monkeypatch.setattr(chunk_module, "chunk_momentum_delta_rule_fwd_kernel", _NoRoom())
+    monkeypatch.setattr(chunk_module, "chunk_momentum_delta_rule_fwd_split_kernel", counted)
+    return counted
+
+
+@given(data=st.data())
+def test_split_forward_matches_float64_reference(split_forward, device, data):
+    """The split forward's outputs, final states and (through the backward, which reads the norms
+    it stored) gradients, V in 1 to 3 sub-blocks, the last one partial; then the state it hands on
+    (mid-chunk anchors included) continues exactly at the case's split."""
+    case = data.draw(clipped_cases(*OPS["chunk"][1:], device, varlen=False, values=st.sampled_from([5, 16, 40])),
+                     label="case")
+    launches = split_forward.launches
+    check_clipped(chunk_momentum_delta_rule, case)
+    check_continuation(chunk_momentum_delta_rule, case)
+    assert split_forward.launches > launches
+
+
+@pytest.mark.parametrize("pattern", ["alpha = 1 (erase)", "eta = 1, alpha = 0 (no decay)", "all gates 0",
+                                     "all gates 1"])
+def test_split_forward_gates_exactly_zero_or_one(split_forward, pattern, device):
+    case = pin_gates(_case(device, V=40, bound=0.3), **GATE_PATTERNS[pattern])
+    check_against_reference(chunk_momentum_delta_rule, case)
+    assert split_forward.launches == 1
+
+
+def test_split_forward_packed_sequences(split_forward, device):
+    """Packed sequences, each starting from its own state, through the split forward."""
+    case = with_bound(make_case(seed=12, B=1, T=90, H=2, K=16, V=40, dtype=f32, chunk_size=32, state="MS",
+                                lengths=[7, 50, 33], device=device), 0.3)
+    assert clear_of_the_bound(case)
+    ratios = clip_ratios(case)
+    assert (ratios > 1).any() and (ratios < 1).any()
+    check_against_reference(chunk_momentum_delta_rule, case)
+    check_varlen(chunk_momentum_delta_rule, case)
+    assert split_forward.launches > 0
 
 
 @pytest.mark.parametrize("name", list(OPS))

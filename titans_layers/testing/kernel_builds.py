@@ -16,6 +16,7 @@ from titans_layers.ops.momentum_delta_rule.fused_recurrent import DECODE_STAGES
 from titans_layers.testing.compile import SHARED_MEMORY_LIMIT
 
 LINEAR_CHUNK = "titans_layers.ops.momentum_delta_rule.chunk_kernels"
+LINEAR_CHUNK_SPLIT = "titans_layers.ops.momentum_delta_rule.chunk_split_kernels"
 LINEAR_FUSED = "titans_layers.ops.momentum_delta_rule.fused_recurrent"
 MLP_CHUNK = "titans_layers.ops.mlp_memory.chunk_kernels"
 MLP_FUSED = "titans_layers.ops.mlp_memory.fused_recurrent"
@@ -70,10 +71,10 @@ def linear_build(kernel: str, dim: int, chunk_size: int, dtype: str, clip: bool 
                  capability: int = 90, BV: int | None = None) -> KernelBuild:
     """A linear-family kernel at K = V = ``dim``, as launched on a GPU with the shared memory for its
     widest V blocks (sm_80, sm_90); ``capability`` the GPU compiled for. ``clip``: the
-    update-clipping variant (all of V in one program: one V block, or for the split backward V in
+    update-clipping variant (all of V in one program: one V block, or for the split kernels V in
     sub-blocks of the unclipped width). ``BV``: a narrower V block, one a launch falls back to on a
-    GPU with less shared memory (``chunk.backward_candidates``)."""
-    split = kernel.endswith("bwd_split_kernel")
+    GPU with less shared memory (``chunk.forward_candidates``, ``chunk.backward_candidates``)."""
+    split = kernel.startswith(LINEAR_CHUNK_SPLIT)
     BK, widest = block_sizes(dim, dim) if split else launch_blocks(dim, dim, clip)[:2]
     BV = BV or widest
     constexprs = dict(H=16, K=dim, V=dim, C=chunk_size, BK=BK, BV=BV, IS_VARLEN=True)
@@ -81,11 +82,11 @@ def linear_build(kernel: str, dim: int, chunk_size: int, dtype: str, clip: bool 
         constexprs["NVS"] = -(-dim // BV)
     else:
         constexprs["CLIP"] = clip
-    if kernel.startswith(LINEAR_CHUNK):
-        constexprs.update(BT=tile_size(chunk_size), PRECISION=dot_precision(DTYPES[dtype]))
-        if kernel.endswith("fwd_kernel"):
-            constexprs["STORE_TILES"] = True
     decode = kernel.startswith(LINEAR_FUSED)
+    if not decode:
+        constexprs.update(BT=tile_size(chunk_size), PRECISION=dot_precision(DTYPES[dtype]))
+        if "_fwd_" in kernel:
+            constexprs["STORE_TILES"] = True
     stages = DECODE_STAGES if decode else 1
     label = f"K{dim}-C{chunk_size}-{dtype}" + ("-clip" if clip else "") + (f"-BV{BV}" if BV != widest else "")
     return KernelBuild(kernel, label, _pointers(LINEAR_INPUTS, dtype),
@@ -120,14 +121,17 @@ def mlp_build(kernel: str, dim: int, hidden: int, chunk_size: int, dtype: str, a
 LINEAR_KERNELS = [f"{LINEAR_CHUNK}:chunk_momentum_delta_rule_fwd_kernel",
                   f"{LINEAR_CHUNK}:chunk_momentum_delta_rule_bwd_kernel",
                   f"{LINEAR_FUSED}:fused_recurrent_momentum_delta_rule_fwd_kernel"]
-LINEAR_SPLIT = f"{LINEAR_CHUNK}:chunk_momentum_delta_rule_bwd_split_kernel"
+LINEAR_SPLIT = f"{LINEAR_CHUNK_SPLIT}:chunk_momentum_delta_rule_bwd_split_kernel"
+LINEAR_SPLIT_FWD = f"{LINEAR_CHUNK_SPLIT}:chunk_momentum_delta_rule_fwd_split_kernel"
 # (K = V, chunk size, input dtype): the largest tiles, and each precision path
 LINEAR_CONFIGS = [(64, 64, "bf16"), (128, 64, "bf16"), (128, 16, "fp32")]
 # Update clipping holds all of V in one program, at the largest tiles each kernel gets: the forward
 # and the decode kernel one [128, 128] block; the backward one block up to CLIP_BWD_MAX_TILE
-# (64 x 64; fp32 needs the most shared memory), the split backward beyond (V in sub-blocks).
+# (64 x 64; fp32 needs the most shared memory), the split backward beyond (V in sub-blocks); the
+# split forward (V in sub-blocks, what GPUs with 99 KB a block launch above K = V = 64).
 LINEAR_CLIP_CASES = [(LINEAR_KERNELS[0], (128, 64, "bf16")), (LINEAR_KERNELS[2], (128, 64, "bf16")),
-                     (LINEAR_KERNELS[1], (64, 64, "fp32")), (LINEAR_SPLIT, (128, 64, "fp32"))]
+                     (LINEAR_KERNELS[1], (64, 64, "fp32")), (LINEAR_SPLIT, (128, 64, "fp32")),
+                     (LINEAR_SPLIT_FWD, (128, 64, "fp32"))]
 assert LINEAR_CLIP_CASES[2][1][0] ** 2 <= CLIP_BWD_MAX_TILE  # the single-block backward's tile
 
 MLP_KERNELS = [f"{MLP_CHUNK}:chunk_mlp_memory_fwd_kernel", f"{MLP_CHUNK}:chunk_mlp_memory_bwd_kernel",
@@ -149,7 +153,7 @@ CAPABILITIES = (80, 90)
 
 
 def kernel_builds(capability: int) -> list[KernelBuild]:
-    """Every kernel build the compile check covers for a GPU of ``capability`` (29 for sm_80; 30 for
+    """Every kernel build the compile check covers for a GPU of ``capability`` (30 for sm_80; 31 for
     sm_90, whose wider backward Dh blocks are set beside the backward at the sm_80 block, BH = 16)."""
     builds = [linear_build(kernel, *config, capability=capability) for kernel in LINEAR_KERNELS
               for config in LINEAR_CONFIGS]
@@ -162,10 +166,13 @@ def kernel_builds(capability: int) -> list[KernelBuild]:
     return builds
 
 
-# The linear backward's launches on a GPU with 99 KB a block where the widest V blocks do not fit:
-# the first of ``chunk.backward_candidates`` that does, at 32-token tiles (16-token tiles need less).
-# (kernel, (K = V, chunk size, dtype), clip, BV) with the widest launch's and this one's sm_89 needs:
+# The linear chunk kernels' launches on a GPU with 99 KB a block where the widest V blocks do not
+# fit: the first of ``chunk.forward_candidates`` / ``chunk.backward_candidates`` that does, at
+# 32-token tiles (16-token tiles need less). (kernel, (K = V, chunk size, dtype), clip, BV) with the
+# widest launch's and this one's sm_89 needs:
 LINEAR_SMALL_SHARED = [
+    (LINEAR_SPLIT_FWD, (128, 32, "bf16"), True, 32),  # one [128, 128] block 128 KB, split 48 KB
+    (LINEAR_SPLIT_FWD, (128, 32, "fp32"), True, 32),  # 112 -> 84 KB
     (LINEAR_KERNELS[1], (64, 32, "fp32"), False, 32),  # 132 -> 84 KB
     (LINEAR_KERNELS[1], (128, 32, "fp32"), False, 16),  # 140 -> 96 KB
     (LINEAR_SPLIT, (64, 32, "fp32"), True, 32),  # one block 132 KB, split at 64 columns 120 -> 76 KB
@@ -178,7 +185,8 @@ def small_shared_builds() -> list[KernelBuild]:
     """Compiled for sm_89, what a GPU with 99 KB of shared memory a block (sm_86, sm_89, sm_120)
     launches where it differs from sm_80: the MLP chunk kernels' 16-token tiles
     (``chunk.TILE_SHARED``: 16-bit inputs at K = V = 128 with clipping, the most shared memory, and
-    float32 inputs at K = V = 64), and the linear backward's narrower V blocks (``LINEAR_SMALL_SHARED``)."""
+    float32 inputs at K = V = 64), and the linear chunk kernels' narrower V blocks and split
+    kernels (``LINEAR_SMALL_SHARED``)."""
     builds = [mlp_build(kernel, *config, capability=89) for kernel in MLP_KERNELS[:2]
               for config in (MLP_CONFIGS[1], MLP_CONFIGS[3])]
     return builds + [linear_build(kernel, *config, clip=clip, capability=89, BV=BV)

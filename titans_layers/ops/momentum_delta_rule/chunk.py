@@ -15,8 +15,9 @@ from titans_layers.ops.common.triton_utils import (block_sizes, check_head_dims,
                                                    launch_first_fitting, narrower_blocks, runnable_precision)
 from titans_layers.ops.common.validation import OpShape, check_chunk_size, check_op_inputs
 from titans_layers.ops.momentum_delta_rule.chunk_kernels import (chunk_momentum_delta_rule_bwd_kernel,
-                                                                 chunk_momentum_delta_rule_bwd_split_kernel,
                                                                  chunk_momentum_delta_rule_fwd_kernel)
+from titans_layers.ops.momentum_delta_rule.chunk_split_kernels import (chunk_momentum_delta_rule_bwd_split_kernel,
+                                                                       chunk_momentum_delta_rule_fwd_split_kernel)
 from titans_layers.ops.momentum_delta_rule.state import MomentumDeltaRuleState, resolve_initial_state
 
 KERNEL_CHUNK_SIZES = (16, 32, 64)
@@ -77,17 +78,21 @@ def launch_blocks(K: int, V: int, clip: bool) -> tuple[int, int, int]:
 
 
 FWD_KERNEL = "the momentum-delta-rule chunk forward kernel"
+FWD_SPLIT_KERNEL = "the momentum-delta-rule split chunk forward kernel"
 BWD_KERNEL = "the momentum-delta-rule chunk backward kernel"
 BWD_SPLIT_KERNEL = "the momentum-delta-rule split chunk backward kernel"
 
 
-def forward_candidates(K: int, V: int, clip: bool) -> list[tuple[str, int]]:
-    """The forward's launches to try, widest V block first: ``(kernel, BV)``. Unclipped, the V
-    blocks of :func:`launch_blocks` and each half down to 16 (a GPU with 99 KB a block takes the
-    first that fits, :func:`~titans_layers.ops.common.triton_utils.launch_first_fitting`); clipped,
-    only all of V in one block."""
+def forward_candidates(K: int, V: int, clip: bool) -> list[tuple[str, tuple[bool, int]]]:
+    """The forward's launches to try, widest V block first: ``(kernel, (split, BV))`` (a GPU takes
+    the first that fits, :func:`~titans_layers.ops.common.triton_utils.launch_first_fitting`).
+    Unclipped, the V blocks of :func:`launch_blocks` and each half down to 16. Clipped, all of V in
+    one block, then the split kernel walking V in sub-blocks of ``block_sizes``' width and each
+    half of it down to 16 (on GPUs with 99 KB a block above K = V = 64)."""
     _, BV, _ = launch_blocks(K, V, clip)
-    return [(FWD_KERNEL, b) for b in ([BV] if clip else narrower_blocks(BV))]
+    if not clip:
+        return [(FWD_KERNEL, (False, b)) for b in narrower_blocks(BV)]
+    return [(FWD_KERNEL, (False, BV))] + [(FWD_SPLIT_KERNEL, (True, b)) for b in narrower_blocks(block_sizes(K, V)[1])]
 
 
 def backward_candidates(K: int, V: int, clip: bool) -> list[tuple[str, tuple[bool, int]]]:
@@ -146,12 +151,20 @@ def chunk_fwd(q, k, v, alpha, eta, theta, M0, S0, W0, offset, cu_seqlens, plan: 
     norms = torch.empty(alpha.shape, dtype=torch.float32, device=q.device) if keep_norms else MT  # else unused
     cu, is_varlen = varlen_args(cu_seqlens, plan.tile_indptr)
 
-    def launch(BV: int) -> None:
-        chunk_momentum_delta_rule_fwd_kernel[(triton.cdiv(s.V, BV), s.N * s.H)](
-            q, k, v, alpha, eta, theta, M0, S0, W0, offset, cu, plan.tile_indptr, o, MT, ST, WT, tile_M, tile_S,
-            norms, s.T, max_update_norm if clip else 0.0, H=s.H, K=s.K, V=s.V, C=plan.chunk_size, BT=plan.tile_size,
-            BK=BK, BV=BV, IS_VARLEN=is_varlen, STORE_TILES=store_tiles, PRECISION=precision, CLIP=clip,
-            num_warps=launch_warps(BK, BV), num_stages=1)
+    def launch(config: tuple[bool, int]) -> None:
+        split, BV = config
+        if split:
+            chunk_momentum_delta_rule_fwd_split_kernel[(1, s.N * s.H)](
+                q, k, v, alpha, eta, theta, M0, S0, W0, offset, cu, plan.tile_indptr, o, MT, ST, WT, tile_M, tile_S,
+                norms, s.T, max_update_norm, H=s.H, K=s.K, V=s.V, C=plan.chunk_size, BT=plan.tile_size, BK=BK, BV=BV,
+                NVS=triton.cdiv(s.V, BV), IS_VARLEN=is_varlen, STORE_TILES=store_tiles, PRECISION=precision,
+                num_warps=launch_warps(BK, BV), num_stages=1)
+        else:
+            chunk_momentum_delta_rule_fwd_kernel[(triton.cdiv(s.V, BV), s.N * s.H)](
+                q, k, v, alpha, eta, theta, M0, S0, W0, offset, cu, plan.tile_indptr, o, MT, ST, WT, tile_M, tile_S,
+                norms, s.T, max_update_norm if clip else 0.0, H=s.H, K=s.K, V=s.V, C=plan.chunk_size,
+                BT=plan.tile_size, BK=BK, BV=BV, IS_VARLEN=is_varlen, STORE_TILES=store_tiles, PRECISION=precision,
+                CLIP=clip, num_warps=launch_warps(BK, BV), num_stages=1)
 
     launch_first_fitting(("linear fwd", s.K, s.V, q.dtype, plan.tile_size, clip), forward_candidates(s.K, s.V, clip),
                          launch, q, s.K, s.V, plan.chunk_size)

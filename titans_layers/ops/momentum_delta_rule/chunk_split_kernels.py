@@ -23,6 +23,18 @@ from titans_layers.ops.momentum_delta_rule.chunk_kernels import sequence_bounds,
 
 
 @triton.jit
+def load_tile_qk_gates(q, k, alpha, eta, theta, tok_k, p, valid, h, H, mk):
+    """A tile's q, k ``[BT, BK]`` (at ``tok_k``), its gates ``a = 1 - alpha``, ``eta``, ``theta`` and
+    real-token mask ``[BT]``, float32 (padding rows write nothing); V is read per sub-block."""
+    b_q = tl.load(q + tok_k, mask=valid[:, None] & mk[None, :], other=0.0).to(tl.float32)  # [BT, BK]
+    b_k = tl.load(k + tok_k, mask=valid[:, None] & mk[None, :], other=0.0).to(tl.float32)
+    b_a = 1.0 - tl.load(alpha + p * H + h, mask=valid, other=0.0).to(tl.float32)  # [BT]
+    b_e = tl.load(eta + p * H + h, mask=valid, other=1.0).to(tl.float32)
+    b_th = tl.load(theta + p * H + h, mask=valid, other=0.0).to(tl.float32)
+    return b_q, b_k, b_a, b_e, b_th, valid.to(tl.float32)
+
+
+@triton.jit
 def current_anchor(MT, WT, new_chunk, s_off, s_mask):
     """The anchor of a tile, at ``s_off`` of the running state: the current weights where the tile
     starts a chunk (``new_chunk``), else the running anchor."""
@@ -74,12 +86,7 @@ def chunk_momentum_delta_rule_fwd_split_kernel(
         p = bos - off + j * BT + r  # [BT] token positions (int64)
         valid = (p >= bos) & (p < eos)
         tok_k = (p[:, None] * H + h) * K + rk[None, :]
-        b_q = tl.load(q + tok_k, mask=valid[:, None] & mk[None, :], other=0.0).to(tl.float32)  # [BT, BK]
-        b_k = tl.load(k + tok_k, mask=valid[:, None] & mk[None, :], other=0.0).to(tl.float32)
-        b_a = 1.0 - tl.load(alpha + p * H + h, mask=valid, other=0.0).to(tl.float32)  # [BT]
-        b_e = tl.load(eta + p * H + h, mask=valid, other=1.0).to(tl.float32)
-        b_th = tl.load(theta + p * H + h, mask=valid, other=0.0).to(tl.float32)
-        m = valid.to(tl.float32)
+        b_q, b_k, b_a, b_e, b_th, m = load_tile_qk_gates(q, k, alpha, eta, theta, tok_k, p, valid, h, H, mk)
         t_row = ((first_tile + i) * H + h) * K * V + rk[:, None] * V  # [BK, 1] in the tile states
         D_a, D_e, A, E, Gam, Bv, g, hh = tile_gates(b_a, b_e, m, r, BT)  # [BT, BT] and [BT]
 
@@ -199,12 +206,7 @@ def chunk_momentum_delta_rule_bwd_split_kernel(
         p = bos - off + j * BT + r
         valid = (p >= bos) & (p < eos)
         tok_k = (p[:, None] * H + h) * K + rk[None, :]
-        b_q = tl.load(q + tok_k, mask=valid[:, None] & mk[None, :], other=0.0).to(tl.float32)  # [BT, BK]
-        b_k = tl.load(k + tok_k, mask=valid[:, None] & mk[None, :], other=0.0).to(tl.float32)
-        b_a = 1.0 - tl.load(alpha + p * H + h, mask=valid, other=0.0).to(tl.float32)  # [BT]
-        b_e = tl.load(eta + p * H + h, mask=valid, other=1.0).to(tl.float32)
-        b_th = tl.load(theta + p * H + h, mask=valid, other=0.0).to(tl.float32)
-        m = valid.to(tl.float32)
+        b_q, b_k, b_a, b_e, b_th, m = load_tile_qk_gates(q, k, alpha, eta, theta, tok_k, p, valid, h, H, mk)
         prev_valid = valid & (r > 0) & (p - 1 >= bos)
         a_prev = 1.0 - tl.load(alpha + (p - 1) * H + h, mask=prev_valid, other=0.0).to(tl.float32)
         e_prev = tl.load(eta + (p - 1) * H + h, mask=prev_valid, other=1.0).to(tl.float32)

@@ -18,14 +18,14 @@ from titans_layers.testing import (assert_close, check_against_reference, check_
 f16, bf16, f32, f64 = torch.float16, torch.bfloat16, torch.float32, torch.float64
 
 
-def _one_chunk_blocks(op, *args, **kwargs):
-    """``op`` with the dual form's read blocks cut to a single chunk (the default fits a test's
-    whole sequence in one block)."""
-    saved, dual_form._BLOCK_BYTES = dual_form._BLOCK_BYTES, 1
+def _two_chunk_blocks(op, *args, **kwargs):
+    """``op`` with the dual form's blocks cut to two chunks (the default fits a test's whole
+    sequence in one block); the backward keeps the forward's blocks."""
+    saved, dual_form._block_chunks = dual_form._block_chunks, lambda NC, chunk_bytes: min(NC, 2)
     try:
         return op(*args, **kwargs)
     finally:
-        dual_form._BLOCK_BYTES = saved
+        dual_form._block_chunks = saved
 
 
 IMPLS = {
@@ -33,8 +33,9 @@ IMPLS = {
                                                          max_dim=16)),
     "naive_chunk": (naive_chunk_mlp_memory, dict(dtypes=(f64, f32, bf16, f16), chunk_sizes=(1, 2, 3, 5, 16, 64),
                                                  max_T=100, max_dim=24)),
-    # the dual form reading (and, without gradients, keeping) one chunk's states at a time
-    "naive_chunk_blocks": (lambda *a, **kw: _one_chunk_blocks(naive_chunk_mlp_memory, *a, **kw),
+    # the dual form in blocks of two chunks: the forward reads (and, without gradients, keeps) two
+    # chunks' states at a time, the backward recomputes them from each block's first one
+    "naive_chunk_blocks": (lambda *a, **kw: _two_chunk_blocks(naive_chunk_mlp_memory, *a, **kw),
                            dict(dtypes=(f64, f32, bf16), chunk_sizes=(1, 3, 16), max_T=60, max_dim=16)),
     # the Triton kernels run under the interpreter on CPU: short cases that still cross tiles,
     # chunks and (hidden widths up to 2 * max_dim > 16) several Dh blocks
@@ -134,6 +135,36 @@ def test_dual_form_without_grad_reads_a_chunk_at_a_time(monkeypatch, residual, d
     assert_close("o", o, ref_o, 1e-10)
     for name in ("W1", "W2", "S1", "S2", "anchor1", "anchor2"):
         assert_close(f"final {name}", getattr(state, name), getattr(ref_state, name), 1e-10)
+
+
+@pytest.mark.parametrize("max_update_norm", [None, 0.02])
+def test_dual_form_gradients_do_not_depend_on_its_blocks(monkeypatch, max_update_norm, device):
+    """The backward recomputes each block's chunk-start states from the block's first one: with
+    blocks of 1, 2 and 3 chunks (the last one short) it gives what one block of every chunk does,
+    outputs and every gradient to float64 rounding, over rows that end in different blocks and an
+    initial state that starts mid-chunk; clipped or not."""
+    case = make_case(seed=11, B=1, T=41, H=2, K=6, V=6, dtype=f64, chunk_size=4, state="MS", lengths=[9, 22, 10],
+                     family="mlp", hidden=7, residual=True, device=device)
+    kw = dict(chunk_size=4, output_final_state=True, cu_seqlens=case.cu_seqlens, max_update_norm=max_update_norm,
+              **case.extra)
+    with torch.no_grad():
+        _, mid = naive_recurrent_mlp_memory(*case.inputs, initial_state=case.initial_state, **kw)
+    leaves = [x.detach().clone().requires_grad_() for x in (*case.inputs, mid.W1, mid.W2, mid.S1, mid.S2)]
+    start = MLPMemoryState(*leaves[-4:], mid.anchor1, mid.anchor2, mid.offset, mid.chunk_size)
+    gen = torch.Generator().manual_seed(0)
+    o_ref, state_ref = naive_chunk_mlp_memory(*leaves[:6], initial_state=start, **kw)
+    cots = [torch.randn(x.shape, generator=gen, dtype=f64).to(device) for x in (o_ref, state_ref.W1, state_ref.W2)]
+
+    def run(block):
+        monkeypatch.setattr(dual_form, "_block_chunks", lambda NC, chunk_bytes: min(NC, block))
+        o, state = naive_chunk_mlp_memory(*leaves[:6], initial_state=start, **kw)
+        grads = torch.autograd.grad((o, state.W1, state.W2), leaves, cots)
+        return [o, state.W1, state.W2, state.anchor1, *grads]
+
+    whole = run(1000)
+    for block in (1, 2, 3):
+        for i, (got, want) in enumerate(zip(run(block), whole)):
+            assert_close(f"blocks of {block}: result {i}", got, want, 1e-12)
 
 
 SAVING_FUNCTIONS = {"naive_chunk": (naive_chunk_mlp_memory, dual_form.MLPDualForm),

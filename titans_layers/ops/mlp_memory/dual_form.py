@@ -17,14 +17,18 @@ Only the writes are sequential: a chunk's anchor is the previous chunk's end wei
 
 - forward: a loop over chunks computes the writes (three matmuls for the gradients, one per layer
   for the states); then every query of a block of chunks reads its per-token weights at once;
-- backward: the reads' backward is batched over all chunks (it needs only forward quantities);
-  then a reverse loop carries the state gradients from each chunk's end to its start, through its
-  writes and its anchor; what is left per token (k, theta, the gate rows) is batched again.
+- backward, block by block from the last: the block's chunk-start states are recomputed from its
+  first one (its writes again, two GEMMs a chunk); its reads' backward is batched over its chunks
+  (it needs only forward quantities); then a reverse loop carries the state gradients from each
+  chunk's end to its start, through its writes and its anchor.
 
-Both loops run a dozen small ops per chunk on views made up front (batch and heads flattened),
-into preallocated buffers; at small chunk sizes the passes over the states bound them. The forward
-keeps, per chunk, the chunk-start states and, per token, ``Z``, ``Err``, ``D`` and the query
-pre-activations ``Zq``. Not twice differentiable (``once_differentiable``).
+A block holds about ``_BLOCK_BYTES`` of chunk-start states, which stay in cache between its writes
+and its reads. Both loops run a dozen small ops per chunk on views made up front (batch and heads
+flattened), into preallocated buffers; at small chunk sizes the passes over the states bound them.
+For the backward the forward keeps each block's first states (not every chunk's: at T = 4096, H = 4,
+K = V = 64, Dh = 128, chunk 16, fwd+bwd peaks at 128 MiB instead of 332) and, per token, ``Z``,
+``Err``, ``D`` and the query pre-activations ``Zq``. Not twice differentiable
+(``once_differentiable``).
 """
 
 from __future__ import annotations
@@ -76,6 +80,29 @@ def _state_views(starts: torch.Tensor):
     flat = starts.flatten(1, 2)
     pair = _pair(flat)
     return flat.unbind(0), pair.unbind(0), pair[..., 0, :].unbind(0), pair[..., 1, :].unbind(0)
+
+
+def _block_chunks(NC: int, chunk_bytes: int) -> int:
+    """How many chunks a block holds: as many as keep about ``_BLOCK_BYTES`` of chunk-start states
+    (``chunk_bytes`` each), at least one, at most all NC."""
+    return max(1, min(NC, _BLOCK_BYTES // chunk_bytes))
+
+
+class _StateRing:
+    """A block's chunk-start states of one layer, ``P = [W | S]`` ``[block + 1, N, H, R, 2 S]``, as
+    per-slot views with batch and heads flattened (``[N * H, R, 2 S]``, its pair view
+    ``[N * H, R, 2, S]``, and the halves ``[N * H, R, S]``)."""
+
+    def __init__(self, starts: torch.Tensor):
+        self.flat, self.pair, self.weight, self.momentum = _state_views(starts)
+
+    def advance(self, i: int, ae, b, LT, spread) -> None:
+        """Slot ``i + 1`` = slot ``i`` after a chunk: ``[A_c W + B_c S | E_c S] - L^T [g X | h X]``, with
+        ae ``[NH, 1, 2, S]`` = (A_c, E_c), b ``[NH, 1, S]`` = B_c, ``LT`` ``[NH, R, C]`` and ``spread``
+        = ``[g X | h X]`` ``[NH, C, 2 S]``."""
+        torch.mul(self.pair[i], ae, out=self.pair[i + 1])
+        self.weight[i + 1].addcmul_(self.momentum[i], b)
+        self.flat[i + 1].baddbmm_(LT, spread, alpha=-1)
 
 
 def _pair(P: torch.Tensor) -> torch.Tensor:
@@ -201,8 +228,8 @@ class MLPDualForm(torch.autograd.Function):
     ``h`` squeezed); the initial W1, S1, anchor a1 ``[N, H, K, Dh]`` and W2, S2, a2 ``[N, H, Dh, V]``
     (expanded views are fine); ``last_chunk``: per row, the chunk that holds its last token (NC when
     it ends on a boundary); activation; residual; max_update_norm; ``save``: keep what the backward
-    needs (every chunk-start state; else only a block of them lives at a time), decided by the
-    caller (:func:`~titans_layers.ops.common.grad_mode.needs_grad`).
+    needs (each block's first states and every token's Z, Err, D, Zq; else only a block's live at
+    a time), decided by the caller (:func:`~titans_layers.ops.common.grad_mode.needs_grad`).
 
     Outputs: o ``[NC, N, H, C, V]``; the final W1, S1, W2, S2; the anchors of each row's last chunk.
     """
@@ -218,15 +245,19 @@ class MLPDualForm(torch.autograd.Function):
         P1m = _mm(Q, K.mT).mul_(Gamma)  # [NC, N, H, C, C]
         clip = max_update_norm is not None
         w = None if clip else gh * theta[..., None, None]  # each write's weight in W and S, step included
-        # Chunks are written one by one and read a block at a time, while the block's states are in
-        # cache. The states at the chunk starts: of every chunk and the end with save (the backward
-        # needs them), else of one block and its end: [NC or block + 1, N, H, K, 2Dh], [.., Dh, 2V].
-        chunk_bytes = 2 * (W1.numel() + W2.numel()) * W1.element_size()
-        block = max(1, min(NC, _BLOCK_BYTES // chunk_bytes))
+        # Chunks are written one by one and read a block at a time, while the block's chunk-start
+        # states (a ring of block + 1, reused by every block) are in cache: [block + 1, N, H, K, 2Dh],
+        # [.., Dh, 2V]. With save the backward gets each block's first state (a checkpoint it
+        # recomputes the block's states from) and every chunk's Z, Err, D, Zq; else they live a block.
+        block = _block_chunks(NC, 2 * (W1.numel() + W2.numel()) * W1.element_size())
         kept = NC if save else block
-        starts1 = W1.new_empty(kept + 1, N, H, W1.shape[-2], 2 * Dh)
-        starts2 = W2.new_empty(kept + 1, N, H, Dh, 2 * Vd)
+        starts1 = W1.new_empty(block + 1, N, H, W1.shape[-2], 2 * Dh)
+        starts2 = W2.new_empty(block + 1, N, H, Dh, 2 * Vd)
         starts1[0, ..., :Dh], starts1[0, ..., Dh:], starts2[0, ..., :Vd], starts2[0, ..., Vd:] = W1, S1, W2, S2
+        if save:
+            nblocks = -(-NC // block)
+            check1 = starts1.new_empty(nblocks, *starts1.shape[1:])  # [nblocks, N, H, K, 2Dh]
+            check2 = starts2.new_empty(nblocks, *starts2.shape[1:])  # [nblocks, N, H, Dh, 2V]
         # what each chunk's writes leave for its reads, and for the backward (Z, Err, D, step, norm, Zq)
         Z, D = Q.new_empty(kept, N, H, C, Dh), Q.new_empty(kept, N, H, C, Dh)
         Err = Q.new_empty(kept, N, H, C, Vd)
@@ -246,50 +277,43 @@ class MLPDualForm(torch.autograd.Function):
         w3 = None if clip else _chunks(w)
         if clip:
             thc, stepc, normc = _chunks(theta), _chunks(step), _chunks(norm)  # [NH, C]
-        P1s, P1p, P1w, P1sw = _state_views(starts1)
-        P2s, P2p, P2w, P2sw = _state_views(starts2)
-        P2wT = tuple(x.mT for x in P2w)
+        P1, P2 = _StateRing(starts1), _StateRing(starts2)
         a1c, a2c = _heads_flat(a1, N, H), _heads_flat(a2, N, H)  # the initial anchors [NH, R, S]
         sp1, sp2 = Q.new_empty(NH, C, 2, Dh), Q.new_empty(NH, C, 2, Vd)  # [g X | h X] of each layer
         sp1f, sp2f = sp1.view(NH, C, 2 * Dh), sp2.view(NH, C, 2 * Vd)
         for lo in range(0, NC, block):
             hi = min(NC, lo + block)
             base = 0 if save else lo  # chunk n's slot in the kept buffers is n - base
-            if lo > 0 and not save:  # a new block starts from the last one's end
+            if lo > 0:  # a new block starts from the last one's end
                 starts1[0], starts2[0] = starts1[block], starts2[block]
+            if save:
+                check1[lo // block], check2[lo // block] = starts1[0], starts2[0]
             for n in range(lo, hi):
-                j, i = n - base, n - lo
+                j, i = n - base, n - lo  # chunk n's slot in the kept buffers and in the block's
                 if n > 0:
-                    an1, an2, an2T = P1w[j], P2w[j], P2wT[j]  # the anchor: this chunk's start weights
+                    an1, an2 = P1.weight[i], P2.weight[i]  # the anchor: this chunk's start weights
                     if n in last_chunk:
                         final_a1 = torch.where(ends == n, an1.unflatten(0, (N, H)), final_a1)
                         final_a2 = torch.where(ends == n, an2.unflatten(0, (N, H)), final_a2)
                 else:
-                    an1, an2, an2T = a1c, a2c, a2c.mT
+                    an1, an2 = a1c, a2c
                 z = torch.bmm(Kc[n], an1, out=Zc[j])  # [NH, C, Dh]
                 hk = act(z, activation, out=Hc[i])
                 err = torch.baddbmm(tgt[n], hk, an2, out=Ec[j])  # [NH, C, V]
-                delta = act_vjp(torch.bmm(err, an2T, out=Dc[j]), z, activation, out=Deltac[i])
+                delta = act_vjp(torch.bmm(err, an2.mT, out=Dc[j]), z, activation, out=Deltac[i])
                 if clip:
                     normc[j].copy_(_write_norm(Kc[n], delta, hk, err))
                     stepc[j].copy_(clipped_step(thc[n], normc[j], max_update_norm))
                     wn = gh3[n] * stepc[j][..., None, None]
                 else:
                     wn = w3[n]
-                # P_end = [A_c W + B_c S | E_c S] - L^T [g X | h X]
-                torch.mul(Deltau[i], wn, out=sp1)
-                torch.mul(P1p[j], ae1[n], out=P1p[j + 1])
-                P1w[j + 1].addcmul_(P1sw[j], b1[n])
-                P1s[j + 1].baddbmm_(KcT[n], sp1f, alpha=-1)
-                torch.mul(Eu[j], wn, out=sp2)
-                torch.mul(P2p[j], ae2[n], out=P2p[j + 1])
-                P2w[j + 1].addcmul_(P2sw[j], b2[n])
-                P2s[j + 1].baddbmm_(hk.mT, sp2f, alpha=-1)
+                P1.advance(i, ae1[n], b1[n], KcT[n], torch.mul(Deltau[i], wn, out=sp1).view_as(sp1f))
+                P2.advance(i, ae2[n], b2[n], hk.mT, torch.mul(Eu[j], wn, out=sp2).view_as(sp2f))
             m, r = hi - lo, slice(lo - base, hi - base)
             s = (step[r] if clip else theta[lo:hi]).unsqueeze(-1)  # [m, N, H, C, 1]
-            _read(Q[lo:hi], starts1[r], starts2[r], A[lo:hi], Bv[lo:hi], P1m[lo:hi], Gamma[lo:hi], Hk[:m],
+            _read(Q[lo:hi], starts1[:m], starts2[:m], A[lo:hi], Bv[lo:hi], P1m[lo:hi], Gamma[lo:hi], Hk[:m],
                   s * Delta[:m], s * Err[r], activation, Zq[r], o[lo:hi])
-        last = starts1[NC - base], starts2[NC - base]  # the final states
+        last = starts1[NC - lo], starts2[NC - lo]  # the final states (lo: the last block's first chunk)
         if NC in last_chunk:
             final_a1 = torch.where(ends == NC, last[0][..., :Dh], final_a1)
             final_a2 = torch.where(ends == NC, last[1][..., :Vd], final_a2)
@@ -297,8 +321,8 @@ class MLPDualForm(torch.autograd.Function):
             o = o + Q
         if save:  # the kept buffers hold every chunk
             ctx.save_for_backward(Q, K, theta, A, Bv, Gamma, gh, ae, b, a1, a2, Z, Err, D,
-                                  step if clip else theta, Zq, starts1, starts2, norm)
-            ctx.config = (list(last_chunk), activation, residual, max_update_norm)
+                                  step if clip else theta, Zq, check1, check2, norm)
+            ctx.config = (list(last_chunk), activation, residual, max_update_norm, block)
         # copies: the outputs must not alias the saved states
         return (o, last[0][..., :Dh].clone(), last[0][..., Dh:].clone(), last[1][..., :Vd].clone(),
                 last[1][..., Vd:].clone(), final_a1.clone(), final_a2.clone())
@@ -306,42 +330,33 @@ class MLPDualForm(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, dO, dW1, dS1, dW2, dS2, dA1, dA2):
-        (Q, K, theta, A, Bv, Gamma, gh, ae, b, a1, a2, Z, Err, D, step, Zq, starts1, starts2,
+        (Q, K, theta, A, Bv, Gamma, gh, ae, b, a1, a2, Z, Err, D, step, Zq, check1, check2,
          norm) = ctx.saved_tensors
-        last_chunk, activation, residual, c = ctx.config
+        last_chunk, activation, residual, c, block = ctx.config
         NC, N, H, C, _ = Q.shape
         Dh, Vd = Z.shape[-1], Err.shape[-1]
-        Hk, ap, app = act_derivatives(Z, activation)  # act, act', act'' at Z [NC, N, H, C, Dh]
-        Delta = D * ap
-        s = step.unsqueeze(-1)  # [NC, N, H, C, 1]
-        X1, X2 = s * Delta, s * Err
-        dQ, dK, dA, dBv, dGamma, dX1r, dX2r, dHkr, Hq, dZq = _read_backward(
-            dO, Q, K, starts1[:NC], starts2[:NC], A, Bv, Gamma, Zq, Hk, X1, X2, activation)
+        NH = N * H
         clipped = None
         if c is not None:  # where clipped, step = c / ||G||: its gradient flows into ||G||, none into theta
             clipped = theta * norm > c
             safe = torch.where(clipped, norm, torch.ones_like(norm))
             coef = torch.where(clipped, -step / safe.square(), torch.zeros_like(step))  # d step / d||G|| / ||G||
-            k2, d2 = K.square().sum(-1, keepdim=True), Delta.square().sum(-1, keepdim=True)
-            h2, e2 = Hk.square().sum(-1, keepdim=True), Err.square().sum(-1, keepdim=True)
-
+            coefc = _chunks(coef)
         ends = torch.tensor(last_chunk, device=Q.device).view(N, 1, 1, 1)
-        dZ, dErr, dstep = torch.empty_like(Z), torch.empty_like(Err), torch.empty_like(step)
-        dgh, dM = torch.empty_like(gh.squeeze(-1)), Q.new_empty(NC, N, H, 2, 2)
-        # per-chunk views, batch and heads flattened: [N * H, ...] (as in the forward)
-        NH = N * H
-        Kc, KcT, Hc, HcT, Dc, Deltac, Ec, apc, appc = (_chunks(x) for x in (K, K.mT, Hk, Hk.mT, D, Delta, Err, ap, app))
-        X1u, X2u, sc, gh3 = _chunks(X1.unsqueeze(-2)), _chunks(X2.unsqueeze(-2)), _chunks(s), _chunks(gh)
-        dX1rc, dX2rc, dHkrc, dKc = _chunks(dX1r), _chunks(dX2r), _chunks(dHkr), _chunks(dK)
-        QcT, HqcT, dZqu, dOu = _chunks(Q.mT), _chunks(Hq.mT), _chunks(dZq.unsqueeze(-2)), _chunks(dO.unsqueeze(-2))
+        # whole-sequence gradients, written block by block
+        dQ, dK, dV = torch.empty_like(Q), torch.empty_like(K), torch.empty_like(dO)
+        dA, dBv, dGamma = torch.empty_like(A), torch.empty_like(Bv), torch.empty_like(Gamma)
+        dstep, dgh, dM = torch.empty_like(step), torch.empty_like(gh.squeeze(-1)), Q.new_empty(NC, N, H, 2, 2)
+        # per-chunk views of whole-sequence tensors, batch and heads flattened: [N * H, ...]
+        Kc, KcT, sc, gh3 = _chunks(K), _chunks(K.mT), _chunks(step.unsqueeze(-1)), _chunks(gh)
         AB = _chunks(torch.stack([A, Bv], dim=-1).unsqueeze(-1))  # [NH, C, 2, 1]
-        dZc, dErrc, dstepc, dghc, dMc = (_chunks(x) for x in (dZ, dErr, dstep, dgh, dM))
+        dstepc, dghc, dMc = _chunks(dstep), _chunks(dgh), _chunks(dM)
         (ae1, b1), (ae2, b2) = _mixing_rows(ae, b, Dh), _mixing_rows(ae, b, Vd)
-        P1s, _, P1w, _ = _state_views(starts1)
-        P2s, _, P2w, _ = _state_views(starts2)
+        # a block's chunk-start states, recomputed from its checkpoint
+        starts1 = check1.new_empty(block + 1, *check1.shape[1:])  # [block + 1, N, H, K, 2Dh]
+        starts2 = check2.new_empty(block + 1, *check2.shape[1:])  # [block + 1, N, H, Dh, 2V]
+        P1, P2 = _StateRing(starts1), _StateRing(starts2)
         a1c, a2c = _heads_flat(a1, N, H), _heads_flat(a2, N, H)  # the initial anchors [NH, R, S]
-        if c is not None:
-            coefc, k2c, d2c, h2c, e2c = (_chunks(x) for x in (coef, k2, d2, h2, e2))
         # the gradients of the chunk-end states, and a second buffer each for the chunk-start ones
         G1 = _GradPair(torch.cat([dW1, dS1], -1).flatten(0, 1))  # [NH, K, 2Dh]
         G2 = _GradPair(torch.cat([dW2, dS2], -1).flatten(0, 1))  # [NH, Dh, 2V]
@@ -351,60 +366,96 @@ class MLPDualForm(torch.autograd.Function):
             G2.add_to_weight(ends == NC, dA2)
         sp1, sp2 = Q.new_empty(NH, C, 2, Dh), Q.new_empty(NH, C, 2, Vd)  # [g X | h X] of each layer
         sp1f, sp2f = sp1.view(NH, C, 2 * Dh), sp2.view(NH, C, 2 * Vd)
-        for n in reversed(range(NC)):
-            an1, an2 = (P1w[n], P2w[n]) if n > 0 else (a1c, a2c)
-            wn, g1, g2 = gh3[n], G1.flat, G2.flat
-            # the chunk's writes into its end states: P1 -= K^T [g X1 | h X1], P2 -= Hk^T [g X2 | h X2]
-            KG = torch.bmm(Kc[n], g1).view(NH, C, 2, Dh)
-            HG = torch.bmm(Hc[n], g2).view(NH, C, 2, Vd)
-            dX1 = dX1rc[n] - (wn * KG).sum(-2)  # [NH, C, Dh]
-            dX2 = dX2rc[n] - (wn * HG).sum(-2)  # [NH, C, V]
-            dHk = torch.baddbmm(dHkrc[n], torch.mul(X2u[n], wn, out=sp2).view_as(sp2f), g2.mT, alpha=-1)
-            dKc[n].baddbmm_(torch.mul(X1u[n], wn, out=sp1).view_as(sp1f), g1.mT, alpha=-1)
-            torch.sub(-(KG * X1u[n]).sum(-1), (HG * X2u[n]).sum(-1), out=dghc[n])
-            # X1 = step * Delta, X2 = step * Err
-            dDelta, dE = sc[n] * dX1, sc[n] * dX2
-            torch.add((dX1 * Deltac[n]).sum(-1), (dX2 * Ec[n]).sum(-1), out=dstepc[n])
+        # Blocks of chunks, last first: the block's per-token quantities, its chunk-start states (its
+        # writes again, from its checkpoint) and its reads' backward at once, then the reverse loop
+        # through its chunks; the block's temporaries stay in cache.
+        for lo in reversed(range(0, NC, block)):
+            hi = min(NC, lo + block)
+            m, r = hi - lo, slice(lo, hi)
+            Hk, ap, app = act_derivatives(Z[r], activation)  # act, act', act'' at Z [m, N, H, C, Dh]
+            Delta = D[r] * ap
+            s = step[r].unsqueeze(-1)  # [m, N, H, C, 1]
+            X1, X2 = s * Delta, s * Err[r]
+            # each write's rows in W and S, [g X | h X]: [NH, C, 2Dh], [NH, C, 2V] per chunk
+            spread1 = _chunks((X1.unsqueeze(-2) * gh[r]).flatten(-2))
+            spread2 = _chunks((X2.unsqueeze(-2) * gh[r]).flatten(-2))
+            Hc, HcT = _chunks(Hk), _chunks(Hk.mT)
+            starts1[0], starts2[0] = check1[lo // block], check2[lo // block]
+            for i in range(m - 1):
+                P1.advance(i, ae1[lo + i], b1[lo + i], KcT[lo + i], spread1[i])
+                P2.advance(i, ae2[lo + i], b2[lo + i], HcT[i], spread2[i])
+            dQ[r], dKb, dA[r], dBv[r], dGamma[r], dX1r, dX2r, dHkr, Hq, dZq = _read_backward(
+                dO[r], Q[r], K[r], starts1[:m], starts2[:m], A[r], Bv[r], Gamma[r], Zq[r], Hk, X1, X2, activation)
+            dZ, dErr = torch.empty_like(Hk), torch.empty_like(X2)
+            # per-chunk views of the block's tensors (chunk n is entry n - lo)
+            Dc, Deltac, Ec, apc, appc = (_chunks(x) for x in (D[r], Delta, Err[r], ap, app))
+            X1u, X2u = _chunks(X1.unsqueeze(-2)), _chunks(X2.unsqueeze(-2))
+            dX1rc, dX2rc, dHkrc, dKc = _chunks(dX1r), _chunks(dX2r), _chunks(dHkr), _chunks(dKb)
+            QcT, HqcT = _chunks(Q[r].mT), _chunks(Hq.mT)
+            dZqu, dOu = _chunks(dZq.unsqueeze(-2)), _chunks(dO[r].unsqueeze(-2))
+            dZc, dErrc = _chunks(dZ), _chunks(dErr)
             if c is not None:
-                r = coefc[n].unsqueeze(-1) * dstepc[n].unsqueeze(-1)  # [NH, C, 1]
-                dDelta = dDelta + (r * k2c[n]) * Deltac[n]
-                dE = dE + (r * h2c[n]) * Ec[n]
-                dHk = dHk + (r * e2c[n]) * Hc[n]
-                dKc[n].addcmul_(r * d2c[n], Kc[n])
-            # Delta = (Err a2^T) * act'(Z); Err = act(Z) a2 - target; Z = K a1
-            dD = dDelta * apc[n]
-            dE = torch.baddbmm(dE, dD, an2, out=dErrc[n])
-            dZn = torch.mul(torch.baddbmm(dHk, dE, an2.mT), apc[n], out=dZc[n])
-            dZn.addcmul_(dDelta * Dc[n], appc[n])
-            # back to the chunk start: through the gates' mixing, the reads, and the anchor
-            torch.add(_pair_products(g1, P1s[n]), _pair_products(g2, P2s[n]), out=dMc[n])
-            ABdZq = torch.mul(dZqu[n], AB[n], out=sp1).view_as(sp1f)  # [A dZq | B dZq]
-            ABdO = torch.mul(dOu[n], AB[n], out=sp2).view_as(sp2f)  # [A dO | B dO]
-            G1.mix_transposed_into(spare1, ae1[n], b1[n]).flat.baddbmm_(QcT[n], ABdZq)
-            G2.mix_transposed_into(spare2, ae2[n], b2[n]).flat.baddbmm_(HqcT[n], ABdO)
-            G1, spare1, G2, spare2 = spare1, G1, spare2, G2
-            # the anchor's gradients: da1 = K^T dZ [NH, K, Dh], da2 = dD^T Err + Hk^T dE [NH, Dh, V],
-            # into the previous chunk's end weights (or, for the first chunk, the initial anchor's)
-            if n > 0:
-                G1.weight.baddbmm_(KcT[n], dZn)
-                G2.weight.baddbmm_(dD.mT, Ec[n]).baddbmm_(HcT[n], dE)
-                if n in last_chunk:
-                    G1.add_to_weight(ends == n, dA1)
-                    G2.add_to_weight(ends == n, dA2)
+                k2c, d2c, h2c, e2c = (_chunks(x.square().sum(-1, keepdim=True)) for x in (K[r], Delta, Hk, Err[r]))
+            for n in reversed(range(lo, hi)):
+                i = n - lo
+                an1, an2 = (P1.weight[i], P2.weight[i]) if n > 0 else (a1c, a2c)
+                wn, g1, g2 = gh3[n], G1.flat, G2.flat
+                # the chunk's writes into its end states: P1 -= K^T [g X1 | h X1], P2 -= Hk^T [g X2 | h X2]
+                KG = torch.bmm(Kc[n], g1).view(NH, C, 2, Dh)
+                HG = torch.bmm(Hc[i], g2).view(NH, C, 2, Vd)
+                dX1 = dX1rc[i] - (wn * KG).sum(-2)  # [NH, C, Dh]
+                dX2 = dX2rc[i] - (wn * HG).sum(-2)  # [NH, C, V]
+                dHk = torch.baddbmm(dHkrc[i], spread2[i], g2.mT, alpha=-1)
+                dKc[i].baddbmm_(spread1[i], g1.mT, alpha=-1)
+                torch.sub(-(KG * X1u[i]).sum(-1), (HG * X2u[i]).sum(-1), out=dghc[n])
+                # X1 = step * Delta, X2 = step * Err
+                dDelta, dE = sc[n] * dX1, sc[n] * dX2
+                torch.add((dX1 * Deltac[i]).sum(-1), (dX2 * Ec[i]).sum(-1), out=dstepc[n])
+                if c is not None:
+                    rs = coefc[n].unsqueeze(-1) * dstepc[n].unsqueeze(-1)  # [NH, C, 1]
+                    dDelta = dDelta + (rs * k2c[i]) * Deltac[i]
+                    dE = dE + (rs * h2c[i]) * Ec[i]
+                    dHk = dHk + (rs * e2c[i]) * Hc[i]
+                    dKc[i].addcmul_(rs * d2c[i], Kc[n])
+                # Delta = (Err a2^T) * act'(Z); Err = act(Z) a2 - target; Z = K a1
+                dD = dDelta * apc[i]
+                dE = torch.baddbmm(dE, dD, an2, out=dErrc[i])
+                dZn = torch.mul(torch.baddbmm(dHk, dE, an2.mT), apc[i], out=dZc[i])
+                dZn.addcmul_(dDelta * Dc[i], appc[i])
+                # back to the chunk start: through the gates' mixing, the reads, and the anchor
+                torch.add(_pair_products(g1, P1.flat[i]), _pair_products(g2, P2.flat[i]), out=dMc[n])
+                ABdZq = torch.mul(dZqu[i], AB[n], out=sp1).view_as(sp1f)  # [A dZq | B dZq]
+                ABdO = torch.mul(dOu[i], AB[n], out=sp2).view_as(sp2f)  # [A dO | B dO]
+                G1.mix_transposed_into(spare1, ae1[n], b1[n]).flat.baddbmm_(QcT[i], ABdZq)
+                G2.mix_transposed_into(spare2, ae2[n], b2[n]).flat.baddbmm_(HqcT[i], ABdO)
+                G1, spare1, G2, spare2 = spare1, G1, spare2, G2
+                # the anchor's gradients: da1 = K^T dZ [NH, K, Dh], da2 = dD^T Err + Hk^T dE [NH, Dh, V],
+                # into the previous chunk's end weights (or, for the first chunk, the initial anchor's)
+                if n > 0:
+                    G1.weight.baddbmm_(KcT[n], dZn)
+                    G2.weight.baddbmm_(dD.mT, Ec[i]).baddbmm_(HcT[i], dE)
+                    if n in last_chunk:
+                        G1.add_to_weight(ends == n, dA1)
+                        G2.add_to_weight(ends == n, dA2)
+            # the block's k and v: Z = K a1 (a1 the chunk-start W1; the initial anchor for chunk 0)
+            if lo == 0:
+                dKb[0] += dZ[0] @ a1.mT
+            if hi > max(lo, 1):
+                f = max(lo, 1)
+                _mm_acc(dKb[f - lo:], dZ[f - lo:], starts1[f - lo:m, ..., :Dh].mT)
+            if residual:
+                dKb += dErr
+            dK[r] = dKb
+            torch.neg(dErr, out=dV[r])
+        # chunk 0's anchor is the initial one: its gradients (dZn, dD, dE are chunk 0's)
         da1 = torch.bmm(KcT[0], dZn).view_as(dA1)
         da2 = torch.baddbmm(torch.bmm(dD.mT, Ec[0]), HcT[0], dE).view_as(dA2)
-        if 0 in last_chunk:  # da1, da2 of the first chunk: its anchor is the initial one
+        if 0 in last_chunk:
             da1 = da1 + _where_rows(ends == 0, dA1)
             da2 = da2 + _where_rows(ends == 0, dA2)
         G1, G2 = G1.flat.unflatten(0, (N, H)), G2.flat.unflatten(0, (N, H))
-
-        dK[0] += dZ[0] @ a1.mT
-        if NC > 1:
-            _mm_acc(dK[1:], dZ[1:], starts1[1:NC, ..., :Dh].mT)
-        dV = -dErr
         if residual:
             dQ += dO
-            dK += dErr
         dtheta = dstep if clipped is None else torch.where(clipped, torch.zeros_like(dstep), dstep)
         dE_gate = torch.zeros_like(A)
         dA[..., -1] += dM[..., 0, 0]

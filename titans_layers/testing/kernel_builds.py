@@ -11,7 +11,8 @@ import torch
 
 from titans_layers.ops.common.triton_utils import GPU, block_sizes, dot_precision
 from titans_layers.ops.mlp_memory.chunk import mlp_launch
-from titans_layers.ops.momentum_delta_rule.chunk import CLIP_BWD_MAX_TILE, launch_blocks, launch_warps, tile_size
+from titans_layers.ops.momentum_delta_rule.chunk import (CLIP_BWD_MAX_TILE, chunk_warps, decode_warps, launch_blocks,
+                                                         tile_size)
 from titans_layers.ops.momentum_delta_rule.fused_recurrent import DECODE_STAGES
 from titans_layers.testing.compile import SHARED_MEMORY_LIMIT
 
@@ -83,15 +84,18 @@ def linear_build(kernel: str, dim: int, chunk_size: int, dtype: str, clip: bool 
     else:
         constexprs["CLIP"] = clip
     decode = kernel.startswith(LINEAR_FUSED)
-    if not decode:
+    if decode:
+        warps = decode_warps(BK, BV)
+    else:
         constexprs.update(BT=tile_size(chunk_size), PRECISION=dot_precision(DTYPES[dtype]))
         if "_fwd_" in kernel:
             constexprs["STORE_TILES"] = True
+        warps = chunk_warps(constexprs["BT"], BK, dtype == "fp32", split_forward=kernel == LINEAR_SPLIT_FWD)
     stages = DECODE_STAGES if decode else 1
     label = f"K{dim}-C{chunk_size}-{dtype}" + ("-clip" if clip else "") + (f"-BV{BV}" if BV != widest else "")
     return KernelBuild(kernel, label, _pointers(LINEAR_INPUTS, dtype),
                        {"T": "i32", "n_tokens": "i32", "max_norm": "fp32"}, constexprs,
-                       num_warps=launch_warps(BK, BV, decode), num_stages=stages, capability=capability)
+                       num_warps=warps, num_stages=stages, capability=capability)
 
 
 def mlp_build(kernel: str, dim: int, hidden: int, chunk_size: int, dtype: str, act: int, residual: bool,
@@ -123,8 +127,9 @@ LINEAR_KERNELS = [f"{LINEAR_CHUNK}:chunk_momentum_delta_rule_fwd_kernel",
                   f"{LINEAR_FUSED}:fused_recurrent_momentum_delta_rule_fwd_kernel"]
 LINEAR_SPLIT = f"{LINEAR_CHUNK_SPLIT}:chunk_momentum_delta_rule_bwd_split_kernel"
 LINEAR_SPLIT_FWD = f"{LINEAR_CHUNK_SPLIT}:chunk_momentum_delta_rule_fwd_split_kernel"
-# (K = V, chunk size, input dtype): the largest tiles, and each precision path
-LINEAR_CONFIGS = [(64, 64, "bf16"), (128, 64, "bf16"), (128, 16, "fp32")]
+# (K = V, chunk size, input dtype): the largest tiles, and each precision path (float32 in 16- and
+# in 32-token tiles, which take 16 warps)
+LINEAR_CONFIGS = [(64, 64, "bf16"), (128, 64, "bf16"), (128, 16, "fp32"), (64, 64, "fp32")]
 # Update clipping holds all of V in one program, at the largest tiles each kernel gets: the forward
 # and the decode kernel one [128, 128] block; the backward one block up to CLIP_BWD_MAX_TILE
 # (64 x 64; fp32 needs the most shared memory), the split backward beyond (V in sub-blocks); the

@@ -109,16 +109,24 @@ def backward_candidates(K: int, V: int, clip: bool) -> list[tuple[str, tuple[boo
     return single + [(BWD_SPLIT_KERNEL, (True, b)) for b in narrower_blocks(BV)]
 
 
-def launch_warps(BK: int, BV: int, decode: bool = False) -> int:
-    """Warps per program. The chunk kernels: 8. Their tile-long ``[BT, K]`` operands and
-    accumulators ask for more registers than a thread has, and 8 warps cut the spills (per thread,
-    bf16, K = V = 64, sm_90: forward 2.2 to 1.0 KB, backward 8.2 to 2.6 KB) and keep the float32
-    kernels out of ptxas's 32-register fallback (14-29 KB of spills at 4 warps); static figures
-    from ``python -m benchmarks.kernel_resources``. The decode kernel (``decode``): 4, or 8 for
-    the state tiles beyond 64 x 64 that only clipping launches (K, V > 64 in one V block)."""
-    if not decode:
-        return 8
-    return 8 if BK * BV > 64 * 64 else 4
+def chunk_warps(BT: int, BK: int, fp32: bool, split_forward: bool = False) -> int:
+    """Warps per program of the chunk kernels. Their tile-long ``[BT, K]`` operands and accumulators
+    ask for more registers than a thread has: 8 warps cut the spills against 4 (per thread, bf16,
+    K = V = 64, sm_90: forward 2.2 to 1.0 KB, backward 8.2 to 2.6 KB). Float32 operands (``fp32``)
+    in 32-token tiles with K blocks of 64 and more take 16: at 8 ptxas falls back to 32 registers
+    and spills 9-53 KB a thread (sm_90, chunk 64: forward K = V = 64 9.4 KB, 128 10.5 KB, clipped
+    64 9.2 KB; backward 64 25.7 KB, 128 26.8 KB, clipped 64 22.3 KB, split clipped 128 35.8 KB), at
+    16 2.0, 3.2, 3.5, 5.2, 16.8, 6.8 and 8.0 KB (sm_80 alike). Not the split forward
+    (``split_forward``), which spills 2.7 KB at 8 and 6.7 KB at 16, nor 16-token tiles or bf16 (no
+    fallback at 8). Static figures from ``benchmarks.kernel_resources``; GPU timings not taken."""
+    return 16 if fp32 and BT >= 32 and BK >= 64 and not split_forward else 8
+
+
+def decode_warps(BK: int, BV: int) -> int:
+    """Warps per program of the decode kernel: 4, or 16 for the state tiles beyond 64 x 64 that only
+    clipping launches (K, V > 64 in one V block): at 8 ptxas falls back to 32 registers and spills
+    8.2 KB a thread at K = V = 128 (sm_90), at 16 2.8 KB."""
+    return 16 if BK * BV > 64 * 64 else 4
 
 
 def varlen_args(cu_seqlens, unused: torch.Tensor):
@@ -140,6 +148,7 @@ def chunk_fwd(q, k, v, alpha, eta, theta, M0, S0, W0, offset, cu_seqlens, plan: 
     clip = max_update_norm is not None
     BK = block_sizes(s.K, s.V)[0]
     precision = runnable_precision(dot_precision(q.dtype))
+    fp32 = q.dtype == torch.float32
     o = torch.empty_like(v)
     MT, ST, WT = (torch.empty(s.N, s.H, s.K, s.V, dtype=torch.float32, device=q.device) for _ in range(3))
     if store_tiles:
@@ -158,13 +167,13 @@ def chunk_fwd(q, k, v, alpha, eta, theta, M0, S0, W0, offset, cu_seqlens, plan: 
                 q, k, v, alpha, eta, theta, M0, S0, W0, offset, cu, plan.tile_indptr, o, MT, ST, WT, tile_M, tile_S,
                 norms, s.T, max_update_norm, H=s.H, K=s.K, V=s.V, C=plan.chunk_size, BT=plan.tile_size, BK=BK, BV=BV,
                 NVS=triton.cdiv(s.V, BV), IS_VARLEN=is_varlen, STORE_TILES=store_tiles, PRECISION=precision,
-                num_warps=launch_warps(BK, BV), num_stages=1)
+                num_warps=chunk_warps(plan.tile_size, BK, fp32, split_forward=True), num_stages=1)
         else:
             chunk_momentum_delta_rule_fwd_kernel[(triton.cdiv(s.V, BV), s.N * s.H)](
                 q, k, v, alpha, eta, theta, M0, S0, W0, offset, cu, plan.tile_indptr, o, MT, ST, WT, tile_M, tile_S,
                 norms, s.T, max_update_norm if clip else 0.0, H=s.H, K=s.K, V=s.V, C=plan.chunk_size,
                 BT=plan.tile_size, BK=BK, BV=BV, IS_VARLEN=is_varlen, STORE_TILES=store_tiles, PRECISION=precision,
-                CLIP=clip, num_warps=launch_warps(BK, BV), num_stages=1)
+                CLIP=clip, num_warps=chunk_warps(plan.tile_size, BK, fp32), num_stages=1)
 
     launch_first_fitting(("linear fwd", s.K, s.V, q.dtype, plan.tile_size, clip), forward_candidates(s.K, s.V, clip),
                          launch, q, s.K, s.V, plan.chunk_size)
@@ -185,6 +194,7 @@ def chunk_bwd(q, k, v, alpha, eta, theta, W0, offset, cu_seqlens, plan: ChunkPla
         raise RuntimeError("the clipped backward needs the per-token norms its forward stored")
     BK = block_sizes(s.K, s.V)[0]
     precision = runnable_precision(dot_precision(q.dtype))
+    fp32 = q.dtype == torch.float32
     n_tokens = s.B * s.T
     state = (s.N, s.H, s.K, s.V)
     zeros = lambda x: torch.zeros(state, dtype=torch.float32, device=q.device) if x is None else x.float().contiguous()
@@ -207,14 +217,15 @@ def chunk_bwd(q, k, v, alpha, eta, theta, W0, offset, cu_seqlens, plan: ChunkPla
                 q, k, v, alpha, eta, theta, W0, offset, cu, plan.tile_indptr, tile_M, tile_S, do,
                 dMT, dST, dWT, dq, dk, dv, dalpha, deta, dtheta, dM0, dS0, dW0, norms, s.T, max_update_norm,
                 H=s.H, K=s.K, V=s.V, C=plan.chunk_size, BT=plan.tile_size, BK=BK, BV=BV, NVS=triton.cdiv(s.V, BV),
-                IS_VARLEN=is_varlen, PRECISION=precision, num_warps=launch_warps(BK, BV), num_stages=1)
+                IS_VARLEN=is_varlen, PRECISION=precision, num_warps=chunk_warps(plan.tile_size, BK, fp32),
+                num_stages=1)
         else:
             chunk_momentum_delta_rule_bwd_kernel[(NV, s.N * s.H)](
                 q, k, v, alpha, eta, theta, W0, offset, cu, plan.tile_indptr, tile_M, tile_S, do,
                 dMT, dST, dWT, dq, dk, dv, dalpha, deta, dtheta, dM0, dS0, dW0, norms if clip else dM0,
                 s.T, n_tokens, max_update_norm if clip else 0.0, H=s.H, K=s.K, V=s.V, C=plan.chunk_size,
                 BT=plan.tile_size, BK=BK, BV=BV, IS_VARLEN=is_varlen, PRECISION=precision, CLIP=clip,
-                num_warps=launch_warps(BK, BV), num_stages=1)
+                num_warps=chunk_warps(plan.tile_size, BK, fp32), num_stages=1)
         return dq, dk, dalpha, deta, dtheta
 
     dq, dk, dalpha, deta, dtheta = launch_first_fitting(

@@ -26,7 +26,7 @@ from titans_layers.ops.common.clipping import check_max_update_norm
 from titans_layers.ops.common.traceable import traceable
 from titans_layers.ops.common.triton_utils import clip_step, explained_launch, sequence_range
 from titans_layers.ops.momentum_delta_rule.chunk import (KERNEL_CHUNK_SIZES, ChunkPlan, chunk_bwd, chunk_fwd,
-                                                         launch_blocks, launch_warps, pack_final_state,
+                                                         launch_blocks, decode_warps, pack_final_state,
                                                          prepare_kernel_call, varlen_args)
 from titans_layers.ops.momentum_delta_rule.chunk_kernels import load_token, write_norm
 from titans_layers.ops.momentum_delta_rule.naive import naive_chunk_momentum_delta_rule
@@ -86,7 +86,7 @@ def fused_recurrent_fwd(q, k, v, alpha, eta, theta, M0, S0, W0, offset, cu_seqle
         fused_recurrent_momentum_delta_rule_fwd_kernel[(NV, s.N * s.H)](
             q, k, v, alpha, eta, theta, M0, S0, W0, offset, cu, o, MT, ST, WT, s.T, max_update_norm if clip else 0.0,
             H=s.H, K=s.K, V=s.V, C=plan.chunk_size, BK=BK, BV=BV, IS_VARLEN=is_varlen, CLIP=clip,
-            num_warps=launch_warps(BK, BV, decode=True), num_stages=DECODE_STAGES)
+            num_warps=decode_warps(BK, BV), num_stages=DECODE_STAGES)
     return o, MT, ST, WT
 
 

@@ -333,9 +333,11 @@ def test_backward_dh_block_follows_the_gpu():
 
 def test_tiles_follow_the_gpus_shared_memory():
     """On a GPU with 99 KB of shared memory a block (sm_86, sm_89, sm_120) the chunk kernels take
-    16-token tiles where 32-token ones do not fit (16-bit inputs above K = 64, float32 inputs), and
-    float32 inputs above K = 64, which fit no tile there, get an error naming the need and the GPU;
-    A100 and H100 launches are unchanged. ``test_kernel_compile.py`` holds the table to the kernels."""
+    16-token tiles where 32-token ones do not fit (16-bit inputs above K = 64, float32 inputs).
+    Float32 inputs above K = 64 fit there only the forward, in 16-column Dh blocks: a call that
+    needs the backward gets an error naming its need, the GPU and what fits; the decode kernel needs
+    no check. A100 and H100 launches are unchanged. ``test_kernel_compile.py`` holds the tables to
+    the kernels."""
     from titans_layers.ops.common.triton_utils import GPU
     from titans_layers.ops.mlp_memory.chunk import mlp_launch
     a100, h100 = GPU(80, 163 << 10), GPU(90, 227 << 10)
@@ -343,12 +345,35 @@ def test_tiles_follow_the_gpus_shared_memory():
     for small in (GPU(86, 99 << 10), GPU(89, 99 << 10), GPU(120, 99 << 10)):
         assert [bt(64, 64, bf16, small), bt(64, 64, f16, small), bt(64, 128, bf16, small), bt(64, 96, f16, small),
                 bt(64, 64, f32, small), bt(16, 128, bf16, small)] == [32, 32, 16, 16, 16, 16]
-        with pytest.raises(ValueError, match=rf"K = 128, V = 128 with torch.float32 inputs.* needs 145 KB .*"
-                                             rf"sm_{small.capability}\) has 99 KB"):
+        with pytest.raises(ValueError, match=rf"chunk backward kernel at K = 128, V = 128 with torch.float32 inputs.* "
+                                             rf"needs 117 KB .*sm_{small.capability}\) has 99 KB \(without gradients "
+                                             rf"the forward alone needs 97 KB\)"):
             mlp_launch(64, 128, 128, 256, f32, small)
+        forward = mlp_launch(64, 128, 128, 256, f32, small, kernels=("fwd",))
+        decode = mlp_launch(64, 128, 128, 256, f32, small, kernels=())
+        assert (forward.BT, forward.fwd_BH, decode.fwd_BH) == (16, 16, 32)
+    with pytest.raises(ValueError, match=r"chunk forward kernel at K = 96, V = 96 .* needs 97 KB .*has 64 KB\. "):
+        mlp_launch(64, 96, 96, 256, f32, GPU(75, 64 << 10), kernels=("fwd",))
     for gpu in (a100, h100, None):
         assert [bt(64, 64, bf16, gpu), bt(64, 128, bf16, gpu), bt(64, 64, f32, gpu), bt(64, 128, f32, gpu)] \
             == [32, 32, 32, 16]
+
+
+def test_float32_wide_heads_without_gradients_on_a_99_kb_gpu(monkeypatch, device):
+    """Float32 inputs above K = 64 on a GPU with 99 KB a block: without gradients the chunk forward
+    runs in 16-column Dh blocks and the decode kernel as anywhere, both matching the float64
+    reference; with gradients both ops raise before launching anything."""
+    from titans_layers.ops.common.triton_utils import GPU
+    from titans_layers.ops.mlp_memory import chunk as chunk_mod, fused_recurrent as fused_mod
+    for module in (chunk_mod, fused_mod):
+        monkeypatch.setattr(module, "gpu_of", lambda x: GPU(89, 99 << 10))
+    case = make_case(seed=4, B=1, T=37, H=1, K=72, V=72, dtype=f32, chunk_size=16, state="MS", family="mlp",
+                     hidden=20, device=device)
+    for op in (chunk_mlp_memory, fused_recurrent_mlp_memory):
+        check_against_reference(op, case, check_grads=False)
+        inputs = [x.detach().requires_grad_() for x in case.inputs]
+        with pytest.raises(ValueError, match=r"backward kernel .* needs 117 KB .* has 99 KB"):
+            op(*inputs, chunk_size=16, initial_state=case.initial_state, **case.extra)
 
 
 def test_low_precision_dot_operands(device):

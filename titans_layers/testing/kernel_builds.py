@@ -103,10 +103,11 @@ def mlp_build(kernel: str, dim: int, hidden: int, chunk_size: int, dtype: str, a
     """An MLP-memory kernel at K = V = ``dim``, Dh = ``hidden``, activation code ``act``, as launched
     on a GPU of ``capability``; ``lowp_dots``: its ``MLPLaunch.lowp_dots`` variant (chunk kernels);
     ``bwd_BH``: another Dh block for the backward than the launch's."""
-    launch = mlp_launch(chunk_size, dim, dim, hidden, DTYPES[dtype], GPU(capability, SHARED_MEMORY_LIMIT[capability]))
+    part = "decode" if kernel.startswith(MLP_FUSED) else ("bwd" if kernel.endswith("bwd_kernel") else "fwd")
+    launch = mlp_launch(chunk_size, dim, dim, hidden, DTYPES[dtype], GPU(capability, SHARED_MEMORY_LIMIT[capability]),
+                        kernels=() if part == "decode" else (part,))
     if bwd_BH is not None:
         launch = replace(launch, bwd_BH=bwd_BH)
-    part = "decode" if kernel.startswith(MLP_FUSED) else ("bwd" if kernel.endswith("bwd_kernel") else "fwd")
     warps, stages, BH = {"fwd": (launch.fwd_warps, 1, launch.fwd_BH), "bwd": (launch.bwd_warps, 1, launch.bwd_BH),
                          "decode": (launch.decode_warps, launch.decode_stages, launch.fwd_BH)}[part]
     constexprs = dict(H=16, K=dim, V=dim, Dh=hidden, C=chunk_size, BK=launch.BK, BV=launch.BV, BH=BH, ACT=act,
@@ -190,9 +191,11 @@ def small_shared_builds() -> list[KernelBuild]:
     """Compiled for sm_89, what a GPU with 99 KB of shared memory a block (sm_86, sm_89, sm_120)
     launches where it differs from sm_80: the MLP chunk kernels' 16-token tiles
     (``chunk.TILE_SHARED``: 16-bit inputs at K = V = 128 with clipping, the most shared memory, and
-    float32 inputs at K = V = 64), and the linear chunk kernels' narrower V blocks and split
-    kernels (``LINEAR_SMALL_SHARED``)."""
+    float32 inputs at K = V = 64) and the forward's 16-column Dh blocks for float32 inputs at
+    K = V = 128 (``chunk.FP32_WIDE_SHARED``, without gradients), and the linear chunk kernels'
+    narrower V blocks and split kernels (``LINEAR_SMALL_SHARED``)."""
     builds = [mlp_build(kernel, *config, capability=89) for kernel in MLP_KERNELS[:2]
               for config in (MLP_CONFIGS[1], MLP_CONFIGS[3])]
+    builds.append(mlp_build(MLP_KERNELS[0], *MLP_CONFIGS[2], capability=89))
     return builds + [linear_build(kernel, *config, clip=clip, capability=89, BV=BV)
                      for kernel, config, clip, BV in LINEAR_SMALL_SHARED]

@@ -95,15 +95,18 @@ def launch_first_fitting(key: tuple, candidates: Sequence[tuple[str, object]], l
 
 
 def shared_memory_error(what: str, K: int, V: int, dtype: torch.dtype, chunk_size: int | None, need: int,
-                        limit: int, capability: int | None = None, resource: str = "shared memory") -> ValueError:
+                        limit: int, capability: int | None = None, resource: str = "shared memory",
+                        hint: str = "") -> ValueError:
     """The error for ``what`` (a kernel) needing ``need`` bytes of ``resource`` a block at head dims
-    K, V, input ``dtype`` and ``chunk_size`` where the GPU (sm_``capability``) has ``limit``."""
+    K, V, input ``dtype`` and ``chunk_size`` where the GPU (sm_``capability``) has ``limit``;
+    ``hint``: what else would fit, if anything."""
     problem = f"K = {K}, V = {V} with {dtype} inputs" + (f", chunk size {chunk_size}" if chunk_size else "")
     on = f" (sm_{capability})" if capability else ""
     amounts = (f"{need >> 10} KB of shared memory a block; this GPU{on} has {limit >> 10} KB"
                if resource == "shared memory" else f"{need} of {resource}; this GPU{on} has {limit}")
-    return ValueError(f"{what} at {problem} needs {amounts}. Smaller head dims, bfloat16 / float16 inputs or no "
-                      f"update clipping need less; the naive_chunk_* ops run anywhere")
+    hint = f" ({hint})" if hint else ""
+    return ValueError(f"{what} at {problem} needs {amounts}{hint}. Smaller head dims, bfloat16 / float16 inputs or "
+                      f"no update clipping need less; the naive_chunk_* ops run anywhere")
 
 
 def check_head_dims(K: int, V: int) -> None:

@@ -60,21 +60,27 @@ WIDE_BWD_BLOCKS = ((64, 64, 208 << 10), (128, 32, 200 << 10))
 # over forward, backward and clipping), by (float32 inputs, K or V above 64), per tile size BT
 TILE_SHARED = {(False, False): {32: 76 << 10, 16: 50 << 10}, (False, True): {32: 148 << 10, 16: 94 << 10},
                (True, False): {32: 102 << 10, 16: 73 << 10}, (True, True): {16: 145 << 10}}
+# ... and float32 inputs with K or V above 64 per kernel, the forward in Dh blocks of 16 (16-token tiles)
+FP32_WIDE_SHARED = {"fwd": 97 << 10, "bwd": 117 << 10}
 
 
-def mlp_launch(chunk_size: int, K: int, V: int, Dh: int, dtype: torch.dtype, gpu: GPU | None = None) -> MLPLaunch:
+def mlp_launch(chunk_size: int, K: int, V: int, Dh: int, dtype: torch.dtype, gpu: GPU | None = None,
+               kernels: tuple[str, ...] = ("fwd", "bwd")) -> MLPLaunch:
     """The launch of the MLP-memory kernels for chunk size C, head dims K, V, hidden width Dh, input
     dtype and GPU (:func:`~titans_layers.ops.common.triton_utils.gpu_of`; None under the
     interpreter, which takes the sm_80 launch), with any :func:`override_mlp_launch` fields in
-    effect.
+    effect. ``kernels``: the chunk kernels the call launches, "fwd" and / or "bwd" (the decode
+    kernel needs about 1 KB of shared memory and no check); only their needs are checked.
 
     Tiles: BT = min(C, 32), but 16 for float32 inputs with K or V above 64, whose 32-bit ``tl.dot``
     operands would need more shared memory than an A100 block has (200 KB forward, 245 KB
     backward at K = V = 128, BT = 32). The forward takes Dh in blocks of 32 columns. A GPU with
     less shared memory than the 32-token tiles need (``TILE_SHARED``, the sm_80 figures; sm_86,
     sm_89 and sm_120 have 99 KB a block) takes 16-token tiles: 16-bit inputs with K or V above
-    64 (148 KB -> 94 KB) and float32 inputs (102 KB -> 73 KB); float32 inputs with K or V above
-    64 need 145 KB even then, and raise a ValueError naming the need on such a GPU.
+    64 (148 KB -> 94 KB) and float32 inputs (102 KB -> 73 KB). Float32 inputs with K or V above
+    64 need 145 KB even then: the forward alone (no gradients) takes Dh in blocks of 16 there
+    (97 KB); the backward needs 117 KB, and a call that needs it raises a ValueError naming the
+    need and the GPU.
 
     The backward holds up to ten ``[BK|BV, BH]`` state and adjoint blocks per step, and its Dh
     block is the widest the GPU's shared memory takes among 16, 32, 64 where a wider block is
@@ -91,20 +97,30 @@ def mlp_launch(chunk_size: int, K: int, V: int, Dh: int, dtype: torch.dtype, gpu
     alternatives on a GPU.
     """
     BT = 16 if dtype == torch.float32 and max(K, V) > 64 else min(chunk_size, 32)
+    fwd_BH = min(32, max(16, triton.next_power_of_2(Dh)))
     if gpu is not None:
-        need = TILE_SHARED[(dtype == torch.float32, max(K, V) > 64)]
+        key = (dtype == torch.float32, max(K, V) > 64)
+        need = TILE_SHARED[key]
         if need.get(BT, 0) > gpu.shared_memory:
             BT = 16
-        if need[BT] > gpu.shared_memory:
-            raise shared_memory_error("an MLP-memory chunk kernel", K, V, dtype, chunk_size, need[BT],
-                                      gpu.shared_memory, gpu.capability)
+        if kernels and need[BT] > gpu.shared_memory:
+            if key != (True, True):
+                raise shared_memory_error("an MLP-memory chunk kernel", K, V, dtype, chunk_size, need[BT],
+                                          gpu.shared_memory, gpu.capability)
+            for kernel in kernels:  # float32, K or V above 64: the narrow forward, or too little room
+                if FP32_WIDE_SHARED[kernel] > gpu.shared_memory:
+                    what = "the MLP-memory chunk " + ("forward" if kernel == "fwd" else "backward") + " kernel"
+                    raise shared_memory_error(what, K, V, dtype, chunk_size, FP32_WIDE_SHARED[kernel],
+                                              gpu.shared_memory, gpu.capability,
+                                              hint="without gradients the forward alone needs "
+                                                   f"{FP32_WIDE_SHARED['fwd'] >> 10} KB" if kernel == "bwd" else "")
+            fwd_BH = 16
     bwd_BH = 16
     if gpu is not None and gpu.capability >= 90 and dtype != torch.float32:
         bwd_BH = next((bh for dim, bh, shared in WIDE_BWD_BLOCKS if max(K, V) <= dim and shared <= gpu.shared_memory),
                       16)
     launch = MLPLaunch(BT=BT, BK=max(16, triton.next_power_of_2(K)), BV=max(16, triton.next_power_of_2(V)),
-                       fwd_BH=min(32, max(16, triton.next_power_of_2(Dh))),
-                       bwd_BH=min(bwd_BH, max(16, triton.next_power_of_2(Dh))))
+                       fwd_BH=fwd_BH, bwd_BH=min(bwd_BH, max(16, triton.next_power_of_2(Dh))))
     if _LAUNCH_OVERRIDE:
         launch = replace(launch, **_LAUNCH_OVERRIDE)
         if launch.BT < 16 or chunk_size % launch.BT:
@@ -156,7 +172,7 @@ def chunk_fwd(q, k, v, alpha, eta, theta, W1, W2, S1, S2, A1, A2, offset, cu_seq
     """
     s = plan.shape
     Dh = W1.shape[-1]
-    launch = mlp_launch(plan.chunk_size, s.K, s.V, Dh, q.dtype, gpu_of(q))
+    launch = mlp_launch(plan.chunk_size, s.K, s.V, Dh, q.dtype, gpu_of(q), ("fwd", "bwd") if store_tiles else ("fwd",))
     o = torch.empty_like(v)
     W1T, W2T, S1T, S2T, A1T, A2T = (_state_copy(x) for x in (W1, W2, S1, S2, A1, A2))
     if store_tiles:
@@ -193,7 +209,7 @@ def chunk_bwd(q, k, v, alpha, eta, theta, A1, A2, offset, cu_seqlens, plan: Chun
     """
     s = plan.shape
     Dh = A1.shape[-1]
-    launch = mlp_launch(plan.chunk_size, s.K, s.V, Dh, q.dtype, gpu_of(q))
+    launch = mlp_launch(plan.chunk_size, s.K, s.V, Dh, q.dtype, gpu_of(q), ("bwd",))
     adj = lambda g, like: torch.zeros(like.shape, dtype=torch.float32, device=like.device) if g is None \
         else _state_copy(g)
     dW1, dS1, dA1 = adj(dW1T, A1), adj(dS1T, A1), adj(dA1T, A1)
@@ -240,11 +256,12 @@ class ChunkMLPMemoryFunction(torch.autograd.Function):
 
 
 def prepare_kernel_call(op_name, q, k, v, alpha, eta, theta, chunk_size, initial_state, cu_seqlens, activation,
-                        residual, max_update_norm, allowed_chunk_sizes):
-    """Checks and state resolution shared by the Triton MLP-memory ops.
+                        residual, max_update_norm, allowed_chunk_sizes, kernels):
+    """Checks and state resolution shared by the Triton MLP-memory ops; ``kernels(needs_grad)``: the
+    chunk kernels the call will launch (:func:`mlp_launch`), given whether a gradient is needed.
 
     Returns (contiguous inputs, initial ``(W1, W2, S1, S2, A1, A2)`` ``[N, H, ...]`` float32,
-    offset ``[N]``, plan, activation code)."""
+    offset ``[N]``, plan, activation code, whether a gradient is needed)."""
     shape = check_op_inputs(q, k, v, alpha, eta, theta, cu_seqlens)
     C = check_chunk_size(chunk_size, allowed_chunk_sizes)
     check_mlp_options(activation, residual, shape.K, shape.V)
@@ -254,11 +271,12 @@ def prepare_kernel_call(op_name, q, k, v, alpha, eta, theta, chunk_size, initial
     check_head_dims(shape.K, shape.V)
     init = resolve_mlp_state(initial_state, shape, C, q.device)
     check_triton_device(op_name, q)
-    tile = mlp_launch(C, shape.K, shape.V, init.W1.shape[-1], q.dtype, gpu_of(q)).BT
-    plan = make_plan(shape, C, init.offsets, cu_seqlens, q.device, tile=tile)
     inputs = tuple(x.contiguous() for x in (q, k, v, alpha, eta, theta))
     states = tuple(x.contiguous() for x in (init.W1, init.W2, init.S1, init.S2, init.anchor1, init.anchor2))
-    return inputs, states, init.offset, plan, ACTIVATIONS.index(activation)
+    grad = needs_grad(*inputs, *states)
+    tile = mlp_launch(C, shape.K, shape.V, init.W1.shape[-1], q.dtype, gpu_of(q), kernels(grad)).BT
+    plan = make_plan(shape, C, init.offsets, cu_seqlens, q.device, tile=tile)
+    return inputs, states, init.offset, plan, ACTIVATIONS.index(activation), grad
 
 
 def pack_final_state(W1, W2, S1, S2, A1, A2, plan: ChunkPlan) -> MLPMemoryState:
@@ -294,9 +312,9 @@ def chunk_mlp_memory(q, k, v, alpha, eta, theta, *, chunk_size: int = 16, initia
         ``(o, final_state)``: o ``[B, T, H, V]`` in q's dtype; final_state a float32
         :class:`MLPMemoryState` or None. Runs on CUDA, or on CPU under ``TRITON_INTERPRET=1``.
     """
-    inputs, states, offset, plan, act = prepare_kernel_call("chunk_mlp_memory", q, k, v, alpha, eta, theta,
-                                                            chunk_size, initial_state, cu_seqlens, activation,
-                                                            residual, max_update_norm, KERNEL_CHUNK_SIZES)
+    inputs, states, offset, plan, act, grad = prepare_kernel_call(
+        "chunk_mlp_memory", q, k, v, alpha, eta, theta, chunk_size, initial_state, cu_seqlens, activation, residual,
+        max_update_norm, KERNEL_CHUNK_SIZES, lambda grad: ("fwd", "bwd") if grad else ("fwd",))
     o, *final = ChunkMLPMemoryFunction.apply(*inputs, *states, offset, cu_seqlens, plan, act, residual,
-                                             check_max_update_norm(max_update_norm), needs_grad(*inputs, *states))
+                                             check_max_update_norm(max_update_norm), grad)
     return o, (pack_final_state(*final, plan) if output_final_state else None)

@@ -77,7 +77,8 @@ Design.
   K = V = 64, BH = 64) and 200 KB (K = V = 128, BH = 32). sm_80 allows 163 KB, sm_90
   227 KB; sm_86, sm_89 and sm_120 allow 99 KB, where the launch takes 16-token tiles for 16-bit
   inputs above K = V = 64 (94 KB) and for float32 inputs (73 KB); float32 inputs above
-  K = V = 64 (145 KB) do not fit there (``chunk.TILE_SHARED``; a ValueError says so). The
+  K = V = 64 fit there only the forward, in 16-column Dh blocks (97 KB, without gradients;
+  ``chunk.TILE_SHARED``, ``chunk.FP32_WIDE_SHARED``; the backward's 117 KB raise a ValueError). The
   decode kernel: 0.5 KB. float32, bfloat16, float16 inputs; accumulation in float32; every
   product goes through ``triton_utils.mm``: IEEE fp32 for float32 inputs, TF32 otherwise, or
   with ``MLPLaunch.lowp_dots`` operands rounded to the bfloat16 / float16 input dtype.

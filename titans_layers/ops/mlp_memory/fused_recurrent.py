@@ -29,7 +29,6 @@ import triton
 import triton.language as tl
 
 from titans_layers.ops.common.clipping import check_max_update_norm
-from titans_layers.ops.common.grad_mode import needs_grad
 from titans_layers.ops.common.traceable import traceable
 from titans_layers.ops.common.triton_utils import clip_step, explained_launch, gpu_of, sequence_range
 from titans_layers.ops.mlp_memory.chunk import (KERNEL_CHUNK_SIZES, ChunkPlan, chunk_bwd, chunk_fwd, mlp_launch,
@@ -137,7 +136,7 @@ def fused_recurrent_fwd(q, k, v, alpha, eta, theta, W1, W2, S1, S2, A1, A2, offs
     (A: the last chunk's anchor)."""
     s = plan.shape
     Dh = W1.shape[-1]
-    launch = mlp_launch(plan.chunk_size, s.K, s.V, Dh, q.dtype, gpu_of(q))
+    launch = mlp_launch(plan.chunk_size, s.K, s.V, Dh, q.dtype, gpu_of(q), kernels=())
     o = torch.empty_like(v)
     W1T, W2T, S1T, S2T, A1T, A2T = (x.detach().to(torch.float32).clone(memory_format=torch.contiguous_format)
                                     for x in (W1, W2, S1, S2, A1, A2))
@@ -213,10 +212,11 @@ def fused_recurrent_mlp_memory(q, k, v, alpha, eta, theta, *, chunk_size: int = 
     initial_state W1 ``[N or 1, H, K, Dh]``, W2 ``[N or 1, H, Dh, V]`` (required); returns o
     ``[B, T, H, V]`` in q's dtype and optionally a float32 :class:`MLPMemoryState`.
     """
-    inputs, states, offset, plan, act = prepare_kernel_call("fused_recurrent_mlp_memory", q, k, v, alpha, eta,
-                                                            theta, chunk_size, initial_state, cu_seqlens, activation,
-                                                            residual, max_update_norm, None)
+    # the decode kernel; with gradients at a kernel chunk size the backward runs both chunk kernels
+    chunk_kernels = lambda grad: ("fwd", "bwd") if grad and chunk_size in KERNEL_CHUNK_SIZES else ()
+    inputs, states, offset, plan, act, grad = prepare_kernel_call(
+        "fused_recurrent_mlp_memory", q, k, v, alpha, eta, theta, chunk_size, initial_state, cu_seqlens, activation,
+        residual, max_update_norm, None, chunk_kernels)
     o, *final = FusedRecurrentMLPMemoryFunction.apply(*inputs, *states, offset, cu_seqlens, plan, act, residual,
-                                                      check_max_update_norm(max_update_norm),
-                                                      needs_grad(*inputs, *states))
+                                                      check_max_update_norm(max_update_norm), grad)
     return o, (pack_final_state(*final, plan) if output_final_state else None)

@@ -107,13 +107,13 @@ def mlp_launch(chunk_size: int, K: int, V: int, Dh: int, dtype: torch.dtype, gpu
             if key != (True, True):
                 raise shared_memory_error("an MLP-memory chunk kernel", K, V, dtype, chunk_size, need[BT],
                                           gpu.shared_memory, gpu.capability)
-            for kernel in kernels:  # float32, K or V above 64: the narrow forward, or too little room
+            for kernel in kernels:  # float32 above K = V = 64: only the forward fits, in narrow Dh blocks
                 if FP32_WIDE_SHARED[kernel] > gpu.shared_memory:
-                    what = "the MLP-memory chunk " + ("forward" if kernel == "fwd" else "backward") + " kernel"
-                    raise shared_memory_error(what, K, V, dtype, chunk_size, FP32_WIDE_SHARED[kernel],
-                                              gpu.shared_memory, gpu.capability,
-                                              hint="without gradients the forward alone needs "
-                                                   f"{FP32_WIDE_SHARED['fwd'] >> 10} KB" if kernel == "bwd" else "")
+                    name = "forward" if kernel == "fwd" else "backward"
+                    fits = f"without gradients the forward alone needs {FP32_WIDE_SHARED['fwd'] >> 10} KB"
+                    raise shared_memory_error(f"the MLP-memory chunk {name} kernel", K, V, dtype, chunk_size,
+                                              FP32_WIDE_SHARED[kernel], gpu.shared_memory, gpu.capability,
+                                              hint=fits if kernel == "bwd" else "")
             fwd_BH = 16
     bwd_BH = 16
     if gpu is not None and gpu.capability >= 90 and dtype != torch.float32:
@@ -172,7 +172,8 @@ def chunk_fwd(q, k, v, alpha, eta, theta, W1, W2, S1, S2, A1, A2, offset, cu_seq
     """
     s = plan.shape
     Dh = W1.shape[-1]
-    launch = mlp_launch(plan.chunk_size, s.K, s.V, Dh, q.dtype, gpu_of(q), ("fwd", "bwd") if store_tiles else ("fwd",))
+    kernels = ("fwd", "bwd") if store_tiles else ("fwd",)  # the tiles are stored for the backward
+    launch = mlp_launch(plan.chunk_size, s.K, s.V, Dh, q.dtype, gpu_of(q), kernels)
     o = torch.empty_like(v)
     W1T, W2T, S1T, S2T, A1T, A2T = (_state_copy(x) for x in (W1, W2, S1, S2, A1, A2))
     if store_tiles:

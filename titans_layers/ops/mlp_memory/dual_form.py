@@ -323,7 +323,7 @@ class MLPDualForm(torch.autograd.Function):
             ctx.save_for_backward(Q, K, theta, A, Bv, Gamma, gh, ae, b, a1, a2, Z, Err, D,
                                   step if clip else theta, Zq, check1, check2, norm)
             ctx.config = (list(last_chunk), activation, residual, max_update_norm, block)
-        # copies: the outputs must not alias the saved states
+        # copies: contiguous outputs that do not keep the ring buffers alive
         return (o, last[0][..., :Dh].clone(), last[0][..., Dh:].clone(), last[1][..., :Vd].clone(),
                 last[1][..., Vd:].clone(), final_a1.clone(), final_a2.clone())
 

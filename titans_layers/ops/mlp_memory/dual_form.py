@@ -364,7 +364,7 @@ class MLPDualForm(torch.autograd.Function):
         if NC in last_chunk:
             G1.add_to_weight(ends == NC, dA1)
             G2.add_to_weight(ends == NC, dA2)
-        sp1, sp2 = Q.new_empty(NH, C, 2, Dh), Q.new_empty(NH, C, 2, Vd)  # [g X | h X] of each layer
+        sp1, sp2 = Q.new_empty(NH, C, 2, Dh), Q.new_empty(NH, C, 2, Vd)  # a chunk's [A dZq | B dZq], [A dO | B dO]
         sp1f, sp2f = sp1.view(NH, C, 2 * Dh), sp2.view(NH, C, 2 * Vd)
         # Blocks of chunks, last first: the block's per-token quantities, its chunk-start states (its
         # writes again, from its checkpoint) and its reads' backward at once, then the reverse loop

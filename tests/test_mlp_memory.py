@@ -1,6 +1,8 @@
 """SPEC §1 promises for the MLP-memory implementations, against the float64 per-token reference
 (whose per-token gradients come from autograd of the loss, independently of the dual form)."""
 
+import math
+
 import pytest
 import torch
 from hypothesis import given
@@ -21,7 +23,7 @@ f16, bf16, f32, f64 = torch.float16, torch.bfloat16, torch.float32, torch.float6
 def _two_chunk_blocks(op, *args, **kwargs):
     """``op`` with the dual form's blocks cut to two chunks (the default fits a test's whole
     sequence in one block); the backward keeps the forward's blocks."""
-    saved, dual_form._block_chunks = dual_form._block_chunks, lambda NC, chunk_bytes: min(NC, 2)
+    saved, dual_form._block_chunks = dual_form._block_chunks, lambda NC, *sizes: min(NC, 2)
     try:
         return op(*args, **kwargs)
     finally:
@@ -156,7 +158,7 @@ def test_dual_form_gradients_do_not_depend_on_its_blocks(monkeypatch, max_update
     cots = [torch.randn(x.shape, generator=gen, dtype=f64).to(device) for x in (o_ref, state_ref.W1, state_ref.W2)]
 
     def run(block):
-        monkeypatch.setattr(dual_form, "_block_chunks", lambda NC, chunk_bytes: min(NC, block))
+        monkeypatch.setattr(dual_form, "_block_chunks", lambda NC, *sizes: min(NC, block))
         o, state = naive_chunk_mlp_memory(*leaves[:6], initial_state=start, **kw)
         grads = torch.autograd.grad((o, state.W1, state.W2), leaves, cots)
         return [o, state.W1, state.W2, state.anchor1, *grads]
@@ -167,6 +169,41 @@ def test_dual_form_gradients_do_not_depend_on_its_blocks(monkeypatch, max_update
             assert_close(f"blocks of {block}: result {i}", got, want, 1e-12)
 
 
+def _dual_form_node(t: torch.Tensor):
+    """The ``MLPDualForm`` node in the autograd graph behind ``t``."""
+    stack, seen = [t.grad_fn], set()
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if type(node).__name__.startswith("MLPDualForm"):
+            return node
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    raise AssertionError("no MLPDualForm node behind the output")
+
+
+@pytest.mark.parametrize("T", [1, 100, 400])
+def test_dual_form_keeps_about_sqrt_chunks_checkpoints(monkeypatch, T, device):
+    """With gradients the forward keeps a checkpoint per block and a block holds about sqrt(NC)
+    chunks where the states are small against the ring (here every state is larger than the
+    cache budget, which alone would make blocks of one chunk, a checkpoint per chunk)."""
+    monkeypatch.setattr(dual_form, "_BLOCK_BYTES", 1)
+    monkeypatch.setattr(dual_form, "_RING_BYTES", 1 << 40)
+    K, Dh = 8, 16
+    case = make_case(seed=3, B=1, T=T, H=1, K=K, V=K, dtype=f32, chunk_size=1, family="mlp", hidden=Dh,
+                     device=device)
+    W1, W2 = (x.clone().requires_grad_() for x in case.initial_state)
+    o, _ = naive_chunk_mlp_memory(*case.inputs, chunk_size=1, initial_state=(W1, W2))
+    checks = [x for x in _dual_form_node(o).saved_tensors if x is not None and x.shape[-2:] == (K, 2 * Dh)]
+    assert len(checks) == 1
+    # blocks of the least-memory size, below sqrt(NC) (states against temporaries): 31 of 13 chunks at T = 400
+    assert math.isqrt(T) <= checks[0].shape[0] <= 2 * math.isqrt(T) + 1
+    assert dual_form._block_chunks(T, 4 * K * Dh * 4, 40 * Dh * 4, save=False) == 1  # no backward: the cache's
+    o.sum().backward()
+    assert W1.grad is not None and torch.isfinite(W1.grad).all()
+
+
 SAVING_FUNCTIONS = {"naive_chunk": (naive_chunk_mlp_memory, dual_form.MLPDualForm),
                     "chunk": (chunk_mlp_memory, chunk_module.ChunkMLPMemoryFunction),
                     "fused_recurrent": (fused_recurrent_mlp_memory, fused_recurrent_module.FusedRecurrentMLPMemoryFunction)}
@@ -175,8 +212,8 @@ SAVING_FUNCTIONS = {"naive_chunk": (naive_chunk_mlp_memory, dual_form.MLPDualFor
 @pytest.mark.parametrize("name", list(SAVING_FUNCTIONS))
 def test_forward_keeps_backward_state_only_when_differentiated(monkeypatch, name, device):
     """Inference with learned weights (they require grad) under ``torch.no_grad()`` must not keep
-    what a backward would need (every chunk-start state in the dual form, 8 Dh (K + V) / BT bytes
-    a token and head in the kernels): the forward is told, and told True once grad mode is on."""
+    what a backward would need (checkpoint states and every token's pre-activations in the dual
+    form, 8 Dh (K + V) / BT bytes a token and head in the kernels): the forward is told, and told True once grad mode is on."""
     op, function = SAVING_FUNCTIONS[name]
     told = []
     forward = function.forward

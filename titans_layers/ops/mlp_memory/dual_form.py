@@ -22,16 +22,20 @@ Only the writes are sequential: a chunk's anchor is the previous chunk's end wei
   (it needs only forward quantities); then a reverse loop carries the state gradients from each
   chunk's end to its start, through its writes and its anchor.
 
-A block holds about ``_BLOCK_BYTES`` of chunk-start states, which stay in cache between its writes
-and its reads. Both loops run a dozen small ops per chunk on views made up front (batch and heads
-flattened), into preallocated buffers; at small chunk sizes the passes over the states bound them.
-For the backward the forward keeps each block's first states (not every chunk's: at T = 4096, H = 4,
-K = V = 64, Dh = 128, chunk 16, fwd+bwd peaks at 128 MiB instead of 332) and, per token, ``Z``,
-``Err``, ``D`` and the query pre-activations ``Zq``. Not twice differentiable
-(``once_differentiable``).
+A block holds at least about ``_BLOCK_BYTES`` of chunk-start states, which stay in cache between
+its writes and its reads. Both loops run a dozen small ops per chunk on views made up front (batch
+and heads flattened), into preallocated buffers; at small chunk sizes the passes over the states
+bound them. For the backward the forward keeps each block's first states and, per token, ``Z``,
+``Err``, ``D`` and the query pre-activations ``Zq``; with gradients a block holds about
+``sqrt(NC)`` chunks where its states are small (:func:`_block_chunks`), so checkpoints and ring
+grow as ``sqrt(T)``. Peak memory of fwd+bwd at H = 4, K = V = 64, Dh = 128: chunk 1, T = 2048,
+114 MiB (a checkpoint per chunk would take 1 GiB); chunk 16, T = 8192, 206 MiB. Not twice
+differentiable (``once_differentiable``).
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch.autograd.function import once_differentiable
@@ -42,6 +46,8 @@ from titans_layers.ops.mlp_memory.activations import act, act_derivatives, act_v
 # The queries of a block of chunks read at once, after its writes, while the block's chunk-start
 # states (about this many bytes) are still in cache; without gradients only a block's states live.
 _BLOCK_BYTES = 2 << 20
+# With gradients a block grows up to this many bytes of states where that saves memory (_block_chunks).
+_RING_BYTES = 16 << 20
 
 
 def _mm(a, b, add=None, alpha=1):
@@ -82,10 +88,20 @@ def _state_views(starts: torch.Tensor):
     return flat.unbind(0), pair.unbind(0), pair[..., 0, :].unbind(0), pair[..., 1, :].unbind(0)
 
 
-def _block_chunks(NC: int, chunk_bytes: int) -> int:
-    """How many chunks a block holds: as many as keep about ``_BLOCK_BYTES`` of chunk-start states
-    (``chunk_bytes`` each), at least one, at most all NC."""
-    return max(1, min(NC, _BLOCK_BYTES // chunk_bytes))
+def _block_chunks(NC: int, state_bytes: int, temp_bytes: int, save: bool) -> int:
+    """How many chunks a block holds, at least one, at most all NC.
+
+    At least as many as keep about ``_BLOCK_BYTES`` of chunk-start states (``state_bytes`` a chunk)
+    in cache. With ``save`` (a backward follows) more where that saves memory: the backward holds
+    ``NC / block`` checkpoints, a ring of ``block + 1`` states and the block's temporaries
+    (``temp_bytes`` a chunk), least at ``block = sqrt(NC * state_bytes / (state_bytes + temp_bytes))``;
+    but no more than ``_RING_BYTES`` of states, beyond which the ring's passes leave the cache.
+    """
+    block = max(1, _BLOCK_BYTES // state_bytes)
+    if save:
+        least_memory = round(math.sqrt(NC * state_bytes / (state_bytes + temp_bytes)))
+        block = max(block, min(least_memory, _RING_BYTES // state_bytes))
+    return min(NC, block)
 
 
 class _StateRing:
@@ -249,7 +265,9 @@ class MLPDualForm(torch.autograd.Function):
         # states (a ring of block + 1, reused by every block) are in cache: [block + 1, N, H, K, 2Dh],
         # [.., Dh, 2V]. With save the backward gets each block's first state (a checkpoint it
         # recomputes the block's states from) and every chunk's Z, Err, D, Zq; else they live a block.
-        block = _block_chunks(NC, 2 * (W1.numel() + W2.numel()) * W1.element_size())
+        # The backward's temporaries take about 40 Dh floats a token and head (measured).
+        block = _block_chunks(NC, 2 * (W1.numel() + W2.numel()) * W1.element_size(),
+                              40 * N * H * C * Dh * Q.element_size(), save)
         kept = NC if save else block
         starts1 = W1.new_empty(block + 1, N, H, W1.shape[-2], 2 * Dh)
         starts2 = W2.new_empty(block + 1, N, H, Dh, 2 * Vd)

@@ -45,7 +45,9 @@ from titans_layers.ops.mlp_memory.activations import act, act_derivatives, act_v
 
 # The queries of a block of chunks read at once, after its writes, while the block's chunk-start
 # states (about this many bytes) are still in cache; without gradients only a block's states live.
-_BLOCK_BYTES = 2 << 20
+# Batching more chunks' reads pays at small chunk sizes: without gradients, at H = 4, K = V = 64,
+# Dh = 128, 4 MB (8 chunks) runs chunk 1 20% and chunk 4 7% faster than 2 MB, chunks 16 and 64 alike.
+_BLOCK_BYTES = 4 << 20
 # With gradients a block grows up to this many bytes of states where that saves memory (_block_chunks).
 _RING_BYTES = 16 << 20
 

@@ -180,8 +180,10 @@ def _mixing(A, Bv, E):
 
 
 def _mixing_rows(ae, b, S: int):
-    """Per-chunk views of the mixing coefficients spelled out along a state row of width S,
-    ``[NH, 1, 2, S]`` and ``[NH, 1, S]`` (broadcasting only over rows is twice as fast)."""
+    """Per-chunk views of a run of chunks' mixing coefficients spelled out along a state row of
+    width S, ``[NH, 1, 2, S]`` and ``[NH, 1, S]`` (broadcasting only over rows is twice as fast).
+    Made a block at a time: for every chunk at once they take ``3 (Dh + V) / C`` floats a token
+    and head."""
     return _chunks(ae.expand(*ae.shape[:-1], S).contiguous()), _chunks(b.expand(*b.shape[:-1], S).contiguous())
 
 
@@ -293,7 +295,6 @@ class MLPDualForm(torch.autograd.Function):
         Kc, KcT, tgt, Zc, Dc, Ec = (_chunks(x) for x in (K, K.mT, neg_target, Z, D, Err))
         Hc, Deltac, Eu, Deltau = (_chunks(x) for x in (Hk, Delta, Err.unsqueeze(-2), Delta.unsqueeze(-2)))
         gh3 = _chunks(gh)  # [NH, C, 2, 1]
-        (ae1, b1), (ae2, b2) = _mixing_rows(ae, b, Dh), _mixing_rows(ae, b, Vd)
         w3 = None if clip else _chunks(w)
         if clip:
             thc, stepc, normc = _chunks(theta), _chunks(step), _chunks(norm)  # [NH, C]
@@ -304,6 +305,7 @@ class MLPDualForm(torch.autograd.Function):
         for lo in range(0, NC, block):
             hi = min(NC, lo + block)
             base = 0 if save else lo  # chunk n's slot in the kept buffers is n - base
+            (ae1, b1), (ae2, b2) = _mixing_rows(ae[lo:hi], b[lo:hi], Dh), _mixing_rows(ae[lo:hi], b[lo:hi], Vd)
             if lo > 0:  # a new block starts from the last one's end
                 starts1[0], starts2[0] = starts1[block], starts2[block]
             if save:
@@ -327,8 +329,8 @@ class MLPDualForm(torch.autograd.Function):
                     wn = gh3[n] * stepc[j][..., None, None]
                 else:
                     wn = w3[n]
-                P1.advance(i, ae1[n], b1[n], KcT[n], torch.mul(Deltau[i], wn, out=sp1).view_as(sp1f))
-                P2.advance(i, ae2[n], b2[n], hk.mT, torch.mul(Eu[j], wn, out=sp2).view_as(sp2f))
+                P1.advance(i, ae1[i], b1[i], KcT[n], torch.mul(Deltau[i], wn, out=sp1).view_as(sp1f))
+                P2.advance(i, ae2[i], b2[i], hk.mT, torch.mul(Eu[j], wn, out=sp2).view_as(sp2f))
             m, r = hi - lo, slice(lo - base, hi - base)
             s = (step[r] if clip else theta[lo:hi]).unsqueeze(-1)  # [m, N, H, C, 1]
             _read(Q[lo:hi], starts1[:m], starts2[:m], A[lo:hi], Bv[lo:hi], P1m[lo:hi], Gamma[lo:hi], Hk[:m],
@@ -371,7 +373,6 @@ class MLPDualForm(torch.autograd.Function):
         Kc, KcT, sc, gh3 = _chunks(K), _chunks(K.mT), _chunks(step.unsqueeze(-1)), _chunks(gh)
         AB = _chunks(torch.stack([A, Bv], dim=-1).unsqueeze(-1))  # [NH, C, 2, 1]
         dstepc, dghc, dMc = _chunks(dstep), _chunks(dgh), _chunks(dM)
-        (ae1, b1), (ae2, b2) = _mixing_rows(ae, b, Dh), _mixing_rows(ae, b, Vd)
         # a block's chunk-start states, recomputed from its checkpoint
         starts1 = check1.new_empty(block + 1, *check1.shape[1:])  # [block + 1, N, H, K, 2Dh]
         starts2 = check2.new_empty(block + 1, *check2.shape[1:])  # [block + 1, N, H, Dh, 2V]
@@ -392,6 +393,7 @@ class MLPDualForm(torch.autograd.Function):
         for lo in reversed(range(0, NC, block)):
             hi = min(NC, lo + block)
             m, r = hi - lo, slice(lo, hi)
+            (ae1, b1), (ae2, b2) = _mixing_rows(ae[r], b[r], Dh), _mixing_rows(ae[r], b[r], Vd)
             Hk, ap, app = act_derivatives(Z[r], activation)  # act, act', act'' at Z [m, N, H, C, Dh]
             Delta = D[r] * ap
             s = step[r].unsqueeze(-1)  # [m, N, H, C, 1]
@@ -402,8 +404,8 @@ class MLPDualForm(torch.autograd.Function):
             Hc, HcT = _chunks(Hk), _chunks(Hk.mT)
             starts1[0], starts2[0] = check1[lo // block], check2[lo // block]
             for i in range(m - 1):
-                P1.advance(i, ae1[lo + i], b1[lo + i], KcT[lo + i], spread1[i])
-                P2.advance(i, ae2[lo + i], b2[lo + i], HcT[i], spread2[i])
+                P1.advance(i, ae1[i], b1[i], KcT[lo + i], spread1[i])
+                P2.advance(i, ae2[i], b2[i], HcT[i], spread2[i])
             dQ[r], dKb, dA[r], dBv[r], dGamma[r], dX1r, dX2r, dHkr, Hq, dZq = _read_backward(
                 dO[r], Q[r], K[r], starts1[:m], starts2[:m], A[r], Bv[r], Gamma[r], Zq[r], Hk, X1, X2, activation)
             dZ, dErr = torch.empty_like(Hk), torch.empty_like(X2)
@@ -446,8 +448,8 @@ class MLPDualForm(torch.autograd.Function):
                 torch.add(_pair_products(g1, P1.flat[i]), _pair_products(g2, P2.flat[i]), out=dMc[n])
                 ABdZq = torch.mul(dZqu[i], AB[n], out=sp1).view_as(sp1f)  # [A dZq | B dZq]
                 ABdO = torch.mul(dOu[i], AB[n], out=sp2).view_as(sp2f)  # [A dO | B dO]
-                G1.mix_transposed_into(spare1, ae1[n], b1[n]).flat.baddbmm_(QcT[i], ABdZq)
-                G2.mix_transposed_into(spare2, ae2[n], b2[n]).flat.baddbmm_(HqcT[i], ABdO)
+                G1.mix_transposed_into(spare1, ae1[i], b1[i]).flat.baddbmm_(QcT[i], ABdZq)
+                G2.mix_transposed_into(spare2, ae2[i], b2[i]).flat.baddbmm_(HqcT[i], ABdO)
                 G1, spare1, G2, spare2 = spare1, G1, spare2, G2
                 # the anchor's gradients: da1 = K^T dZ [NH, K, Dh], da2 = dD^T Err + Hk^T dE [NH, Dh, V],
                 # into the previous chunk's end weights (or, for the first chunk, the initial anchor's)

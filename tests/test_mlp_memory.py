@@ -197,7 +197,7 @@ def test_dual_form_keeps_about_sqrt_chunks_checkpoints(monkeypatch, T, device):
     o, _ = naive_chunk_mlp_memory(*case.inputs, chunk_size=1, initial_state=(W1, W2))
     checks = [x for x in _dual_form_node(o).saved_tensors if x is not None and x.shape[-2:] == (K, 2 * Dh)]
     assert len(checks) == 1
-    # blocks of the least-memory size, below sqrt(NC) (states against temporaries): 31 of 13 chunks at T = 400
+    # blocks of the least-memory size, below sqrt(NC) (states against temporaries): 31 blocks of 13 chunks at T = 400
     assert math.isqrt(T) <= checks[0].shape[0] <= 2 * math.isqrt(T) + 1
     assert dual_form._block_chunks(T, 4 * K * Dh * 4, 40 * Dh * 4, save=False) == 1  # no backward: the cache's
     o.sum().backward()
@@ -213,7 +213,8 @@ SAVING_FUNCTIONS = {"naive_chunk": (naive_chunk_mlp_memory, dual_form.MLPDualFor
 def test_forward_keeps_backward_state_only_when_differentiated(monkeypatch, name, device):
     """Inference with learned weights (they require grad) under ``torch.no_grad()`` must not keep
     what a backward would need (checkpoint states and every token's pre-activations in the dual
-    form, 8 Dh (K + V) / BT bytes a token and head in the kernels): the forward is told, and told True once grad mode is on."""
+    form, 8 Dh (K + V) / BT bytes a token and head in the kernels): the forward is told, and told
+    True once grad mode is on."""
     op, function = SAVING_FUNCTIONS[name]
     told = []
     forward = function.forward

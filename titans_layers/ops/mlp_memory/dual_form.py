@@ -29,8 +29,9 @@ bound them. For the backward the forward keeps each block's first states and, pe
 ``Err``, ``D`` and the query pre-activations ``Zq``; with gradients a block holds about
 ``sqrt(NC)`` chunks where its states are small (:func:`_block_chunks`), so checkpoints and ring
 grow as ``sqrt(T)``. Peak memory of fwd+bwd at H = 4, K = V = 64, Dh = 128: chunk 1, T = 2048,
-114 MiB (a checkpoint per chunk would take 1 GiB); chunk 16, T = 8192, 206 MiB. Not twice
-differentiable (``once_differentiable``).
+99 MiB (318 with a checkpoint per 2 MB of states; one per chunk would take 1 GiB); chunk 16,
+T = 8192, 232 MiB (710 keeping every chunk's states). Not twice differentiable
+(``once_differentiable``).
 """
 
 from __future__ import annotations

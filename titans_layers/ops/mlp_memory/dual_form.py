@@ -26,12 +26,11 @@ A block holds at least about ``_BLOCK_BYTES`` of chunk-start states, which stay 
 its writes and its reads. Both loops run a dozen small ops per chunk on views made up front (batch
 and heads flattened), into preallocated buffers; at small chunk sizes the passes over the states
 bound them. For the backward the forward keeps each block's first states and, per token, ``Z``,
-``Err``, ``D`` and the query pre-activations ``Zq``; with gradients a block holds about
-``sqrt(NC)`` chunks where its states are small (:func:`_block_chunks`), so checkpoints and ring
-grow as ``sqrt(T)``. Peak memory of fwd+bwd at H = 4, K = V = 64, Dh = 128: chunk 1, T = 2048,
-99 MiB (318 with a checkpoint per 2 MB of states; one per chunk would take 1 GiB); chunk 16,
-T = 8192, 232 MiB (710 keeping every chunk's states). Not twice differentiable
-(``once_differentiable``).
+``Err``, ``D`` and the query pre-activations ``Zq``; with gradients a block holds of the order
+of ``sqrt(NC)`` chunks (:func:`_block_chunks`), so checkpoints and ring grow as ``sqrt(T)``.
+Peak memory of fwd+bwd at H = 4, K = V = 64, Dh = 128: chunk 1, T = 2048, 106 MiB (318 with a
+checkpoint per 2 MB of states; one per chunk would take 1 GiB); chunk 16, T = 8192, 230 MiB (710
+keeping every chunk's states). Not twice differentiable (``once_differentiable``).
 """
 
 from __future__ import annotations

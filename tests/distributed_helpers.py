@@ -1,0 +1,63 @@
+"""Spawning small gloo process groups on CPU for the distributed tests.
+
+A check runs as ``run_group(world_size, fn, *args)``: ``fn(rank, world_size, *args)`` runs in every
+process after ``init_process_group("gloo")``; what rank 0 returns comes back (pickled); an exception
+on any rank fails the call with that rank's traceback. Batch many checks into one ``fn``: a spawn
+costs about a second.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import tempfile
+import traceback
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank, world_size, port, out_dir, fn, args):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    try:
+        result = fn(rank, world_size, *args)
+        torch.save(("ok", result), os.path.join(out_dir, f"{rank}.pt"))
+    except BaseException:
+        torch.save(("error", traceback.format_exc()), os.path.join(out_dir, f"{rank}.pt"))
+        raise
+    finally:
+        dist.destroy_process_group()
+
+
+def run_group(world_size: int, fn, *args):
+    """Run ``fn(rank, world_size, *args)`` on ``world_size`` gloo processes; rank 0's return value."""
+    with tempfile.TemporaryDirectory() as out_dir:
+        try:
+            mp.spawn(_worker, args=(world_size, _free_port(), out_dir, fn, args), nprocs=world_size, join=True)
+        except Exception as err:
+            msgs = []
+            for r in range(world_size):
+                path = os.path.join(out_dir, f"{r}.pt")
+                if os.path.exists(path):
+                    status, payload = torch.load(path, weights_only=False)
+                    if status == "error":
+                        msgs.append(f"rank {r}:\n{payload}")
+            raise AssertionError("\n".join(msgs) or str(err)) from None
+        return torch.load(os.path.join(out_dir, "0.pt"), weights_only=False)[1]
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """``||a - b|| / ||b||`` in float64 (0 when both are zero)."""
+    a, b = a.double(), b.double()
+    denom = b.norm().item()
+    diff = (a - b).norm().item()
+    return diff / denom if denom > 0 else diff

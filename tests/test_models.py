@@ -443,26 +443,7 @@ def test_torch_compile_fullgraph_of_a_whole_model(variant, retrieval):
     assert_close("compiled logits", got, logits(model, ids), 1e-5)
 
 
-# ---- generation ---------------------------------------------------------------------------------
-
-def _left_padded(B=2, T=9):
-    ids = token_ids(B=B, T=T)
-    mask = torch.ones_like(ids)
-    ids[1, :3], mask[1, :3] = 0, 0
-    return ids, mask
-
-
-@pytest.mark.parametrize("variant", ["mac", "mac_mal", "mag"])
-def test_greedy_generate_equals_argmax_of_full_forwards(variant):
-    model = tiny_model(variant)
-    ids, mask = _left_padded()
-    generated = model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False)
-    seq, am = ids, mask
-    for _ in range(8):
-        nxt = logits(model, seq, attention_mask=am)[:, -1].argmax(-1, keepdim=True)
-        seq, am = torch.cat([seq, nxt], 1), torch.cat([am, torch.ones_like(nxt)], 1)
-    assert torch.equal(generated, seq)
-
+# ---- reordered cache rows (generation itself: test_generation.py) ------------------------------
 
 @pytest.mark.parametrize("variant, retrieval", [("mac", "per_token"), ("mal", "per_token"), ("mac", "learned")])
 def test_reordered_cache_decodes_the_reordered_rows(variant, retrieval):
@@ -478,25 +459,6 @@ def test_reordered_cache_decodes_the_reordered_rows(variant, retrieval):
         cache.reorder_cache(order)
         got = model(ids[order, 7:8], past_key_values=cache, use_cache=True).logits
     assert_close("decoded after reordering", got, ref[order], 1e-6)
-
-
-def test_beam_search_generate_runs():
-    model = tiny_model("mac_mal")
-    ids = token_ids(T=9)
-    out = model.generate(ids, max_new_tokens=5, num_beams=3, num_return_sequences=2, do_sample=False)
-    assert out.shape == (4, 14) and torch.equal(out[::2, :9], ids)
-
-
-def test_sampled_generate_runs_and_is_reproducible():
-    model = tiny_model("mac", "mlp")
-    ids, mask = _left_padded()
-    runs = []
-    for _ in range(2):
-        torch.manual_seed(7)
-        runs.append(model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=True, top_k=20))
-    assert runs[0].shape == (2, 15) and torch.equal(runs[0][:, :9], ids)
-    assert bool((runs[0] >= 0).all() and (runs[0] < 100).all())
-    assert torch.equal(runs[0], runs[1])
 
 
 # ---- config and input checks --------------------------------------------------------------------

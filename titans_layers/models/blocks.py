@@ -11,6 +11,7 @@ from titans_layers.models.builders import make_fla_mixer
 from titans_layers.models.configuration_titans import FLA_BLOCKS, TitansConfig
 from titans_layers.models.mac import MACMixer, read_only_states
 from titans_layers.models.mixers import AttentionMixer, MAGMixer, MALMixer, MemoryMixer
+from titans_layers.modules.checks import resolve_cache
 
 # Stateful sublayers per block kind, each with its own index in fla's Cache:
 # MAC: its own state, the memory, the attention; MAG / MAL: the memory, the attention.
@@ -76,6 +77,7 @@ class TitansBlock(GradientCheckpointingLayer):
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, past_key_values=None,
                 use_cache: bool | None = False, **kwargs):
+        past_key_values = resolve_cache(past_key_values, kwargs)
         cache = past_key_values
         if self.kind in FLA_BLOCKS and past_key_values is not None and not use_cache:
             cache = read_only_states(past_key_values, [self.mixer.layer_idx])

@@ -70,7 +70,7 @@ from fla.layers.utils import get_layer_cache, repad_hidden_states, unpad_hidden_
 from titans_layers.models.builders import make_attention, make_memory, make_persistent
 from titans_layers.models.configuration_titans import TitansConfig
 from titans_layers.modules import MemoryGate
-from titans_layers.modules.checks import check_hidden_states, check_padding
+from titans_layers.modules.checks import check_hidden_states, check_padding, resolve_cache
 from titans_layers.modules.short_conv import sequence_starts
 
 
@@ -166,6 +166,7 @@ class MACMixer(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, past_key_values=None,
                 use_cache: bool | None = False, output_attentions: bool | None = False, **kwargs):
+        past_key_values = resolve_cache(past_key_values, kwargs)
         check_hidden_states(hidden_states, self.hidden_size, self.memory.q_proj.weight.dtype)
         check_padding(hidden_states, attention_mask, kwargs.get("cu_seqlens"))
         if past_key_values is None and attention_mask is None and kwargs.get("cu_seqlens") is None:

@@ -20,6 +20,7 @@ import torch.nn as nn
 from titans_layers.models.builders import make_attention, make_memory, make_persistent
 from titans_layers.models.configuration_titans import TitansConfig
 from titans_layers.modules import MemoryGate
+from titans_layers.modules.checks import resolve_cache
 
 
 def _prefix(persistent) -> torch.Tensor | None:
@@ -35,6 +36,7 @@ class MemoryMixer(nn.Module):
 
     def forward(self, hidden_states, attention_mask=None, past_key_values=None, use_cache=False,
                 output_attentions=False, **kwargs):
+        past_key_values = resolve_cache(past_key_values, kwargs)
         return self.memory(hidden_states, attention_mask=attention_mask, past_key_values=past_key_values,
                            use_cache=use_cache, **kwargs)
 
@@ -49,6 +51,7 @@ class AttentionMixer(nn.Module):
 
     def forward(self, hidden_states, attention_mask=None, past_key_values=None, use_cache=False,
                 output_attentions=False, **kwargs):
+        past_key_values = resolve_cache(past_key_values, kwargs)
         return self.attention(hidden_states, attention_mask=attention_mask, past_key_values=past_key_values,
                               use_cache=use_cache, **kwargs)
 
@@ -67,6 +70,7 @@ class MAGMixer(nn.Module):
 
     def forward(self, hidden_states, attention_mask=None, past_key_values=None, use_cache=False,
                 output_attentions=False, **kwargs):
+        past_key_values = resolve_cache(past_key_values, kwargs)
         common = dict(attention_mask=attention_mask, past_key_values=past_key_values, use_cache=use_cache)
         y, _, past_key_values = self.attention(hidden_states, prefix_states=_prefix(self.persistent), **common,
                                                **kwargs)  # [B, T, D]
@@ -87,6 +91,7 @@ class MALMixer(nn.Module):
 
     def forward(self, hidden_states, attention_mask=None, past_key_values=None, use_cache=False,
                 output_attentions=False, **kwargs):
+        past_key_values = resolve_cache(past_key_values, kwargs)
         common = dict(attention_mask=attention_mask, past_key_values=past_key_values, use_cache=use_cache)
         m, _, past_key_values = self.memory(hidden_states, **common, **kwargs)  # [B, T, D]
         return self.attention(m, prefix_states=_prefix(self.persistent), **common, **kwargs)

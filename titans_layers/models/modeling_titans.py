@@ -5,14 +5,14 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from fla.models.utils import Cache, FLAGenerationMixin
-from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from fla.models.utils import Cache
 from transformers.modeling_utils import PreTrainedModel
 
 from titans_layers.models.blocks import SwiGLU, TitansBlock, cache_slots
 from titans_layers.models.cache import TitansCache
 from titans_layers.models.configuration_titans import TitansConfig
-from titans_layers.modules.checks import check_attention_mask, check_hidden_states, check_padding
+from titans_layers.models.generation import TitansGenerationMixin, lm_output, model_cache, model_output
+from titans_layers.modules.checks import check_attention_mask, check_hidden_states, check_padding, resolve_cache
 
 
 class TitansPreTrainedModel(PreTrainedModel):
@@ -50,7 +50,10 @@ class TitansModel(TitansPreTrainedModel):
 
     ``forward(input_ids [B, T] | inputs_embeds [B, T, D], attention_mask [B, T_total] = None,
     past_key_values = None, use_cache = None, output_hidden_states = None, return_dict = None,
-    cu_seqlens [N + 1] = None) -> BaseModelOutputWithPast`` (``last_hidden_state [B, T, D]``).
+    cu_seqlens [N + 1] = None, cache = None) -> BaseModelOutputWithPast`` (``last_hidden_state
+    [B, T, D]``). The cache comes as ``past_key_values`` or as ``cache`` (the keyword of
+    Transformers >= 5.24; :mod:`~titans_layers.models.generation`), and goes back in the output's
+    cache field, whichever name the installed Transformers gives it.
     ``attention_mask`` is a 0/1 padding mask (left padding when decoding; an all-ones mask is
     dropped); ``cu_seqlens`` packs N sequences into one row (B = 1). With ``use_cache`` the state
     of every stateful sublayer lives in fla's ``Cache`` (indices from
@@ -77,6 +80,7 @@ class TitansModel(TitansPreTrainedModel):
                 inputs_embeds: torch.Tensor | None = None, past_key_values=None, use_cache: bool | None = None,
                 output_attentions: bool | None = None, output_hidden_states: bool | None = None,
                 return_dict: bool | None = None, **kwargs):
+        past_key_values = resolve_cache(past_key_values, kwargs)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("give exactly one of `input_ids` [B, T] and `inputs_embeds` [B, T, D]")
         if input_ids is not None and input_ids.ndim != 2:
@@ -112,20 +116,21 @@ class TitansModel(TitansPreTrainedModel):
         past_key_values = past_key_values if use_cache else None
         if not return_dict:
             return tuple(v for v in (hidden_states, past_key_values, all_hidden_states) if v is not None)
-        return BaseModelOutputWithPast(last_hidden_state=hidden_states, past_key_values=past_key_values,
-                                       hidden_states=all_hidden_states)
+        return model_output(past_key_values, last_hidden_state=hidden_states, hidden_states=all_hidden_states)
 
 
-class TitansForCausalLM(TitansPreTrainedModel, FLAGenerationMixin):
+class TitansForCausalLM(TitansPreTrainedModel, TitansGenerationMixin):
     """:class:`TitansModel` with a linear LM head, next-token loss and ``generate()``.
 
     ``forward(..., labels [B, T] = None, logits_to_keep = 0, num_items_in_batch = None)
     -> CausalLMOutputWithPast``: ``logits [B, T', vocab]`` (all positions, or the last
     ``logits_to_keep`` when it is a positive int and no labels are given); with ``labels`` the
     loss is the cross-entropy of ``logits[:, t]`` against ``labels[:, t + 1]`` (-100 ignored;
-    with packed ``cu_seqlens`` mask each sequence's first label yourself). Generation goes through
-    fla's generation mixin: the cache (a :class:`~titans_layers.models.cache.TitansCache`) is
-    created on the first call; greedy, sampled and beam search work.
+    with packed ``cu_seqlens`` mask each sequence's first label yourself). The cache comes as
+    ``past_key_values`` or ``cache``, as in :class:`TitansModel`. ``generate()``
+    (:class:`~titans_layers.models.generation.TitansGenerationMixin`): the cache (a
+    :class:`~titans_layers.models.cache.TitansCache`) is created on the first call; greedy,
+    sampled and beam search work, with left padding.
     """
 
     _tied_weights_keys = {"lm_head.weight": "model.embeddings.weight"}
@@ -157,6 +162,7 @@ class TitansForCausalLM(TitansPreTrainedModel, FLAGenerationMixin):
                 output_hidden_states: bool | None = None, return_dict: bool | None = None,
                 logits_to_keep: int | torch.Tensor = 0, num_items_in_batch: int | torch.Tensor | None = None,
                 **kwargs):
+        past_key_values = resolve_cache(past_key_values, kwargs)
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
                          past_key_values=past_key_values, use_cache=use_cache,
@@ -178,8 +184,8 @@ class TitansForCausalLM(TitansPreTrainedModel, FLAGenerationMixin):
                                    ignore_index=-100, reduction=reduction)
             if num_items_in_batch is not None:
                 loss = loss / num_items_in_batch
+        cache = model_cache(out)
         if not return_dict:
-            rest = tuple(v for v in (out.past_key_values, out.hidden_states) if v is not None)
+            rest = tuple(v for v in (cache, out.hidden_states) if v is not None)
             return ((loss,) if loss is not None else ()) + (logits,) + rest
-        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=out.past_key_values,
-                                      hidden_states=out.hidden_states)
+        return lm_output(cache, loss=loss, logits=logits, hidden_states=out.hidden_states)

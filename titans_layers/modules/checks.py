@@ -44,6 +44,25 @@ def head_dim_for(hidden_size: int, num_heads: int, head_dim: int | None) -> int:
     return positive_int("head_dim", head_dim)
 
 
+def resolve_cache(past_key_values, kwargs: dict):
+    """The cache of a layer or model call, under whichever keyword the caller used.
+
+    Transformers up to 5.23 hands a model its cache as ``past_key_values``; from 5.24 on,
+    ``generate()`` passes it as ``cache``. Layers and models take both: ``cache`` is popped from
+    ``kwargs`` (so it does not travel on to sublayers twice) and the one cache is returned. Both
+    given as different objects is an error (a host that passes a different cache under each name,
+    e.g. fla 0.6's models under transformers >= 5.24, which build a fresh ``past_key_values`` at
+    every step while the real one arrives as ``cache``)."""
+    cache = kwargs.pop("cache", None)
+    if cache is None or cache is past_key_values:
+        return past_key_values
+    if past_key_values is not None:
+        raise ValueError(f"got two different caches, `past_key_values` ({type(past_key_values).__name__}) and "
+                         f"`cache` ({type(cache).__name__}): pass the cache under one name (transformers >= 5.24 "
+                         "uses `cache`, earlier versions `past_key_values`)")
+    return cache
+
+
 def check_hidden_states(x, width: int, weight_dtype: torch.dtype, name: str = "hidden_states") -> None:
     """Raise unless ``x`` is a floating tensor ``[B, T, width]`` in ``weight_dtype`` (the layer's
     parameters), or any floating dtype under ``torch.autocast``, which casts at each matmul."""

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from fla.layers.utils import get_layer_cache, repad_hidden_states, unpad_hidden_states, update_layer_cache
 
 from titans_layers.modules.checks import (check_hidden_states, check_padding, flag, head_dim_for, positive_finite,
-                                         positive_int)
+                                         positive_int, resolve_cache)
 from titans_layers.modules.short_conv import ShortConvolution
 from titans_layers.ops.common.clipping import check_max_update_norm
 from titans_layers.ops import (chunk_mlp_memory, chunk_momentum_delta_rule, fused_recurrent_mlp_memory,
@@ -168,6 +168,7 @@ class NeuralMemory(nn.Module):
     def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 past_key_values=None, use_cache: bool | None = False, output_attentions: bool | None = False,
                 **kwargs):
+        past_key_values = resolve_cache(past_key_values, kwargs)
         self._check_hidden_states(hidden_states)
         check_padding(hidden_states, attention_mask, kwargs.get("cu_seqlens"))
         B, T, _ = hidden_states.shape

@@ -12,7 +12,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from fla.layers.utils import get_layer_cache, repad_hidden_states, unpad_hidden_states, update_layer_cache
 
-from titans_layers.modules.checks import check_hidden_states, check_padding, head_dim_for, positive_finite, positive_int
+from titans_layers.modules.checks import (check_hidden_states, check_padding, head_dim_for, positive_finite, positive_int,
+                                         resolve_cache)
 from titans_layers.modules.short_conv import sequence_starts
 
 try:  # the fast GPU path, where flash-attn is installed
@@ -180,6 +181,7 @@ class SlidingWindowAttention(nn.Module):
     def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, past_key_values=None,
                 use_cache: bool | None = False, output_attentions: bool | None = False,
                 prefix_states: torch.Tensor | None = None, prefix_positions: torch.Tensor | None = None, **kwargs):
+        past_key_values = resolve_cache(past_key_values, kwargs)
         check_hidden_states(hidden_states, self.hidden_size, self.q_proj.weight.dtype)
         check_padding(hidden_states, attention_mask, kwargs.get("cu_seqlens"))
         B, T, _ = hidden_states.shape

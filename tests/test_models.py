@@ -181,13 +181,13 @@ def test_mac_general_path_equals_whole_sequence_path(memory, retrieval):
     assert_close("general path", general, whole, 1e-5)
 
 
-@pytest.mark.parametrize("variant", ["mac", "mal"])
-def test_triton_memory_backend_gives_the_pytorch_logits(variant):
+@pytest.mark.parametrize("variant, memory", [("mac", "linear"), ("mal", "linear"), ("mal", "mlp")])
+def test_triton_memory_backend_gives_the_pytorch_logits(variant, memory):
     """The Triton memory ops (natively on CUDA, interpreted on CPU) in a whole model: full forward,
     left padding, and decoding (the fused recurrent kernel) against the PyTorch path."""
     device = "cuda" if CUDA else "cpu"
-    ref = tiny_model(variant, chunk_size=16, memory_backend="torch").to(device)
-    tri = tiny_model(variant, chunk_size=16, memory_backend="triton").to(device)
+    ref = tiny_model(variant, memory, chunk_size=16, memory_backend="torch").to(device)
+    tri = tiny_model(variant, memory, chunk_size=16, memory_backend="triton").to(device)
     ids = token_ids(T=21).to(device)
     mask = torch.ones_like(ids)
     ids[1, :4], mask[1, :4] = 0, 0
@@ -497,7 +497,8 @@ def test_variant_presets():
     (dict(initializer_range=float("inf")), "`initializer_range`"),
     (dict(mlp_residual="yes"), "`mlp_residual`"),
     (dict(memory_backend="cuda"), "`memory_backend`"),
-    (dict(memory="mlp", memory_backend="triton"), "`memory_backend='triton'`"),
+    (dict(memory="mlp", memory_backend="triton", chunk_size=8), "`memory_backend='triton'` needs `chunk_size`"),
+    (dict(memory_backend="triton", chunk_size=16, head_dim=256), "`head_dim` <= 128"),
     (dict(fla_mixer_kwargs={"mamba": {}}), "`fla_mixer_kwargs`"),
     (dict(norm_eps=0.0), "`norm_eps`"),
     (dict(norm_eps=float("nan")), "`norm_eps`"),

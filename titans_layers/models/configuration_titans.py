@@ -5,6 +5,8 @@ from __future__ import annotations
 from transformers import PretrainedConfig
 
 from titans_layers.modules.checks import positive_finite, positive_int
+from titans_layers.ops.common.triton_utils import MAX_HEAD_DIM
+from titans_layers.ops.momentum_delta_rule.chunk import KERNEL_CHUNK_SIZES
 
 # Titans block kinds (SPEC §3) and the fla token mixers a hybrid stack may hold.
 TITANS_BLOCKS = ("mac", "mag", "mal", "lmm", "swa")
@@ -140,9 +142,10 @@ class TitansConfig(PretrainedConfig):
         self.use_output_gate = _flag("use_output_gate", use_output_gate)
         self.use_output_norm = _flag("use_output_norm", use_output_norm)
         self.memory_backend = _choice("memory_backend", memory_backend, MEMORY_BACKENDS)
-        if memory_backend == "triton" and memory != "linear":
-            raise ValueError("`memory_backend='triton'` needs `memory='linear'`: the MLP memory has no Triton "
-                             "kernels yet")
+        if memory_backend == "triton" and (chunk_size not in KERNEL_CHUNK_SIZES or self.head_dim > MAX_HEAD_DIM):
+            raise ValueError(f"`memory_backend='triton'` needs `chunk_size` in {KERNEL_CHUNK_SIZES} and `head_dim` <= "
+                             f"{MAX_HEAD_DIM} (the Triton kernels' tiles), got chunk_size = {chunk_size}, "
+                             f"head_dim = {self.head_dim}")
 
         self.segment_size = positive_int("segment_size", segment_size)
         self.window_size = positive_int("window_size", window_size)

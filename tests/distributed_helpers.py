@@ -3,7 +3,8 @@
 A check runs as ``run_group(world_size, fn, *args)``: ``fn(rank, world_size, *args)`` runs in every
 process after ``init_process_group("gloo")``; what rank 0 returns comes back (pickled); an exception
 on any rank fails the call with that rank's traceback. Batch many checks into one ``fn``: a spawn
-costs about a second.
+costs little: the workers are forked and inherit the parent's imports (import what ``fn``
+needs at the test module's top).
 """
 
 from __future__ import annotations
@@ -40,9 +41,14 @@ def _worker(rank, world_size, port, out_dir, fn, args):
 
 def run_group(world_size: int, fn, *args):
     """Run ``fn(rank, world_size, *args)`` on ``world_size`` gloo processes; rank 0's return value."""
+    import titans_layers.distributed  # noqa: F401  (imported once here, inherited by the workers)
+    import titans_layers.models  # noqa: F401
     with tempfile.TemporaryDirectory() as out_dir:
         try:
-            mp.spawn(_worker, args=(world_size, _free_port(), out_dir, fn, args), nprocs=world_size, join=True)
+            # fork: the workers inherit the parent's imports (a spawned worker re-imports torch, fla and
+            # the library, tens of seconds on a loaded 2-core machine)
+            mp.start_processes(_worker, args=(world_size, _free_port(), out_dir, fn, args), nprocs=world_size,
+                               join=True, start_method="fork")
         except Exception as err:
             msgs = []
             for r in range(world_size):

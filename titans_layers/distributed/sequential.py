@@ -69,3 +69,56 @@ def sequential_stage(fn, cp: CPContext, templates, *tensors):
     """
     spec = dict(fn=fn, cp=cp, templates=list(templates), needs_grad=any_requires_grad(tensors))
     return _Stage.apply(spec, *tensors)
+
+
+class _RecvPrevious(torch.autograd.Function):
+    @staticmethod
+    def forward(fctx, anchor, cp, templates):
+        fctx.cp, fctx.templates = cp, templates
+        fctx.anchor_shape, fctx.anchor_dtype = anchor.shape, anchor.dtype
+        return tuple(recv_tensors(templates, cp.rank - 1, cp.group))
+
+    @staticmethod
+    def backward(fctx, *grads):
+        send_tensors([g if g is not None else torch.zeros_like(t) for g, t in zip(grads, fctx.templates)],
+                     fctx.cp.rank - 1, fctx.cp.group)
+        return torch.zeros(fctx.anchor_shape, dtype=fctx.anchor_dtype), None, None
+
+
+class _SendNext(torch.autograd.Function):
+    @staticmethod
+    def forward(fctx, out, cp, *outgoing):
+        fctx.cp = cp
+        fctx.templates = [torch.zeros_like(t) for t in outgoing]
+        send_tensors(outgoing, cp.rank + 1, cp.group)
+        return out.view_as(out)
+
+    @staticmethod
+    def backward(fctx, grad):
+        return (grad, None, *recv_tensors(fctx.templates, fctx.cp.rank + 1, fctx.cp.group))
+
+
+def receive_state(anchor: torch.Tensor, cp: CPContext, templates) -> list[torch.Tensor] | None:
+    """The state the previous rank hands on (:func:`hand_on_state`), shaped like ``templates``;
+    None when this rank's first sequence begins here. Differentiable: in the backward the
+    gradient of the received state goes back to the previous rank. ``anchor`` (e.g. the layer's
+    input) ties that backward to this rank's graph; it receives a zero gradient."""
+    if not cp.continues_left:
+        return None
+    if anchor.requires_grad and torch.is_grad_enabled():
+        return list(_RecvPrevious.apply(anchor, cp, list(templates)))
+    return recv_tensors(templates, cp.rank - 1, cp.group)
+
+
+def hand_on_state(out: torch.Tensor, cp: CPContext, outgoing) -> torch.Tensor:
+    """Send ``outgoing`` (this rank's state at its right edge) to the next rank and return ``out``
+    unchanged, carrying in its backward the receipt of the state's gradient from the next rank.
+    Ranks whose last sequence ends here send nothing. Together with :func:`receive_state` this
+    chains any module across ranks with ordinary autograd (parameters included); the chained
+    computation runs one rank after another, forward and backward."""
+    if not cp.continues_right:
+        return out
+    if out.requires_grad and torch.is_grad_enabled():
+        return _SendNext.apply(out, cp, *outgoing)
+    send_tensors(outgoing, cp.rank + 1, cp.group)
+    return out

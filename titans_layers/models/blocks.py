@@ -79,6 +79,9 @@ class TitansBlock(GradientCheckpointingLayer):
                 use_cache: bool | None = False, **kwargs):
         past_key_values = resolve_cache(past_key_values, kwargs)
         cache = past_key_values
+        if self.kind in FLA_BLOCKS and kwargs.get("cp_context") is not None:
+            raise ValueError(f"a {self.kind!r} block (fla's mixer) does not take `cp_context`: context parallelism "
+                             "covers the Titans blocks (mac, mag, mal, lmm, swa)")
         if self.kind in FLA_BLOCKS and past_key_values is not None and not use_cache:
             cache = read_only_states(past_key_values, [self.mixer.layer_idx])
         h, _, _ = self.mixer(self.mixer_norm(hidden_states), attention_mask=attention_mask, past_key_values=cache,

@@ -71,6 +71,7 @@ from titans_layers.models.builders import make_attention, make_memory, make_pers
 from titans_layers.models.configuration_titans import TitansConfig
 from titans_layers.modules import MemoryGate
 from titans_layers.modules.checks import check_hidden_states, check_padding, resolve_cache
+from titans_layers.modules.context_parallel import check_cp_call
 from titans_layers.modules.short_conv import sequence_starts
 
 
@@ -139,6 +140,8 @@ class MACMixer(nn.Module):
     output_attentions=False, cu_seqlens=None) -> (o [B, T, D], None, past_key_values)``; a 2-D
     ``attention_mask`` (0 = padding) or packed ``cu_seqlens`` (B = 1), not both, as in the layers.
     A call with a cache and ``use_cache=False`` reads the cache and leaves it untouched.
+    ``cp_context=`` in kwargs: this rank's slice ``[1, n, D]`` of a batch split across ranks, the
+    mixer chained rank to rank (:mod:`~titans_layers.models.mac_context_parallel`).
 
     With ``config.num_retrieval_queries = R > 0`` the mixer owns ``retrieval_queries`` ``[R, D]``,
     R learned tokens in the hidden space (not ``[R, H, K]`` in the memory's query space). Their
@@ -168,6 +171,12 @@ class MACMixer(nn.Module):
                 use_cache: bool | None = False, output_attentions: bool | None = False, **kwargs):
         past_key_values = resolve_cache(past_key_values, kwargs)
         check_hidden_states(hidden_states, self.hidden_size, self.memory.q_proj.weight.dtype)
+        cp_context = kwargs.pop("cp_context", None)
+        if cp_context is not None:  # this rank's slice of a batch split across ranks: chained rank to rank
+            from titans_layers.models.mac_context_parallel import mac_forward_cp
+            cp = check_cp_call("MACMixer", cp_context, hidden_states, attention_mask, past_key_values, use_cache,
+                               kwargs)
+            return mac_forward_cp(self, hidden_states, cp), None, None
         check_padding(hidden_states, attention_mask, kwargs.get("cu_seqlens"))
         if past_key_values is None and attention_mask is None and kwargs.get("cu_seqlens") is None:
             return self._forward_whole(hidden_states), None, None

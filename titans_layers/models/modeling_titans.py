@@ -97,7 +97,8 @@ class TitansModel(TitansPreTrainedModel):
         check_padding(hidden_states, attention_mask, kwargs.get("cu_seqlens"))
         output_hidden_states = output_hidden_states if output_hidden_states is not None \
             else self.config.output_hidden_states
-        use_cache = use_cache if use_cache is not None else (self.config.use_cache and not self.training)
+        use_cache = use_cache if use_cache is not None else (self.config.use_cache and not self.training
+                                                             and kwargs.get("cp_context") is None)
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         if use_cache and past_key_values is None:
             past_key_values = TitansCache()
@@ -174,6 +175,10 @@ class TitansForCausalLM(TitansPreTrainedModel, TitansGenerationMixin):
             hidden_states = hidden_states[:, logits_to_keep]
         logits = self.lm_head(hidden_states)  # [B, T', vocab]
         loss = None
+        if labels is not None and kwargs.get("cp_context") is not None:
+            raise ValueError("under `cp_context` a rank's next-token labels cross into the next rank's slice: "
+                             "compute the loss from the logits with targets shifted over the whole batch "
+                             "(examples/train_cp_fsdp.py)")
         if labels is not None:
             if labels.shape != logits.shape[:2]:
                 raise ValueError(f"`labels` must have shape [B, T] = {list(logits.shape[:2])}, "

@@ -11,6 +11,7 @@ from fla.layers.utils import get_layer_cache, repad_hidden_states, unpad_hidden_
 
 from titans_layers.modules.checks import (check_hidden_states, check_padding, flag, head_dim_for, positive_finite,
                                          positive_int, resolve_cache)
+from titans_layers.modules.context_parallel import check_cp_call, memory_forward_cp
 from titans_layers.modules.short_conv import ShortConvolution
 from titans_layers.ops.common.clipping import check_max_update_norm
 from titans_layers.ops import (chunk_mlp_memory, chunk_momentum_delta_rule, fused_recurrent_mlp_memory,
@@ -72,6 +73,12 @@ class NeuralMemory(nn.Module):
     columns belong to this call) or ``cu_seqlens`` ``[N + 1]`` in kwargs (packed sequences, B = 1),
     not both; the memory state and the conv state live in fla's ``Cache``, one row per sequence. A
     call with a cache and ``use_cache=False`` continues from the cached state and leaves it untouched.
+
+    Context parallelism: ``cp_context=`` (a :class:`~titans_layers.distributed.CPContext`) in kwargs
+    with this rank's slice ``[1, n, D]`` of a packed batch, no mask, ``cu_seqlens`` or cache
+    (:mod:`~titans_layers.modules.context_parallel`); ``cp_mode`` in kwargs, or the attribute
+    ``cp_mode`` (default "auto"), picks how the memory state crosses ranks
+    (:func:`~titans_layers.distributed.context_parallel_update`).
     """
 
     def __init__(self, hidden_size: int, num_heads: int, memory: str = "linear", head_dim: int | None = None,
@@ -101,6 +108,7 @@ class NeuralMemory(nn.Module):
         self.max_update_norm = check_max_update_norm(max_update_norm)
         self.memory, self.activation, self.mlp_residual = memory, activation, mlp_residual
         self.max_step_size, self.backend, self.layer_idx = max_step_size, backend, layer_idx
+        self.cp_mode = "auto"  # how the memory state crosses ranks under cp_context (distributed.MODES)
         self.use_short_conv, self.use_output_gate, self.use_output_norm = use_short_conv, use_output_gate, \
             use_output_norm
         H, Dk = self.num_heads, self.head_dim
@@ -169,6 +177,11 @@ class NeuralMemory(nn.Module):
                 past_key_values=None, use_cache: bool | None = False, output_attentions: bool | None = False,
                 **kwargs):
         past_key_values = resolve_cache(past_key_values, kwargs)
+        cp_context = kwargs.pop("cp_context", None)
+        if cp_context is not None:  # this rank's slice of a batch split across ranks
+            cp = check_cp_call("NeuralMemory", cp_context, hidden_states, attention_mask, past_key_values, use_cache,
+                               kwargs)
+            return memory_forward_cp(self, hidden_states, cp, kwargs.pop("cp_mode", self.cp_mode)), None, None
         self._check_hidden_states(hidden_states)
         check_padding(hidden_states, attention_mask, kwargs.get("cu_seqlens"))
         B, T, _ = hidden_states.shape

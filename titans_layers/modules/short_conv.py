@@ -23,7 +23,10 @@ class ShortConvolution(nn.Module):
     cu_seqlens=None) -> (y [same shape], cache [N, kernel_size - 1, D] or None)``: each sequence
     (a row, or a ``cu_seqlens`` segment) sees only its own past, or the ``cache`` of its last
     ``kernel_size - 1`` inputs from a previous call. ``cu_seqlens`` ``[N + 1]``: integer offsets
-    from 0 to T, never decreasing, with B = 1.
+    from 0 to T, never decreasing, with B = 1. ``cp_context``: x is this rank's slice ``[1, n, D]``
+    of a batch split across ranks (:class:`~titans_layers.distributed.CPContext`); the first
+    sequence's last ``kernel_size - 1`` inputs before the slice come from the preceding ranks, and
+    their gradients go back.
     """
 
     def __init__(self, channels: int, kernel_size: int = 4, bias: bool = False, activation: bool = True):
@@ -36,10 +39,20 @@ class ShortConvolution(nn.Module):
         nn.init.kaiming_uniform_(self.weight, a=5 ** 0.5)
 
     def forward(self, x: torch.Tensor, cache: torch.Tensor | None = None, output_final_state: bool = False,
-                cu_seqlens: torch.Tensor | None = None):
+                cu_seqlens: torch.Tensor | None = None, cp_context=None):
         check_hidden_states(x, self.channels, self.weight.dtype, name="x")
         B, T, D = x.shape
         W = self.kernel_size
+        if cp_context is not None:  # this rank's slice: the first sequence's history is on the preceding ranks
+            from titans_layers.distributed import check_context, left_halo
+            from titans_layers.modules.context_parallel import conv_cache
+            if cache is not None or cu_seqlens is not None:
+                raise ValueError("ShortConvolution under `cp_context` takes neither `cache` nor `cu_seqlens` "
+                                 "(the context holds the sequences and the history comes from the preceding ranks)")
+            cp = check_context(cp_context)
+            cp.check_local("x", x)
+            cu_seqlens = cp.cu_seqlens.to(x.device)
+            cache = conv_cache(left_halo(x, cp, W - 1), cu_seqlens.numel() - 1, W - 1)
         if cu_seqlens is not None:
             check_cu_seqlens(cu_seqlens, x)
         else:

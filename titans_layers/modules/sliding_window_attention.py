@@ -70,7 +70,9 @@ class SlidingWindowAttention(nn.Module):
     i <= j; t counts from the call's first token of each sequence). ``attention_mask`` ``[B, T_total]``
     (0 = padding, 1 = token) or ``cu_seqlens`` ``[N + 1]`` in kwargs (B = 1), not both, as in
     :class:`~titans_layers.modules.NeuralMemory`; the KV cache holds one row per sequence, and a call
-    with a cache and ``use_cache=False`` reads it and leaves it untouched.
+    with a cache and ``use_cache=False`` reads it and leaves it untouched. ``cp_context=`` in kwargs:
+    this rank's slice ``[1, n, D]`` under context parallelism, the window reaching into the preceding
+    ranks (:mod:`~titans_layers.modules.context_parallel`; SDPA path, no cache).
     """
 
     def __init__(self, hidden_size: int, num_heads: int, window_size: int, num_kv_heads: int | None = None,
@@ -183,6 +185,12 @@ class SlidingWindowAttention(nn.Module):
                 prefix_states: torch.Tensor | None = None, prefix_positions: torch.Tensor | None = None, **kwargs):
         past_key_values = resolve_cache(past_key_values, kwargs)
         check_hidden_states(hidden_states, self.hidden_size, self.q_proj.weight.dtype)
+        cp_context = kwargs.pop("cp_context", None)
+        if cp_context is not None:  # this rank's slice of a batch split across ranks
+            from titans_layers.modules.context_parallel import attention_forward_cp, check_cp_call
+            cp = check_cp_call("SlidingWindowAttention", cp_context, hidden_states, attention_mask, past_key_values,
+                               use_cache, kwargs)
+            return attention_forward_cp(self, hidden_states, cp, prefix_states, prefix_positions), None, None
         check_padding(hidden_states, attention_mask, kwargs.get("cu_seqlens"))
         B, T, _ = hidden_states.shape
         x, indices, cu_seqlens = unpad_hidden_states(hidden_states, kwargs.get("cu_seqlens"), attention_mask, T)

@@ -29,6 +29,7 @@ import inspect
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from titans_layers.models import TitansConfig, TitansForCausalLM
@@ -104,13 +105,23 @@ def count_params(name: str, vocab: int, max_len: int, hidden_size: int, options:
     return sum(p.numel() for p in model.parameters())
 
 
-def matched_width(name: str, vocab: int, max_len: int, target: int, options: dict) -> int:
-    """The ``hidden_size`` (a multiple of ``2 * num_heads``) whose parameter count is closest to ``target``."""
-    heads = options.get("num_heads", BASE_CONFIG["num_heads"])
-    step = 2 * heads
+def _width_candidates(options: dict) -> range:
+    step = 2 * options.get("num_heads", BASE_CONFIG["num_heads"])
     base = options.get("hidden_size", BASE_CONFIG["hidden_size"])
-    candidates = range(step, 4 * base + step, step)
-    return min(candidates, key=lambda d: abs(math.log(count_params(name, vocab, max_len, d, options) / target)))
+    return range(step, 4 * base + step, step)
+
+
+def matched_width(name: str, vocab: int, max_len: int, target: int, options: dict) -> int:
+    """The ``hidden_size`` (a multiple of ``2 * num_heads``) whose parameter count is closest to ``target``.
+
+    With the MLP at ``4 * hidden_size`` and the head count fixed, every count is a quadratic in
+    the width: it is fitted on three widths, the candidates are ranked by the fit, and the best
+    few are counted exactly."""
+    cands = list(_width_candidates(options))
+    probe = [cands[len(cands) // 4], cands[len(cands) // 2], cands[-1]]
+    coef = np.polyfit(probe, [count_params(name, vocab, max_len, d, options) for d in probe], 2)
+    ranked = sorted(cands, key=lambda d: abs(math.log(max(np.polyval(coef, d), 1.0) / target)))[:3]
+    return min(ranked, key=lambda d: abs(math.log(count_params(name, vocab, max_len, d, options) / target)))
 
 
 def apply_memory_options(model: torch.nn.Module, options: dict) -> None:

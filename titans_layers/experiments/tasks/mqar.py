@@ -6,7 +6,8 @@ An example of length T with N key-value pairs and vocabulary V:
   replacement from ``[1, V/2)``, values without replacement from ``[V/2, V)``;
 - the queries: every key once more, in random order, at positions ``2N + 2 g_i`` after the
   context, where the gaps ``g_i`` are drawn without replacement from ``{0, ..., (T - 2N)/2 - 1}``
-  with ``P(g) ∝ (g + 1) ** (a - 1)`` (zoology's power law, exponent ``power_a``: small ``a``
+  with ``P(g) ∝ (g + 1) ** (a - 1)`` (one gap at a time, each from the law renormalised over the
+  gaps left; drawn at once with the Gumbel top-N trick) (zoology's power law, exponent ``power_a``: small ``a``
   puts most queries close to the context, ``a = 1`` is uniform);
 - every other position is filler: a token drawn uniformly from ``[0, V)`` (``random_filler``,
   zoology's ``random_non_queries``) or 0;
@@ -66,11 +67,15 @@ class MQAR:
         """``batch_size`` examples drawn with ``rng`` (same generator state -> same batch)."""
         B, T, N, V = check_int("batch_size", batch_size), self.seq_len, self.num_kv_pairs, self.vocab_size
         half = V // 2
-        keys = np.stack([rng.choice(np.arange(1, half), N, replace=False) for _ in range(B)])  # [B, N]
-        values = np.stack([rng.choice(np.arange(half, V), N, replace=False) for _ in range(B)])  # [B, N]
+        # without replacement, vectorised: the first N of a random permutation per row (uniform), and
+        # Gumbel top-N for the gaps (the same law as drawing one gap at a time, each from P
+        # renormalised over the gaps left)
+        keys = 1 + np.argsort(rng.random((B, half - 1)), axis=1)[:, :N]  # [B, N] from [1, V/2)
+        values = half + np.argsort(rng.random((B, V - half)), axis=1)[:, :N]  # [B, N] from [V/2, V)
         space = (T - 2 * N) // 2
-        p = gap_probabilities(space, self.power_a)
-        gaps = np.stack([rng.choice(space, N, replace=False, p=p) for _ in range(B)])  # [B, N]
+        logp = np.log(gap_probabilities(space, self.power_a))
+        gumbel = -np.log(-np.log(rng.random((B, space)) + 1e-300) + 1e-300)
+        gaps = np.argsort(-(logp[None, :] + gumbel), axis=1)[:, :N]  # [B, N]
         if self.random_filler:
             inputs = rng.integers(0, V, size=(B, T))
         else:

@@ -70,31 +70,26 @@ def mlp_launch(chunk_size: int, K: int, V: int, Dh: int, dtype: torch.dtype, gpu
     dtype and GPU (:func:`~titans_layers.ops.common.triton_utils.gpu_of`; None under the
     interpreter, which takes the sm_80 launch), with any :func:`override_mlp_launch` fields in
     effect. ``kernels``: the chunk kernels the call launches, "fwd" and / or "bwd" (the decode
-    kernel needs about 1 KB of shared memory and no check); only their needs are checked.
+    kernel needs little shared memory and no check); only their needs are checked.
 
     Tiles: BT = min(C, 32), but 16 for float32 inputs with K or V above 64, whose 32-bit ``tl.dot``
-    operands would need more shared memory than an A100 block has (200 KB forward, 245 KB
-    backward at K = V = 128, BT = 32). The forward takes Dh in blocks of 32 columns. A GPU with
-    less shared memory than the 32-token tiles need (``TILE_SHARED``, the sm_80 figures; sm_86,
-    sm_89 and sm_120 have 99 KB a block) takes 16-token tiles: 16-bit inputs with K or V above
-    64 (148 KB -> 94 KB) and float32 inputs (102 KB -> 73 KB). Float32 inputs with K or V above
-    64 need 145 KB even then: the forward alone (no gradients) takes Dh in blocks of 16 there
-    (97 KB); the backward needs 117 KB, and a call that needs it raises a ValueError naming the
-    need and the GPU.
+    operands in 32-token tiles would need more shared memory than an A100 block has. The forward
+    takes Dh in blocks of 32 columns. A GPU with less shared memory than the 32-token tiles need
+    (``TILE_SHARED``, the sm_80 launch's needs; sm_86, sm_89 and sm_120 have 99 KB a block) takes
+    16-token tiles. Float32 inputs with K or V above 64 do not fit such a GPU even then: the
+    forward alone (no gradients) takes Dh in blocks of 16 there (``FP32_WIDE_SHARED``), and a
+    call that needs the backward raises a ValueError naming the need and the GPU.
 
     The backward holds up to ten ``[BK|BV, BH]`` state and adjoint blocks per step, and its Dh
     block is the widest the GPU's shared memory takes among 16, 32, 64 where a wider block is
-    leaner: on sm_90 and later with 227 KB a block, 64 for 16-bit inputs at K, V <= 64 (208 KB)
-    and 32 at K, V <= 128 (200 KB) (``WIDE_BWD_BLOCKS``); 16 everywhere else (72 KB at
-    K = V = 64 in bf16; sm_86, sm_89 and sm_120 allow 99 KB). Per token, the bf16 backward at
-    K = V = 64, Dh = 256, sm_90 then issues 2.0x fewer instructions and 2.6x fewer MMAs and
-    spills 1.2x fewer bytes than with BH = 16 (``python -m benchmarks.kernel_resources``, from
-    the compiled SASS: eight warps on a ``[32, 16]`` product tile compute half of it twice). On
-    sm_80, BH = 32 spills more, not less, so it keeps 16.
+    leaner: on sm_90 and later, 64 for 16-bit inputs at K, V <= 64 and 32 at K, V <= 128
+    (``WIDE_BWD_BLOCKS``); 16 everywhere else. On sm_90 the wider blocks issue fewer instructions
+    and MMAs per token and spill less (with BH = 16, eight warps on a ``[32, 16]`` product tile
+    compute half of it twice); on sm_80, BH = 32 spills more, not less, so it keeps 16.
 
-    Warps: 8 for the chunk kernels, which spill fewer registers than with 4 (figures and why:
-    the Registers entry of ``chunk_kernels.py``); ``benchmark_mlp_memory --launches`` times the
-    alternatives on a GPU.
+    Warps: 8 for the chunk kernels, which spill fewer registers than with 4;
+    ``benchmark_mlp_memory --launches`` times the alternatives on a GPU. Resource figures behind
+    these choices: docs/kernels.md.
     """
     BT = 16 if dtype == torch.float32 and max(K, V) > 64 else min(chunk_size, 32)
     fwd_BH = min(32, max(16, triton.next_power_of_2(Dh)))

@@ -20,7 +20,7 @@ Design.
   with tokens that write nothing. Hidden units are not independent (``Err`` sums over all of
   them), so the program holds the whole head.
 - State in global memory: W1, S1 and the anchor a1 ``[K, Dh]``, W2, S2, a2 ``[Dh, V]`` (float32)
-  do not fit registers at Dh = 256 (~ 390 KB at K = V = 64), so they live in float32 buffers
+  are far more than a program's registers hold, so they live in float32 buffers
   (the final-state outputs, initialised with the initial state on the host; per head they stay in
   L2) and every pass loops over Dh in blocks of BH columns: ``[BK, BH]`` and ``[BH, BV]`` tiles.
   Everything of size ``[BT, K | V | BT]`` stays in registers for the whole tile.
@@ -37,14 +37,14 @@ Design.
   through a float32 workspace of five ``[BT, Dh]`` slots per program (in L2); (C) over Dh
   blocks, read those back (so C recomputes nothing and never loads the tile-start state) and
   write the adjoints of the block's tile-start state and of the anchor; ``dk`` is final after C.
-  The handoff cuts pass C's products from 23 to 12 a block. At the first tile of a chunk the anchor
-  adjoint joins the weights' adjoint (the anchor is the chunk-start weights) and is reset.
+  At the first tile of a chunk the anchor adjoint joins the weights' adjoint (the anchor is the
+  chunk-start weights) and is reset.
   Gate gradients: the linear kernel's division-free products, exact at gates 0 and 1.
 - Update clipping (``CLIP``, ``ops/common/clipping.py``): token t's step becomes
   ``theta' = theta min(1, c / (theta |G_t|))`` with ``|G_t|^2 = |k|^2 |Delta|^2 + |Hk|^2 |Err|^2``
   at the anchor. The forward gets ``|Hk|^2`` in pass 1 and ``|Delta|^2`` in one more pass over the
   Dh blocks (1b: two ``[BT, BH]`` products a block, as ``Delta`` needs all of ``Err``), then uses
-  ``theta'`` everywhere and stores each token's norm ``[B, T, H]`` (4 bytes a token and head).
+  ``theta'`` everywhere and stores each token's norm ``[B, T, H]`` (float32).
   The backward loads those norms, so its clipping decision is the forward's bit for bit, and
   adds the norm's adjoint: where a step was clipped theta gets no gradient and ``|G|^2`` gets
   ``s = -dtheta' theta' / (2 |G|^2)``, i.e. ``2 s |k|^2 Delta`` more on ``Delta``'s adjoint (pass
@@ -61,60 +61,36 @@ Design.
   read-after-write across blocks and tiles. The interpreter runs each block-wide op at
   once and cannot catch a missing barrier; the placement is by construction.
 - Memory the backward keeps per token and head: the inputs, plus one tile-start state
-  ``(W1, S1, W2, S2)`` per tile of BT tokens, ``8 Dh (K + V) / BT`` bytes per token
-  (8 KB at K = V = 64, Dh = 256, BT = 32; 16 KB at K = V = 128 in bf16, 32 KB in float32 with its
-  16-token tiles). No per-token weights. The backward's handoff workspace, ``20 BT Dh`` bytes
-  per (sequence, head), does not grow with T (160 KB at BT = 32, Dh = 256).
+  ``(W1, S1, W2, S2)`` per tile of BT tokens, ``8 Dh (K + V) / BT`` bytes per token. No per-token
+  weights. The backward's handoff workspace, ``20 BT Dh`` bytes per (sequence, head), does not
+  grow with T.
 - Limits: chunk sizes 16, 32, 64 (``tl.dot`` needs every dim >= 16: BT >= 16); K, V <= 128 (one
   register tile each, padded to powers of two >= 16); any Dh (blocks of BH = 32 columns in the
   forward; in the backward 16, or on sm_90 64 for 16-bit inputs at K, V <= 64 and 32 up to 128:
   ``chunk.mlp_launch``). Tiles: BT = min(C, 32), but 16 for float32 inputs with K or V > 64
-  (32-bit ``tl.dot`` operands). Shared memory per program (checked by
-  ``tests/test_kernel_compile.py``), forward / backward at the sm_80 launch: K = V = 64,
-  Dh = 256, bf16 52 / 72 KB, fp32 100 / 102 KB; K = V = 128, Dh = 256, bf16 100 / 120 KB, fp32
-  (BT = 16) 145 / 117 KB; with clipping the bf16 forwards need 76 KB (K = V = 64) and 148 KB
-  (K = V = 128), the rest is unchanged. The sm_90 backward's wider blocks: 208 KB (bf16,
-  K = V = 64, BH = 64) and 200 KB (K = V = 128, BH = 32). sm_80 allows 163 KB, sm_90
-  227 KB; sm_86, sm_89 and sm_120 allow 99 KB, where the launch takes 16-token tiles for 16-bit
-  inputs above K = V = 64 (94 KB) and for float32 inputs (73 KB); float32 inputs above
-  K = V = 64 fit there only the forward, in 16-column Dh blocks (97 KB, without gradients;
-  ``chunk.TILE_SHARED``, ``chunk.FP32_WIDE_SHARED``; the backward's 117 KB raise a ValueError). The
-  decode kernel: 0.5 KB. float32, bfloat16, float16 inputs; accumulation in float32; every
+  (32-bit ``tl.dot`` operands). The shared memory each launch needs is tabled in ``chunk``
+  (``TILE_SHARED``, ``FP32_WIDE_SHARED``, ``WIDE_BWD_BLOCKS``) and checked against the compiled
+  kernels by ``tests/test_kernel_compile.py``; GPUs with 99 KB a block (sm_86, sm_89, sm_120)
+  take 16-token tiles where the 32-token ones do not fit, float32 inputs above K = V = 64 fit
+  there only the forward (in 16-column Dh blocks, without gradients), and a backward that does
+  not fit raises a ValueError. float32, bfloat16, float16 inputs; accumulation in float32; every
   product goes through ``triton_utils.mm``: IEEE fp32 for float32 inputs, TF32 otherwise, or
   with ``MLPLaunch.lowp_dots`` operands rounded to the bfloat16 / float16 input dtype.
 - Parallelism is one program per (sequence, head): the walk over a sequence is serial, so a GPU
   is filled only when N * H is at least its SM count.
-- Registers and what a token costs (``python -m benchmarks.kernel_resources``, which counts the
-  SASS of each tile loop with its Dh loops taken ``ceil(Dh / BH)`` times; launch settings:
-  ``chunk.mlp_launch``). Everything of size ``[BT, K | V | BT]`` lives for a whole tile and the
-  ``tl.dot`` shapes are small (``[BT, K] x [K, BH]``), so the kernels ask for more than a
-  thread's 255 registers and spill, inside the Dh loops. Per token and head, summed over the
-  program's 256 threads, bf16, K = V = 64, Dh = 256, sm_90: the forward (BT = 32, BH = 32)
-  issues 3.8K warp instructions and 294 warp MMAs and moves 41 KB of state through L2 and 60 KB
-  of spills (16-token tiles: no spills, 82 KB of state); the backward at BH = 64 (its sm_90
-  launch) issues 9.5K instructions and 478 MMAs and spills 284 KB against 63 KB of state and
-  handoff traffic; at BH = 16 (eight warps on a ``[32, 16]`` product tile compute half of it
-  twice) 18.8K, 1230 MMAs and 346 KB. The pass B to C handoff took the BH = 64 backward from
-  630 MMAs and 363 KB of spills to these figures, and the sm_80 one (BH = 16) from 1982 MMAs
-  and 1.10 MB to 1374 and 0.74 MB. A thread's spill slots (about 3 KB) times 256 threads exceed
-  the L1, so the spills go to L2: on these counts the backward still moves about 4.5 times
-  more bytes in spills than in state (a GPU run, ``benchmark_mlp_memory --launches``, tells how
-  much time they cost). Operands in the input dtype (``lowp_dots``) halve the operand registers
-  and shared memory (at the sm_90 launch: the forward spills nothing, the backward 242 KB with
-  8.0K instructions and 239 MMAs). Tried without gain, on the same counts: splitting pass B
-  into a reads' and a writes' loop, moving ``dk``'s write products into pass C, handing pass 1's
-  ``Z`` to pass 2 in the forward (fewer spills, 25 % more instructions), taking the gate sums
-  ``<dO, Hq W2>`` from pass B's ``dO W2^T`` (4 fewer MMAs a token on sm_90, but the sm_80 build
-  then spills 2.7 times as much: its allocation flips between about 3 and 8 KB a thread and
-  token on small source changes), and holding the tokens on the other side of the products (a
-  toy loop with four invariant ``[32, 64]`` operands needs 75-128 registers either way round).
+- Registers (launch settings: ``chunk.mlp_launch``). Everything of size ``[BT, K | V | BT]`` lives
+  for a whole tile and the ``tl.dot`` shapes are small (``[BT, K] x [K, BH]``), so the kernels ask
+  for more than a thread's 255 registers and spill, inside the Dh loops; the spills go to L2.
+  The pass B to C handoff exists to cut the backward's products and spills; its live registers
+  are what to cut next. ``python -m benchmarks.kernel_resources`` counts registers, spills and
+  per-token SASS work without a GPU; ``benchmark_mlp_memory --launches`` times launch settings
+  on one.
 - Numerics of the products (``triton_utils.mm``; the interpreter emulates the GPU's operand
-  rounding, so the CPU tests see it). Relative errors against the float64 reference at bf16
-  inputs, K = V = 64, Dh = 256, C = 64, T = 600, forget gate 0.01: tf32 operands (truncated, as
-  the GPU reads float32 operands) at most 5.7e-3 over outputs, states and gradients; bf16
-  operands 4.6e-3 (measured with the anchor-error products kept in tf32). With gates that let
-  the state decay to ~1e-15 its relative error grows: 1.0e-2 (tf32) and 2.4e-2 (bf16, above the
-  SPEC's 2e-2); float16 operands flush such a state to zero.
+  rounding, so the CPU tests see it). A state that decays to nearly zero loses relative
+  precision under TF32 and bf16 operands; float16 operands flush it to zero.
+
+Resource and error figures (shared memory, registers, spills, per-token counts, what was tried
+without gain, relative errors): docs/kernels.md.
 """
 
 from __future__ import annotations

@@ -28,9 +28,8 @@ and heads flattened), into preallocated buffers; at small chunk sizes the passes
 bound them. For the backward the forward keeps each block's first states and, per token, ``Z``,
 ``Err``, ``D`` and the query pre-activations ``Zq``; with gradients a block holds of the order
 of ``sqrt(NC)`` chunks (:func:`_block_chunks`), so checkpoints and ring grow as ``sqrt(T)``.
-Peak memory of fwd+bwd at H = 4, K = V = 64, Dh = 128: chunk 1, T = 2048, 106 MiB (318 with a
-checkpoint per 2 MB of states; one per chunk would take 1 GiB); chunk 16, T = 8192, 230 MiB (710
-keeping every chunk's states). Not twice differentiable (``once_differentiable``).
+Not twice differentiable (``once_differentiable``). Measured memory and speed of this design:
+docs/dual_form.md.
 """
 
 from __future__ import annotations
@@ -45,8 +44,7 @@ from titans_layers.ops.mlp_memory.activations import act, act_derivatives, act_v
 
 # The queries of a block of chunks read at once, after its writes, while the block's chunk-start
 # states (about this many bytes) are still in cache; without gradients only a block's states live.
-# Batching more chunks' reads pays at small chunk sizes: without gradients, at H = 4, K = V = 64,
-# Dh = 128, 4 MB (8 chunks) runs chunk 1 20% and chunk 4 7% faster than 2 MB, chunks 16 and 64 alike.
+# Batching more chunks' reads pays at small chunk sizes (timings: docs/dual_form.md).
 _BLOCK_BYTES = 4 << 20
 
 
@@ -95,9 +93,8 @@ def _block_chunks(NC: int, state_bytes: int, temp_bytes: int, save: bool) -> int
     in cache. With ``save`` (a backward follows) more where that saves memory: the backward holds
     ``NC / block`` checkpoints, a ring of ``block + 1`` states and the block's temporaries
     (``temp_bytes`` a chunk), least at ``block = sqrt(NC * state_bytes / (state_bytes + temp_bytes))``.
-    Half that block needs 1.25x that memory for half the ring, which stays in cache longer: at
-    chunk 1, T = 2048, H = 4, K = V = 64, Dh = 128, blocks of 22 chunks ran fwd+bwd 1.2x faster
-    than blocks of 46 at about 1.1x the memory.
+    Half that block needs 1.25x that memory for half the ring, which stays in cache longer and
+    runs faster (timings: docs/dual_form.md).
     """
     block = max(1, _BLOCK_BYTES // state_bytes)
     if save:
@@ -180,7 +177,7 @@ def _mixing(A, Bv, E):
 
 def _mixing_rows(ae, b, S: int):
     """Per-chunk views of a run of chunks' mixing coefficients spelled out along a state row of
-    width S, ``[NH, 1, 2, S]`` and ``[NH, 1, S]`` (broadcasting only over rows is twice as fast).
+    width S, ``[NH, 1, 2, S]`` and ``[NH, 1, S]`` (broadcasting only over rows is faster).
     Made a block at a time: for every chunk at once they take ``3 (Dh + V) / C`` floats a token
     and head."""
     return _chunks(ae.expand(*ae.shape[:-1], S).contiguous()), _chunks(b.expand(*b.shape[:-1], S).contiguous())
@@ -268,7 +265,7 @@ class MLPDualForm(torch.autograd.Function):
         # states (a ring of block + 1, reused by every block) are in cache: [block + 1, N, H, K, 2Dh],
         # [.., Dh, 2V]. With save the backward gets each block's first state (a checkpoint it
         # recomputes the block's states from) and every chunk's Z, Err, D, Zq; else they live a block.
-        # The backward's temporaries take about 40 Dh floats a token and head (measured).
+        # The backward's temporaries take about 40 Dh floats a token and head (docs/dual_form.md).
         block = _block_chunks(NC, 2 * (W1.numel() + W2.numel()) * W1.element_size(),
                               40 * N * H * C * Dh * Q.element_size(), save)
         kept = NC if save else block

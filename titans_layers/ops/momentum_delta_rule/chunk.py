@@ -23,8 +23,8 @@ from titans_layers.ops.momentum_delta_rule.state import MomentumDeltaRuleState, 
 KERNEL_CHUNK_SIZES = (16, 32, 64)
 MAX_TILE = 32
 # Largest [BK, BV] state tile the clipped backward keeps in one block (registers): beyond it the
-# single-block backward needs more shared memory than an A100 or H100 block has (fp32 at 128 x 64:
-# 234 KB), so it walks V in sub-blocks of the unclipped width instead (the split kernel).
+# single-block backward needs more shared memory than an A100 or H100 block has (float32 at
+# 128 x 64), so it walks V in sub-blocks of the unclipped width instead (the split kernel).
 CLIP_BWD_MAX_TILE = 64 * 64
 
 
@@ -111,21 +111,18 @@ def backward_candidates(K: int, V: int, clip: bool) -> list[tuple[str, tuple[boo
 
 def chunk_warps(BT: int, BK: int, fp32: bool, split_forward: bool = False) -> int:
     """Warps per program of the chunk kernels. Their tile-long ``[BT, K]`` operands and accumulators
-    ask for more registers than a thread has: 8 warps cut the spills against 4 (per thread, bf16,
-    K = V = 64, sm_90: forward 2.2 to 1.0 KB, backward 8.2 to 2.6 KB). Float32 operands (``fp32``)
-    in 32-token tiles with K blocks of 64 and more take 16: at 8 ptxas falls back to 32 registers
-    and spills 9-53 KB a thread (sm_90, chunk 64: forward K = V = 64 9.4 KB, 128 10.5 KB, clipped
-    64 9.2 KB; backward 64 25.7 KB, 128 26.8 KB, clipped 64 22.3 KB, split clipped 128 35.8 KB), at
-    16 2.0, 3.2, 3.5, 5.2, 16.8, 6.8 and 8.0 KB (sm_80 alike). Not the split forward
-    (``split_forward``), which spills 2.7 KB at 8 and 6.7 KB at 16, nor 16-token tiles or bf16 (no
-    fallback at 8). Static figures from ``benchmarks.kernel_resources``; GPU timings not taken."""
+    ask for more registers than a thread has: 8 warps spill less than 4. Float32 operands
+    (``fp32``) in 32-token tiles with K blocks of 64 and more take 16: at 8 ptxas falls back to 32
+    registers a thread and spills several times more. Not the split forward (``split_forward``),
+    which spills more at 16 than at 8, nor 16-token tiles or bf16 (no fallback at 8). Static
+    figures (``benchmarks.kernel_resources``): docs/kernels.md."""
     return 16 if fp32 and BT >= 32 and BK >= 64 and not split_forward else 8
 
 
 def decode_warps(BK: int, BV: int) -> int:
     """Warps per program of the decode kernel: 4, or 16 for the state tiles beyond 64 x 64 that only
     clipping launches (K, V > 64 in one V block): at 8 ptxas falls back to 32 registers and spills
-    8.2 KB a thread at K = V = 128 (sm_90), at 16 2.8 KB."""
+    more (figures: docs/kernels.md)."""
     return 16 if BK * BV > 64 * 64 else 4
 
 

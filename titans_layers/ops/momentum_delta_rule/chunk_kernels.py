@@ -31,19 +31,19 @@ theta everywhere theta was used.
   anchor, hence ``e``, depends on every earlier clip decision; in the backward the clip adjoint
   of each token needs ``dtheta'``, a sum over all of V). With ``CLIP`` the forward and the decode
   kernel use a single V block (NV = 1, BV = next power of 2 of V, V <= 128): the state tiles grow
-  from ``[K, <=64]`` to ``[K, V]`` (the decode kernel takes 8 warps beyond 64 x 64), so at large
-  heads a clipped call keeps up to 4x more state per program and runs fewer programs than an
-  unclipped one. The backward does the same up to ``CLIP_BWD_MAX_TILE`` (64 x 64) state
-  elements; beyond, one block would need more shared memory than an A100/H100 has (fp32 at
-  128 x 64: 234 KB), so ``chunk_split_kernels.chunk_momentum_delta_rule_bwd_split_kernel`` walks
-  V in sub-blocks of the unclipped width, with the adjoint state in global memory and two passes
-  per tile. On a GPU with 99 KB of shared memory a block (sm_86, sm_89, sm_120) the forward above
-  K = V = 64 likewise takes ``chunk_momentum_delta_rule_fwd_split_kernel``, and the backward
+  from ``[K, <=64]`` to ``[K, V]`` (the decode kernel takes more warps beyond 64 x 64,
+  ``chunk.decode_warps``), so at large heads a clipped call keeps up to 4x more state per program
+  and runs fewer programs than an unclipped one. The backward does the same up to
+  ``CLIP_BWD_MAX_TILE`` (64 x 64) state elements; beyond, one block would need more shared memory
+  than an A100/H100 has, so ``chunk_split_kernels.chunk_momentum_delta_rule_bwd_split_kernel``
+  walks V in sub-blocks of the unclipped width, with the adjoint state in global memory and two
+  passes per tile. On a GPU with 99 KB of shared memory a block (sm_86, sm_89, sm_120) the forward
+  above K = V = 64 likewise takes ``chunk_momentum_delta_rule_fwd_split_kernel``, and the backward
   narrower sub-blocks: each launch is the first of ``chunk.forward_candidates`` /
-  ``chunk.backward_candidates`` that fits. With a bound that never
-  bites the results equal the unclipped kernel's bit for bit when V fits one block anyway (V <= 64,
-  or <= 32 for K > 64); otherwise only the summation order of the V-block partials of dq, dk and
-  the gates differs.
+  ``chunk.backward_candidates`` that fits. With a bound that never bites the results equal the
+  unclipped kernel's bit for bit when V fits one block anyway (V <= 64, or <= 32 for K > 64);
+  otherwise only the summation order of the V-block partials of dq, dk and the gates differs.
+  Shared memory, registers and spills of each launch: docs/kernels.md.
 - Saved norms. The forward stores each token's ``n_t`` in a ``[B*T, H]`` float32 buffer next to
   the tile states; the backward reloads it and re-derives ``theta'`` with the same helper, so the
   clip decision (a discontinuity of the gradient) is the forward's bit for bit even where the

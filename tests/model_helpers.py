@@ -4,6 +4,7 @@ import torch
 from fla.models.utils import Cache
 
 from titans_layers.models import TitansConfig, TitansForCausalLM
+from titans_layers.models.generation import LM_CACHE_FIELD
 
 VARIANTS = ["mac", "mag", "mal", "lmm", "mac_mal"]
 MEMORIES = ["linear", "mlp"]
@@ -37,17 +38,23 @@ def logits(model, ids, **kwargs) -> torch.Tensor:
         return model(ids, use_cache=False, **kwargs).logits
 
 
+def cache_of(output) -> Cache:
+    """The cache of a model output, under the field name of the installed Transformers (``cache``
+    from 5.24 on, ``past_key_values`` before)."""
+    return getattr(output, LM_CACHE_FIELD)
+
+
 def decode_logits(model, ids, prefill: int, attention_mask=None) -> tuple[torch.Tensor, Cache]:
     """Prefill ``ids[:, :prefill]`` then feed one token per call through fla's ``Cache``; returns
     the logits of every position ``[B, T, V]`` and the cache."""
     mask = (lambda t: None) if attention_mask is None else (lambda t: attention_mask[:, :t])
     with torch.no_grad():
         out = model(ids[:, :prefill], attention_mask=mask(prefill), past_key_values=Cache(), use_cache=True)
-        outs, cache = [out.logits], out.past_key_values
+        outs, cache = [out.logits], cache_of(out)
         for t in range(prefill, ids.shape[1]):
             out = model(ids[:, t:t + 1], attention_mask=mask(t + 1), past_key_values=cache, use_cache=True)
             outs.append(out.logits)
-            cache = out.past_key_values
+            cache = cache_of(out)
     return torch.cat(outs, dim=1), cache
 
 

@@ -6,7 +6,7 @@ file again under the oldest and the newest supported Transformers."""
 import pytest
 import torch
 from fla.models.utils import Cache
-from model_helpers import MEMORIES, VARIANTS, logits, tiny_model, token_ids
+from model_helpers import MEMORIES, VARIANTS, cache_of, logits, tiny_model, token_ids
 
 from titans_layers.models import TitansCache
 from titans_layers.models.generation import LM_CACHE_FIELD, MODEL_CACHE_FIELD
@@ -93,7 +93,7 @@ def test_cache_keyword_and_past_key_values_give_the_same_decoding():
     for name in ("past_key_values", "cache"):
         with torch.no_grad():
             out = model(ids[:, :7], use_cache=True, **{name: TitansCache()})
-            step = model(ids[:, 7:9], use_cache=True, **{name: getattr(out, LM_CACHE_FIELD)})
+            step = model(ids[:, 7:9], use_cache=True, **{name: cache_of(out)})
         results.append(step.logits)
     assert_close("logits decoded from `cache`", results[1], results[0], 0.0)
     assert_close("against the full forward", results[0], logits(model, ids)[:, 7:9], 1e-5)

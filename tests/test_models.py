@@ -6,8 +6,8 @@ import torch
 import torch.nn as nn
 from fla.layers.utils import get_layer_cache, update_layer_cache
 from fla.models.utils import Cache
-from model_helpers import (MEMORIES, VARIANTS, causality_violations, decode_logits, logits, tiny_config, tiny_model,
-                           token_ids)
+from model_helpers import (MEMORIES, VARIANTS, cache_of, causality_violations, decode_logits, logits, tiny_config,
+                           tiny_model, token_ids)
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 from titans_layers.models import (MACMixer, MACState, TitansCache, TitansConfig, TitansForCausalLM, TitansModel,
@@ -79,9 +79,9 @@ def test_a_call_without_use_cache_leaves_the_cache_untouched(variant):
     model = tiny_model(variant)
     ids = token_ids(T=12)
     with torch.no_grad():
-        ref_cache = model(ids[:, :7], use_cache=True).past_key_values
+        ref_cache = cache_of(model(ids[:, :7], use_cache=True))
         ref = model(ids[:, 7:9], past_key_values=ref_cache, use_cache=True).logits
-        cache = model(ids[:, :7], use_cache=True).past_key_values
+        cache = cache_of(model(ids[:, :7], use_cache=True))
         scored = model(ids[:, 7:10], past_key_values=cache, use_cache=False).logits
         assert cache.get_seq_length() == 7
         got = model(ids[:, 7:9], past_key_values=cache, use_cache=True).logits
@@ -136,7 +136,7 @@ def test_cache_holds_every_sublayer_and_the_mac_state():
     model = tiny_model("mac_mal")
     assert [layer.mixer.layer_idx for layer in model.model.layers[::2]] == [0]
     with torch.no_grad():
-        cache = model(token_ids(T=7), use_cache=True).past_key_values
+        cache = cache_of(model(token_ids(T=7), use_cache=True))
     assert len(cache) == 5 and all(cache[i]["recurrent_state"] is not None for i in range(5))
     state = cache[0]["recurrent_state"]
     assert isinstance(state, MACState)
@@ -147,7 +147,7 @@ def test_cache_holds_every_sublayer_and_the_mac_state():
 def test_mac_state_with_learned_queries_holds_the_r_retrieved_tokens_only():
     model = tiny_model("mac", **RETRIEVAL["learned"])
     with torch.no_grad():
-        cache = model(token_ids(T=7), use_cache=True).past_key_values
+        cache = cache_of(model(token_ids(T=7), use_cache=True))
     state = cache[0]["recurrent_state"]
     assert isinstance(state, MACState) and state.phase.tolist() == [2, 2]
     assert state.retrieved.shape == (2, 3, 32)
@@ -451,10 +451,10 @@ def test_reordered_cache_decodes_the_reordered_rows(variant, retrieval):
     model = tiny_model(variant, "mlp", **RETRIEVAL[retrieval])
     ids = token_ids(B=3, T=9)
     with torch.no_grad():
-        cache = model(ids[:, :7], use_cache=True).past_key_values
+        cache = cache_of(model(ids[:, :7], use_cache=True))
         assert isinstance(cache, TitansCache)
         ref = model(ids[:, 7:8], past_key_values=cache, use_cache=True).logits
-        cache = model(ids[:, :7], use_cache=True).past_key_values
+        cache = cache_of(model(ids[:, :7], use_cache=True))
         order = torch.tensor([2, 0, 1])
         cache.reorder_cache(order)
         got = model(ids[order, 7:8], past_key_values=cache, use_cache=True).logits
@@ -558,7 +558,7 @@ def test_bad_inputs_are_named():
         model(ids[:1], attention_mask=mask, cu_seqlens=torch.tensor([0, 17]))
     with pytest.raises(ValueError, match="`labels`"):
         model(ids, labels=ids[:, :5])
-    cache = model(ids, use_cache=True).past_key_values
+    cache = cache_of(model(ids, use_cache=True))
     with pytest.raises(ValueError, match="cached MAC state has 2 sequences"):
         model(ids[:1, :1], past_key_values=cache, use_cache=True)
 

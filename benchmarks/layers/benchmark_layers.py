@@ -5,8 +5,7 @@ calls it (``layer(x)[0]`` on ``x`` ``[B, T, D]``), timed forward only and forwar
 (gradients of x and of every parameter):
 
 - ``titans_linear``: ``NeuralMemory(memory="linear")``, heads of ``head_dim``, chunk 64 (Triton on CUDA);
-- ``titans_mlp``: ``NeuralMemory(memory="mlp")``, Dh = 2 * head_dim (the PyTorch dual form until
-  the MLP kernels land);
+- ``titans_mlp``: ``NeuralMemory(memory="mlp")``, Dh = 2 * head_dim (its Triton kernels on CUDA);
 - ``fla_mamba2``: ``fla.layers.Mamba2`` (expand 2, state 128, heads of 64);
 - ``fla_deltanet``: ``fla.layers.DeltaNet`` (heads of ``head_dim``);
 - ``fla_gated_deltanet``: ``fla.layers.GatedDeltaNet`` (heads of ``head_dim``, expand_v 1);

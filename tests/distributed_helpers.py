@@ -10,7 +10,6 @@ needs at the test module's top).
 from __future__ import annotations
 
 import os
-import socket
 import tempfile
 import traceback
 
@@ -19,16 +18,11 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _worker(rank, world_size, port, out_dir, fn, args):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+def _worker(rank, world_size, out_dir, fn, args):
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    # rendezvous through a file (no TCP port to collide with other test runs on the machine)
+    dist.init_process_group("gloo", init_method=f"file://{os.path.join(out_dir, 'rendezvous')}", rank=rank,
+                            world_size=world_size)
     try:
         result = fn(rank, world_size, *args)
         torch.save(("ok", result), os.path.join(out_dir, f"{rank}.pt"))
@@ -47,7 +41,7 @@ def run_group(world_size: int, fn, *args):
         try:
             # fork: the workers inherit the parent's imports (a spawned worker re-imports torch, fla and
             # the library, tens of seconds on a loaded 2-core machine)
-            mp.start_processes(_worker, args=(world_size, _free_port(), out_dir, fn, args), nprocs=world_size,
+            mp.start_processes(_worker, args=(world_size, out_dir, fn, args), nprocs=world_size,
                                join=True, start_method="fork")
         except Exception as err:
             msgs = []

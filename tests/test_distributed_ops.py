@@ -21,7 +21,7 @@ LAYOUTS = {2: [[0, 3, 17, 24], [0, 12, 20, 24], [0, 24]], 3: [[0, 5, 30, 36], [0
 H, K, V, DH = 6, 8, 8, 16
 
 
-def _inputs(T: int, seed: int, family: str, N: int):
+def _inputs(T: int, seed: int, family: str, N: int, H=H, K=K, V=V, DH=DH):
     g = torch.Generator().manual_seed(seed)
     r = lambda *s: torch.randn(*s, generator=g)
     u = lambda *s: torch.rand(*s, generator=g)
@@ -41,16 +41,16 @@ def _fields(state):
     return [t for t in state if isinstance(t, torch.Tensor) and t.is_floating_point()]
 
 
-def _check(op_name: str, mode: str, C: int, cu: list, seed: int, extra: dict) -> dict:
+def _check(op_name: str, mode: str, C: int, cu: list, seed: int, extra: dict, dims=None) -> dict:
     import titans_layers.ops as ops
     from titans_layers.distributed import build_cp_context, context_parallel_update
 
     op = getattr(ops, op_name)
     family = "linear" if "momentum" in op_name else "mlp"
     T, N = cu[-1], len(cu) - 1
-    inputs, init = _inputs(T, seed, family, N)
+    inputs, init = _inputs(T, seed, family, N, **(dims or {}))
     g = torch.Generator().manual_seed(seed + 1)
-    w_o = torch.randn(1, T, H, V, generator=g)
+    w_o = torch.randn(inputs[2].shape, generator=g)
     cu_t = torch.tensor(cu)
 
     # one process, the whole batch
@@ -111,9 +111,26 @@ CASES = [  # (op, mode, chunk size, options)
 ]
 
 
+# the Triton kernels (under TRITON_INTERPRET=1 without a GPU): 2 ranks, the first layout, chunk 16
+# (the slice edge at 12 falls inside the first chunk of a sequence that began at 3)
+KERNEL_CASES = [
+    ("chunk_momentum_delta_rule", "parallel", 16, {}),
+    ("chunk_mlp_memory", "sequential", 16, {}),
+]
+KERNEL_DIMS = dict(H=2, K=16, V=16, DH=32)
+
+
 def _all_checks(rank, world_size):
     torch.manual_seed(0)
     results = {}
+    if world_size == 2:
+        cu = LAYOUTS[2][0]
+        for ci, (op_name, mode, C, extra) in enumerate(KERNEL_CASES):
+            errs = _check(op_name, mode, C, cu, seed=50 + ci, extra=extra, dims=KERNEL_DIMS)
+            gathered = [None] * world_size
+            dist.all_gather_object(gathered, errs)
+            results[(op_name, mode, C, str(extra), tuple(cu))] = {
+                k_: max(d.get(k_, 0.0) for d in gathered) for d in gathered for k_ in d}
     for li, cu in enumerate(LAYOUTS[world_size]):
         for ci, (op_name, mode, C, extra) in enumerate(CASES):
             errs = _check(op_name, mode, C, cu, seed=100 * li + ci, extra=extra)

@@ -133,9 +133,45 @@ def _model_checks(world_size) -> dict:
     return res
 
 
+def _bad_calls(world_size) -> dict:
+    """Calls a context-parallel layer or model cannot take raise clear errors; returns the messages."""
+    from tests.model_helpers import tiny_config
+    from titans_layers.distributed import build_cp_context
+    from titans_layers.models import TitansForCausalLM
+    from titans_layers.modules import NeuralMemory, ShortConvolution, SlidingWindowAttention
+    cp = build_cp_context(torch.tensor([0, 5, 6 * world_size]))
+    x = torch.randn(1, 6, D)
+    memory, attention, conv = NeuralMemory(D, 2, chunk_size=4), SlidingWindowAttention(D, 2, 6), ShortConvolution(D)
+    msgs = {}
+
+    def expect(name, fn, exc=ValueError):
+        try:
+            fn()
+        except exc as err:
+            msgs[name] = str(err)
+        else:
+            raise AssertionError(f"{name} did not raise")
+
+    expect("mask", lambda: memory(x, attention_mask=torch.ones(1, 6), cp_context=cp))
+    expect("cu_seqlens", lambda: attention(x, cu_seqlens=torch.tensor([0, 6]), cp_context=cp))
+    expect("cache", lambda: memory(x, use_cache=True, cp_context=cp))
+    expect("slice", lambda: attention(torch.randn(1, 5, D), cp_context=cp))
+    expect("batch", lambda: memory(torch.randn(2, 6, D), cp_context=cp))
+    expect("conv_cache", lambda: conv(x, cache=torch.zeros(2, 3, D), cp_context=cp))
+    expect("not_context", lambda: memory(x, cp_context=(0, 6)), TypeError)
+    model = TitansForCausalLM(tiny_config("mag"))
+    ids = torch.randint(1, 100, (1, 6))
+    expect("labels", lambda: model(ids, labels=ids, cp_context=cp))
+    fla_model = TitansForCausalLM(tiny_config("mag", block_types=["mag", "gated_deltanet"]))
+    expect("fla_block", lambda: fla_model(ids, cp_context=cp, use_cache=False))
+    # eval mode defaults to use_cache=True, which a cp_context turns off (no error)
+    model.eval()(ids, cp_context=cp)
+    return msgs
+
+
 def _all_checks(rank, world_size):
     torch.manual_seed(0)
-    out = {}
+    out = {"bad": _bad_calls(world_size)}
     for part in (_layer_checks(world_size), _model_checks(world_size)):
         for key, errs in part.items():
             gathered = [None] * world_size
@@ -154,20 +190,35 @@ def _bad(errs: dict, key) -> list:
 
 
 def _failures(res, prefix):
-    return [msg for key, errs in res.items() if key[0].startswith(prefix) for msg in _bad(errs, key)]
+    return [msg for key, errs in res.items() if key != "bad" and key[0].startswith(prefix)
+            for msg in _bad(errs, key)]
 
 
 @pytest.mark.parametrize("kind", ["conv", "swa", "memory"])
 def test_layers_equal_one_process(results, kind):
     world_size, res = results
-    assert any(key[0].startswith(kind) for key in res)
+    assert any(key != "bad" and key[0].startswith(kind) for key in res)
     assert not _failures(res, kind), "\n".join(_failures(res, kind))
 
 
 @pytest.mark.parametrize("model", list(MODELS))
 def test_models_equal_one_process(results, model):
     world_size, res = results
-    keys = [key for key in res if key[0] == model]
+    keys = [key for key in res if key != "bad" and key[0] == model]
     assert keys
     bad = [msg for key in keys for msg in _bad(res[key], key)]
     assert not bad, "\n".join(bad)
+
+
+def test_bad_calls_raise_clear_errors(results):
+    world_size, res = results
+    msgs = res["bad"]
+    for name in ("mask", "cu_seqlens"):
+        assert "neither `attention_mask` nor `cu_seqlens`" in msgs[name]
+    assert "without a cache" in msgs["cache"]
+    assert "this rank's slice of" in msgs["slice"]
+    assert "B = 1" in msgs["batch"]
+    assert "neither `cache` nor `cu_seqlens`" in msgs["conv_cache"]
+    assert "CPContext" in msgs["not_context"]
+    assert "targets shifted over the whole batch" in msgs["labels"]
+    assert "does not take `cp_context`" in msgs["fla_block"]

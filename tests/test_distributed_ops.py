@@ -48,14 +48,27 @@ def _check(op_name: str, mode: str, C: int, cu: list, seed: int, extra: dict, di
     op = getattr(ops, op_name)
     family = "linear" if "momentum" in op_name else "mlp"
     T, N = cu[-1], len(cu) - 1
+    extra = dict(extra)
+    state_init = extra.pop("state_init", False)  # a state mid-chunk (offsets and anchors) for every sequence
     inputs, init = _inputs(T, seed, family, N, **(dims or {}))
+    make_init = tuple
+    if state_init:
+        g0 = torch.Generator().manual_seed(seed + 2)
+        offsets = torch.randint(0, C, (N,), generator=g0)
+        shapes = [init[0].shape] if family == "linear" else [init[0].shape, init[1].shape] * 2
+        init = init + [0.1 * torch.randn(shape, generator=g0) for shape in shapes]
+        if family == "linear":  # (M, S, anchor)
+            make_init = lambda t: ops.MomentumDeltaRuleState(*t, offset=offsets, chunk_size=C)  # noqa: E731
+        else:  # (W1, W2, S1, S2, anchor1 = W1 + noise, anchor2)
+            make_init = lambda t: ops.MLPMemoryState(t[0], t[1], t[2], t[3], t[0] + 0.1 * t[4], t[1] + 0.1 * t[5],  # noqa: E731
+                                                     offset=offsets, chunk_size=C)
     g = torch.Generator().manual_seed(seed + 1)
     w_o = torch.randn(inputs[2].shape, generator=g)
     cu_t = torch.tensor(cu)
 
     # one process, the whole batch
     ref_in = [x.clone().requires_grad_() for x in inputs + init]
-    o_ref, fs_ref = op(*ref_in[:6], chunk_size=C, initial_state=tuple(ref_in[6:]), output_final_state=True,
+    o_ref, fs_ref = op(*ref_in[:6], chunk_size=C, initial_state=make_init(ref_in[6:]), output_final_state=True,
                        cu_seqlens=cu_t, **extra)
     f_ref = _fields(fs_ref)
     w_f = [torch.randn(f.shape, generator=g) for f in f_ref]
@@ -68,7 +81,7 @@ def _check(op_name: str, mode: str, C: int, cu: list, seed: int, extra: dict, di
     local = [x[:, s:e].clone().requires_grad_() for x in inputs]
     init_cp = [x.clone().requires_grad_() for x in init]
     o, fs = context_parallel_update(op, *local, cp_context=cp, mode=mode, chunk_size=C,
-                                    initial_state=tuple(init_cp), output_final_state=True, **extra)
+                                    initial_state=make_init(init_cp), output_final_state=True, **extra)
     ids = list(cp.seq_ids)
     ends_here = [i for i, sid in enumerate(ids) if cu[sid + 1] <= e]  # rows whose sequence ends in this slice
     fl = _fields(fs)
@@ -84,6 +97,8 @@ def _check(op_name: str, mode: str, C: int, cu: list, seed: int, extra: dict, di
         cut = torch.tensor([c for c in cu if c < e] + [e])
         n_cut = len(cut) - 1
         init_cut = tuple(x[:n_cut] if x.shape[0] > 1 else x for x in init)
+        if state_init:
+            init_cut = make_init(init_cut)._replace(offset=offsets[:n_cut])
         _, fs_cut = op(*[x[:, :e] for x in inputs], chunk_size=C, initial_state=init_cut, output_final_state=True,
                        cu_seqlens=cut, **extra)
         errs["edge_state"] = max(rel_err(f.detach()[-1], fc[-1]) for f, fc in zip(fl, _fields(fs_cut)))
@@ -107,8 +122,22 @@ CASES = [  # (op, mode, chunk size, options)
     ("naive_chunk_momentum_delta_rule", "heads", 4, {}),
     ("naive_recurrent_momentum_delta_rule", "parallel", 3, {}),
     ("naive_chunk_mlp_memory", "sequential", 4, {}),
+    ("naive_chunk_momentum_delta_rule", "parallel", 4, {"state_init": True}),
+    ("naive_chunk_mlp_memory", "sequential", 5, {"state_init": True, "activation": "gelu"}),
     ("naive_chunk_mlp_memory", "heads", 5, {"activation": "gelu"}),
 ]
+
+
+def _max_over_ranks(errs: dict, world_size: int) -> dict:
+    """Each error's largest value over the ranks (ranks may report different keys: a rank with no
+    sequence crossing its right edge has no edge state)."""
+    gathered = [None] * world_size
+    dist.all_gather_object(gathered, errs)
+    merged = {}
+    for d in gathered:
+        for k, v in d.items():
+            merged[k] = max(merged.get(k, 0.0), v)
+    return merged
 
 
 # the Triton kernels (under TRITON_INTERPRET=1 without a GPU): 2 ranks, the first layout, chunk 16
@@ -127,24 +156,11 @@ def _all_checks(rank, world_size):
         cu = LAYOUTS[2][0]
         for ci, (op_name, mode, C, extra) in enumerate(KERNEL_CASES):
             errs = _check(op_name, mode, C, cu, seed=50 + ci, extra=extra, dims=KERNEL_DIMS)
-            gathered = [None] * world_size
-            dist.all_gather_object(gathered, errs)
-            results[(op_name, mode, C, str(extra), tuple(cu))] = {
-                k_: max(d.get(k_, 0.0) for d in gathered) for d in gathered for k_ in d}
+            results[(op_name, mode, C, str(extra), tuple(cu))] = _max_over_ranks(errs, world_size)
     for li, cu in enumerate(LAYOUTS[world_size]):
         for ci, (op_name, mode, C, extra) in enumerate(CASES):
             errs = _check(op_name, mode, C, cu, seed=100 * li + ci, extra=extra)
-            worst = torch.tensor([errs[k] for k in sorted(errs)], dtype=torch.float64)
-            keys = sorted(errs)
-            # the same keys on every rank are not guaranteed: reduce per rank, gather the dicts
-            gathered = [None] * world_size
-            dist.all_gather_object(gathered, errs)
-            merged = {}
-            for d in gathered:
-                for k_, v_ in d.items():
-                    merged[k_] = max(merged.get(k_, 0.0), v_)
-            results[(op_name, mode, C, str(extra), tuple(cu))] = merged
-            del worst, keys
+            results[(op_name, mode, C, str(extra), tuple(cu))] = _max_over_ranks(errs, world_size)
     results["bad"] = _bad_contexts(rank, world_size)
     return results
 

@@ -15,9 +15,10 @@ import torch
 import torch.distributed as dist
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class CPContext:
-    """This rank's slice of a packed batch under context parallelism (frozen: build one per step).
+    """This rank's slice of a packed batch under context parallelism (frozen: build one per step;
+    compared by identity).
 
     Fields:
 

@@ -130,6 +130,9 @@ def _model_checks(world_size) -> dict:
             (out * w[:, cp.start:cp.end]).sum().backward()
             res[(name, li)] = {"logits": rel_err(out.detach(), logits_ref.detach()[:, cp.start:cp.end]),
                                **_param_grad_errors(model, ref)}
+            with torch.no_grad():  # inference: the chains and halos run without their backward halves
+                out = model.eval()(ids[:, cp.start:cp.end], cp_context=cp).logits
+            res[(name, li)]["logits_no_grad"] = rel_err(out, logits_ref.detach()[:, cp.start:cp.end])
     return res
 
 

@@ -98,27 +98,34 @@ class _SendNext(torch.autograd.Function):
         return (grad, None, *recv_tensors(fctx.templates, fctx.cp.rank + 1, fctx.cp.group))
 
 
-def receive_state(anchor: torch.Tensor, cp: CPContext, templates) -> list[torch.Tensor] | None:
+def receive_state(cp: CPContext, templates, needs_grad: bool) -> list[torch.Tensor] | None:
     """The state the previous rank hands on (:func:`hand_on_state`), shaped like ``templates``;
-    None when this rank's first sequence begins here. Differentiable: in the backward the
-    gradient of the received state goes back to the previous rank. ``anchor`` (e.g. the layer's
-    input) ties that backward to this rank's graph; it receives a zero gradient."""
+    None when this rank's first sequence begins here. With ``needs_grad`` the received tensors
+    require grad, and the backward sends their gradient back to the previous rank.
+
+    ``needs_grad`` must be the same on both ranks of a pair (e.g. grad mode on and the chained
+    module has trainable parameters): the previous rank waits for the gradient when it is set."""
     if not cp.continues_left:
         return None
-    if anchor.requires_grad and torch.is_grad_enabled():
+    if needs_grad:
+        anchor = torch.zeros((), requires_grad=True)  # ties the backward to this rank's graph
         return list(_RecvPrevious.apply(anchor, cp, list(templates)))
     return recv_tensors(templates, cp.rank - 1, cp.group)
 
 
-def hand_on_state(out: torch.Tensor, cp: CPContext, outgoing) -> torch.Tensor:
+def hand_on_state(out: torch.Tensor, cp: CPContext, outgoing, needs_grad: bool) -> torch.Tensor:
     """Send ``outgoing`` (this rank's state at its right edge) to the next rank and return ``out``
-    unchanged, carrying in its backward the receipt of the state's gradient from the next rank.
-    Ranks whose last sequence ends here send nothing. Together with :func:`receive_state` this
-    chains any module across ranks with ordinary autograd (parameters included); the chained
-    computation runs one rank after another, forward and backward."""
+    unchanged; with ``needs_grad`` (as given to the next rank's :func:`receive_state`; ``out`` must
+    then require grad) its backward first receives the state's gradient from the next rank. Ranks
+    whose last sequence ends here send nothing. Together with :func:`receive_state` this chains any
+    module across ranks with ordinary autograd (parameters included); the chained computation runs
+    one rank after another, forward and backward."""
     if not cp.continues_right:
         return out
-    if out.requires_grad and torch.is_grad_enabled():
+    if needs_grad:
+        if not out.requires_grad:
+            raise ValueError("hand_on_state(needs_grad=True) needs an `out` that requires grad: the next rank "
+                             "sends the state's gradient back through its backward")
         return _SendNext.apply(out, cp, *outgoing)
     send_tensors(outgoing, cp.rank + 1, cp.group)
     return out

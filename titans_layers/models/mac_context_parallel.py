@@ -99,11 +99,14 @@ def mac_forward_cp(mixer, hidden_states: torch.Tensor, cp: CPContext) -> torch.T
     N = cp.num_local_sequences
     work = _fresh(mixer, N, hidden_states)
     templates = [t[:1].detach() for t in _float_fields(mixer, work)]
-    row0 = receive_state(hidden_states, cp, templates)
+    # the same on every rank (the parameters are replicated), as the chain needs
+    needs_grad = torch.is_grad_enabled() and (hidden_states.requires_grad or
+                                              any(p.requires_grad for p in mixer.parameters()))
+    row0 = receive_state(cp, templates, needs_grad)
     if row0 is not None:
         S, C = mixer.segment_size, mixer.memory.chunk_size
         _seed_first_row(mixer, work, row0, cp.left_offset % S, cp.left_offset % C)
     o, _, _ = mixer.forward(hidden_states, past_key_values=work, use_cache=True, cu_seqlens=cp.cu_seqlens.to(
         hidden_states.device))
     outgoing = [t[-1:] for t in _float_fields(mixer, work)]
-    return hand_on_state(o, cp, outgoing)
+    return hand_on_state(o, cp, outgoing, needs_grad)

@@ -58,7 +58,10 @@ class TitansModel(TitansPreTrainedModel):
     dropped); ``cu_seqlens`` packs N sequences into one row (B = 1). With ``use_cache`` the state
     of every stateful sublayer lives in fla's ``Cache`` (indices from
     :func:`~titans_layers.models.blocks.cache_slots`); a call without one creates a
-    :class:`~titans_layers.models.cache.TitansCache`.
+    :class:`~titans_layers.models.cache.TitansCache`. ``cp_context`` (a
+    :class:`~titans_layers.distributed.CPContext`): context parallelism, the inputs are this rank's
+    slice ``[1, T / R]`` of one packed batch; it reaches every block, and the cache is off
+    (``docs/distributed.md``).
     """
 
     def __init__(self, config: TitansConfig):

@@ -8,9 +8,12 @@ the sequence's first token). For segment s with tokens x (SPEC §3):
 2. **attend**: softmax attention of the segment's tokens over ``[persistent || h || x]``: the
    persistent tokens are visible to every position, retrieved token i to position j only when
    i <= j, and the segment's own tokens causally (the attention never looks outside the segment);
-3. **write**: the attention output y goes into the memory with the per-token update (the memory
-   layer's forward continues the state, so position j reads only writes from positions <= j);
-   its read ``m_j = f(y_j; W_j)`` comes back;
+3. **write**: the residual stream after the attention, ``x + y``, goes into the memory with the
+   per-token update (the memory layer's forward continues the state, so position j reads only
+   writes from positions <= j); its read ``m_j = f(x_j + y_j; W_j)`` comes back. The paper writes
+   y alone; with y alone the memory's keys and values are attention mixtures of the segment, which
+   at initialisation are near-uniform averages that carry no token's identity, and a small MAC
+   did not learn associative recall that LMM learns (measured in ``docs/experiments.md``);
 4. **gate**: ``o = MemoryGate(y, m) = norm(y) * act(norm(m))``.
 
 Learned retrieval queries (``config.num_retrieval_queries = R > 0``, SPEC §3's option). Step 1
@@ -228,7 +231,8 @@ class MACMixer(nn.Module):
             prefix, positions = self._prefix(retrieved, first)
             y, _, _ = self.attention(xs[idx][None], past_key_values=work, use_cache=True, cu_seqlens=cu_k,
                                      prefix_states=prefix, prefix_positions=positions)  # [1, n_k, D]
-            m, _, _ = self.memory(y, past_key_values=work, use_cache=True, cu_seqlens=cu_k)  # [1, n_k, D]
+            m, _, _ = self.memory(y + xs[idx][None], past_key_values=work, use_cache=True,
+                                  cu_seqlens=cu_k)  # [1, n_k, D] writes the residual stream x + y
             pieces.append(self.gate(y, m)[0])
             order.append(idx)
         if n_steps:
@@ -261,7 +265,7 @@ class MACMixer(nn.Module):
                 h = self.memory.retrieve(q[:, s0:s0 + S], xs, weights)
             prefix, positions = self._prefix(h)
             y, _, _ = self.attention(xs, prefix_states=prefix, prefix_positions=positions)  # [B, L, D]
-            m, _, _ = self.memory(y, past_key_values=states, use_cache=True)  # [B, L, D]
+            m, _, _ = self.memory(y + xs, past_key_values=states, use_cache=True)  # [B, L, D] writes x + y
             outs.append(self.gate(y, m))
         return torch.cat(outs, dim=1) if outs else x.new_zeros(B, 0, D)
 

@@ -79,9 +79,13 @@ class MAGMixer(nn.Module):
 
 
 class MALMixer(nn.Module):
-    """MAL (memory as layer): ``o = SWA([p || M(x)])``, the memory first and the sliding-window
-    attention over its output (the paper's ``y = M(x~)``, ``o = SW-Attn(y)``, inside one residual
-    branch). Cache indices: memory, attention."""
+    """MAL (memory as layer): the memory layer, then the sliding-window attention layer, each with
+    its residual: ``m = M(x)``, ``o = m + SWA([p || x + m])`` (the paper's ``y = M(x~)``,
+    ``o = SW-Attn(y)`` as two pre-norm residual sublayers inside one block, whose own residual adds
+    x). Without the two residuals (``o = SWA(M(x))``) the attention sees only the memory's reads,
+    which carry no token's identity at initialisation, and the memory's read reaches the output only
+    through an attention average: a small MAL did not learn associative recall that LMM learns
+    (measured in ``docs/experiments.md``). Cache indices: memory, attention."""
 
     def __init__(self, config: TitansConfig, cache_indices: list[int]):
         super().__init__()
@@ -94,4 +98,6 @@ class MALMixer(nn.Module):
         past_key_values = resolve_cache(past_key_values, kwargs)
         common = dict(attention_mask=attention_mask, past_key_values=past_key_values, use_cache=use_cache)
         m, _, past_key_values = self.memory(hidden_states, **common, **kwargs)  # [B, T, D]
-        return self.attention(m, prefix_states=_prefix(self.persistent), **common, **kwargs)
+        y, _, past_key_values = self.attention(hidden_states + m, prefix_states=_prefix(self.persistent), **common,
+                                               **kwargs)  # [B, T, D]
+        return m + y, None, past_key_values

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import re
+import resource
 import shlex
 import sys
 import time
@@ -277,6 +278,8 @@ def main(argv: list[str] | None = None) -> int:
           + (f"; skipped: {', '.join(s['model'] for s in settings['skipped'])}" if settings["skipped"] else ""),
           file=sys.stderr)
     runs = run_all(specs, jobs=args.jobs, threads=args.threads, progress=not args.no_progress)
+    usage = [resource.getrusage(who) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
+    cpu_s = sum(u.ru_utime + u.ru_stime for u in usage)  # this process and its finished workers
     interrupted = len(runs) < len(specs) or any(r.get("status") != "ok" and "interrupted" in r.get("status", "")
                                                  for r in runs)
     runs = [r for r in runs if r.get("status") != "not run (interrupted)"]
@@ -286,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
     results = dict(task=settings["task"], task_options=settings["task_options"], train_options=settings["train"],
                    eval_options=settings["eval_options"], sets=settings["sets"], command=command,
                    device=f"{settings['device']}: {device_name(settings['device'])}", versions=versions(),
-                   wall_s=time.perf_counter() - t0, interrupted=interrupted, skipped=settings["skipped"],
+                   wall_s=time.perf_counter() - t0, cpu_s=cpu_s, jobs=args.jobs, interrupted=interrupted, skipped=settings["skipped"],
                    window_size=window, notes=notes_for(settings, runs), runs=runs)
     plots = make_plots(results, out)
     results["plots"] = [Path(p).name for p in plots]

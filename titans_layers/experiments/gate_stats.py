@@ -83,8 +83,9 @@ def gate_statistics(model: torch.nn.Module, inputs: torch.Tensor, roles: np.ndar
         entry = {"layer": name, "max_step_size": layer.max_step_size}
         for gate in GATES:
             g = torch.cat(caught[name][gate], dim=1).cpu().numpy()  # [B, T, H]
-            hi = layer.max_step_size if gate == "theta" else 1.0
             flat = g.reshape(-1)
+            # theta on [0, max_step_size], eta on [0, 1]; alpha sits near 0 (forget ~ 0.01): up to its max
+            hi = {"theta": layer.max_step_size, "eta": 1.0}.get(gate, max(1e-4, float(flat.max())))
             entry[gate] = {
                 "quantiles": dict(zip(("p05", "p25", "p50", "p75", "p95"),
                                       np.quantile(flat, [0.05, 0.25, 0.5, 0.75, 0.95]).tolist())),

@@ -143,6 +143,8 @@ def write_report(results: dict, out: Path, plots: list[str]) -> tuple[Path, Path
     jpath.write_text(json.dumps(results, indent=1, default=float))
     md = [f"# {results['task']} experiment", "",
           f"Command: `{results['command']}`  ", f"Device: {results['device']}; wall time {results['wall_s']:.0f} s"
+          + (f", CPU time {results['cpu_s']:.0f} s over {results.get('jobs', 1)} parallel run(s)"
+             if results.get("cpu_s") else "")
           + ("; **interrupted (partial report)**" if results.get("interrupted") else ""), "",
           "Task: " + ", ".join(f"{k}={v}" for k, v in results["task_options"].items()), "",
           "Training: " + ", ".join(f"{k}={v}" for k, v in results["train_options"].items()), "",

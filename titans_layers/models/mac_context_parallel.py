@@ -22,6 +22,7 @@ import torch
 from titans_layers.distributed import CPContext, hand_on_state, receive_state
 from titans_layers.models.mac import LayerStates, MACState
 from titans_layers.modules.sliding_window_attention import WindowKVCache
+from titans_layers.ops import MLPMemoryState, MomentumDeltaRuleState
 
 
 def _fresh(mixer, N: int, like: torch.Tensor) -> LayerStates:
@@ -29,15 +30,10 @@ def _fresh(mixer, N: int, like: torch.Tensor) -> LayerStates:
     mem, att = mixer.memory, mixer.attention
     D, S = mixer.hidden_size, mixer.segment_size
     learned = mixer.num_retrieval_queries > 0
+    State = MomentumDeltaRuleState if mem.memory == "linear" else MLPMemoryState
     init = [w.expand(N, *w.shape[1:]) for w in mem.initial_state()]  # (M,) or (W1, W2), [N, H, ...]
-    weights = list(init) + [torch.zeros_like(w) for w in init] + list(init)  # weights, momenta, anchors
-    if mem.memory == "linear":
-        from titans_layers.ops import MomentumDeltaRuleState as State
-        order = weights  # M, S, anchor
-    else:
-        from titans_layers.ops import MLPMemoryState as State
-        W1, W2, S1, S2, a1, a2 = weights
-        order = [W1, W2, S1, S2, a1, a2]
+    # the state's field order: weights, momenta (zero), anchors (the weights)
+    order = list(init) + [torch.zeros_like(w) for w in init] + list(init)
     offset = torch.zeros(N, dtype=torch.long, device=like.device)
     work = LayerStates()
     conv_width = mem.q_conv.kernel_size - 1 if mem.use_short_conv else 0

@@ -100,13 +100,13 @@ def slice_map(op, cp: CPContext, inputs, fields, offsets: list[int], phase0: int
     n_p = -(-width // V)
     pad = n_p * V - width
     v_aug = torch.cat([vv, vv.new_zeros(1, t, H, 3 * K + pad)], dim=-1)  # [1, t, H, n_p V]
-    eye = torch.eye(K, dtype=dtype, device=q.device).expand(1, H, K, K)
-    zero, zv = torch.zeros_like(eye), torch.zeros(1, H, K, V + pad, dtype=dtype, device=q.device)
-    zv_real = torch.zeros(1, H, K, V, dtype=dtype, device=q.device)
-    zpad = zv[..., :pad]
-    M0 = torch.cat([zv_real, eye, zero, zero, zpad], dim=-1)  # [1, H, K, n_p V]
-    S0 = torch.cat([zv_real, zero, eye, zero, zpad], dim=-1)
-    W0 = torch.cat([zv_real, zero, zero, eye, zpad], dim=-1)
+    eye = torch.eye(K, dtype=dtype, device=q.device).expand(1, H, K, K)  # [1, H, K, K]
+    zero = torch.zeros_like(eye)
+    zv = torch.zeros(1, H, K, V, dtype=dtype, device=q.device)  # the real columns start from zero
+    zpad = torch.zeros(1, H, K, pad, dtype=dtype, device=q.device)
+    M0 = torch.cat([zv, eye, zero, zero, zpad], dim=-1)  # [1, H, K, n_p V]
+    S0 = torch.cat([zv, zero, eye, zero, zpad], dim=-1)
+    W0 = torch.cat([zv, zero, zero, eye, zpad], dim=-1)
 
     def heads(s):  # [1, H, K, n_p V] -> [1, H n_p, K, V]
         return s.unflatten(-1, (n_p, V)).movedim(3, 2).flatten(1, 2)

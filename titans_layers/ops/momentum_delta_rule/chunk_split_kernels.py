@@ -119,13 +119,14 @@ def chunk_momentum_delta_rule_fwd_split_kernel(
             b_M = tl.load(MT + row + rv[None, :], mask=s_mask, other=0.0)  # [BK, BV]
             b_S = tl.load(ST + row + rv[None, :], mask=s_mask, other=0.0)
             b_W = current_anchor(MT, WT, new_chunk, row + rv[None, :], s_mask)
-            if STORE_TILES:
-                tl.store(tile_M + t_row + rv[None, :], b_M, mask=s_mask)
-                tl.store(tile_S + t_row + rv[None, :], b_S, mask=s_mask)
             b_X = b_th[:, None] * (mm(b_k, b_W, PRECISION) - b_v)  # [BT, BV]
             b_o = A[:, None] * mm(b_q, b_M, PRECISION) + Bv[:, None] * mm(b_q, b_S, PRECISION) \
                 - mm(b_P, b_X, PRECISION)
             tl.store(o + tok_v, b_o.to(o.dtype.element_ty), mask=valid[:, None] & mv[None, :])
+            if STORE_TILES:  # stored here, not beside the loads, where Triton 3.9's layouts send ptxas
+                # into its 32-register fallback at K = V = 128 (docs/newest_triton.md)
+                tl.store(tile_M + t_row + rv[None, :], b_M, mask=s_mask)
+                tl.store(tile_S + t_row + rv[None, :], b_S, mask=s_mask)
             b_M_next = A_c * b_M + B_c * b_S - mm(b_kT, g[:, None] * b_X, PRECISION)
             b_S = E_c * b_S - mm(b_kT, hh[:, None] * b_X, PRECISION)
             tl.debug_barrier()  # every thread has read this sub-block's state before it is overwritten

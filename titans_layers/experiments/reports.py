@@ -114,6 +114,8 @@ def niah_tables(results: dict) -> str:
         out.append("|---|" + "---|" * len(depths))
         for length, row in acc.items():
             out.append(f"| {length} | " + " | ".join(_fmt(row.get(d)) for d in depths) + " |")
+        for length, err in ((r.get("metrics") or {}).get("errors") or {}).items():
+            out.append(f"| {length} | not evaluated: {err} |" + " |" * (len(depths) - 1))
         out.append("")
     return "\n".join(out)
 

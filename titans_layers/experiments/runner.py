@@ -143,6 +143,8 @@ def run_one(spec: RunSpec, progress: bool = True, position: int = 0) -> dict:
         out["curve"] = res.curve
         if res.interrupted:
             out["status"] = "interrupted"
+        elif res.diverged_at is not None:
+            out["status"] = f"diverged (loss not finite at step {res.diverged_at})"
         out["metrics"] = evaluate(spec, built.model, task, device)
         if memory_layers(built.model) and spec.task in ("mqar", "niah"):
             b = task.sample(GATE_STAT_EXAMPLES, np.random.default_rng(cfg.seed + 7))

@@ -69,12 +69,14 @@ class TrainConfig:
 class TrainResult:
     """What a training run leaves: ``curve`` (one dict per logged step: step, loss, accuracy, lr,
     and ``val_accuracy`` where measured), ``steps`` done, ``interrupted``, ``early_stopped``,
-    ``wall_s``, ``tokens_per_s``."""
+    ``diverged_at`` (the step whose loss was not finite; training stops there), ``wall_s``,
+    ``tokens_per_s``."""
 
     curve: list = field(default_factory=list)
     steps: int = 0
     interrupted: bool = False
     early_stopped: bool = False
+    diverged_at: int | None = None
     wall_s: float = 0.0
     tokens_per_s: float = 0.0
 
@@ -165,6 +167,9 @@ def train(model: torch.nn.Module, task, cfg: TrainConfig, device: torch.device, 
             opt.step()
             tokens += batch.inputs.size
             lv = loss.item()
+            if not math.isfinite(lv):  # diverged: stop, the report says where
+                result.diverged_at = step + 1
+                break
             loss_avg = lv if loss_avg is None else 0.9 * loss_avg + 0.1 * lv
             acc_avg = acc if acc_avg is None else 0.9 * acc_avg + 0.1 * acc
             result.steps = step + 1

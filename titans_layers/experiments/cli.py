@@ -145,8 +145,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--layers", type=_positive_int, default=BASE_CONFIG["num_hidden_layers"], help="layers")
     g.add_argument("--heads", type=_positive_int, default=BASE_CONFIG["num_heads"], help="heads")
     g.add_argument("--set", dest="sets", type=_set_item, action="append", default=[], metavar="KEY=V1[,V2...]",
-                   help="set or sweep an option (TitansConfig field, alpha_init / eta_init / theta_init / "
-                        "max_update_norm, a training or task option); repeatable, the runs are the product")
+                   help="set or sweep an option (a TitansConfig field such as chunk_size, max_step_size or "
+                        "max_update_norm; alpha_init / eta_init / theta_init; a training or task option); "
+                        "repeatable, the runs are the product")
     g = p.add_argument_group("training")
     g.add_argument("--steps", type=_positive_int, default=500)
     g.add_argument("--batch-size", type=_positive_int, default=32)
@@ -289,7 +290,8 @@ def main(argv: list[str] | None = None) -> int:
     results = dict(task=settings["task"], task_options=settings["task_options"], train_options=settings["train"],
                    eval_options=settings["eval_options"], sets=settings["sets"], command=command,
                    device=f"{settings['device']}: {device_name(settings['device'])}", versions=versions(),
-                   wall_s=time.perf_counter() - t0, cpu_s=cpu_s, jobs=args.jobs, interrupted=interrupted, skipped=settings["skipped"],
+                   wall_s=time.perf_counter() - t0, cpu_s=cpu_s, jobs=args.jobs, interrupted=interrupted,
+                   skipped=settings["skipped"],
                    window_size=window, notes=notes_for(settings, runs), runs=runs)
     plots = make_plots(results, out)
     results["plots"] = [Path(p).name for p in plots]

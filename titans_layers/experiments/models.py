@@ -20,7 +20,7 @@ model's width, count and ratio to the reference (within 10% is the goal; a miss 
 Options that ``TitansConfig`` does not hold are applied to every memory layer after the model is
 built (``MEMORY_OPTIONS``): the gates' initial values ``alpha_init`` (forget), ``eta_init``
 (momentum) and ``theta_init`` (step size as a fraction of ``max_step_size``), all set through the
-gate projections' biases, and ``max_update_norm`` (update clipping).
+gate projections' biases.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ from titans_layers.modules import NeuralMemory
 
 BASELINES = ("swa", "attn")
 MODEL_NAMES = tuple(VARIANTS) + tuple(f"{v}-mlp" for v in VARIANTS) + BASELINES + FLA_BLOCKS
-MEMORY_OPTIONS = ("alpha_init", "eta_init", "theta_init", "max_update_norm")
+MEMORY_OPTIONS = ("alpha_init", "eta_init", "theta_init")
 # The base model: small enough to train on two CPU cores in minutes.
 BASE_CONFIG = dict(hidden_size=64, num_hidden_layers=2, num_heads=2, chunk_size=16, segment_size=32,
                    window_size=16, num_persistent_tokens=4)
@@ -138,10 +138,6 @@ def apply_memory_options(model: torch.nn.Module, options: dict) -> None:
                 p = float(options[key])
                 with torch.no_grad():
                     proj.bias.fill_(math.log(p / (1 - p)))
-        if "max_update_norm" in options:
-            from titans_layers.ops.common.clipping import check_max_update_norm
-            value = options["max_update_norm"]
-            module.max_update_norm = check_max_update_norm(None if value in (None, "none", 0) else float(value))
 
 
 def build_model(name: str, vocab: int, max_len: int, options: dict, hidden_size: int | None = None,

@@ -15,7 +15,8 @@ def make_memory(config: TitansConfig, layer_idx: int) -> NeuralMemory:
                         chunk_size=config.chunk_size, mlp_expansion=config.mlp_expansion,
                         activation=config.memory_activation, mlp_residual=config.mlp_residual,
                         use_short_conv=config.use_short_conv, conv_size=config.conv_size,
-                        max_step_size=config.max_step_size, use_output_gate=config.use_output_gate,
+                        max_step_size=config.max_step_size, max_update_norm=config.memory_max_update_norm,
+                        use_output_gate=config.use_output_gate,
                         use_output_norm=config.use_output_norm, norm_eps=config.norm_eps,
                         backend=config.memory_backend, layer_idx=layer_idx)
 

@@ -17,6 +17,7 @@ MEMORIES = ("linear", "mlp")
 MEMORY_ACTIVATIONS = ("silu", "gelu")
 GATE_ACTIVATIONS = ("sigmoid", "silu")
 MEMORY_BACKENDS = ("auto", "triton", "torch")
+AUTO_MLP_MAX_UPDATE_NORM = 0.1  # max_update_norm="auto" for the MLP memory (docs/experiments.md)
 
 
 def variant_block_types(variant: str, num_layers: int) -> list[str]:
@@ -69,7 +70,10 @@ class TitansConfig(PretrainedConfig):
     Memory (``NeuralMemory`` options, SPEC §2):
         memory: "linear" | "mlp"; chunk_size (tokens per memory chunk); mlp_expansion,
         memory_activation ("silu" | "gelu"), mlp_residual (MLP memory); use_short_conv, conv_size;
-        max_step_size (bound of theta); use_output_gate, use_output_norm; memory_backend
+        max_step_size (bound of theta); max_update_norm (update clipping, the bound ``c`` of
+        ``NeuralMemory``: a positive number, None for none, or "auto" (default): 0.1 for the MLP
+        memory, none for the linear one; an unclipped MLP memory diverged in training, see
+        ``docs/experiments.md``); use_output_gate, use_output_norm; memory_backend
         ("auto" | "triton" | "torch").
 
     Attention and Titans blocks:
@@ -98,7 +102,8 @@ class TitansConfig(PretrainedConfig):
                  variant: str = "mac", block_types: list[str] | None = None,
                  memory: str = "linear", chunk_size: int = 16, mlp_expansion: int = 2,
                  memory_activation: str = "silu", mlp_residual: bool = False, use_short_conv: bool = True,
-                 conv_size: int = 4, max_step_size: float = 0.1, use_output_gate: bool = True,
+                 conv_size: int = 4, max_step_size: float = 0.1, max_update_norm: float | str | None = "auto",
+                 use_output_gate: bool = True,
                  use_output_norm: bool = True, memory_backend: str = "auto",
                  segment_size: int = 64, window_size: int = 256, num_persistent_tokens: int = 4,
                  num_retrieval_queries: int = 0,
@@ -139,6 +144,9 @@ class TitansConfig(PretrainedConfig):
         self.use_short_conv = _flag("use_short_conv", use_short_conv)
         self.conv_size = positive_int("conv_size", conv_size)
         self.max_step_size = positive_finite("max_step_size", max_step_size)
+        if max_update_norm is not None and max_update_norm != "auto":
+            max_update_norm = positive_finite("max_update_norm", max_update_norm)
+        self.max_update_norm = max_update_norm
         self.use_output_gate = _flag("use_output_gate", use_output_gate)
         self.use_output_norm = _flag("use_output_norm", use_output_norm)
         self.memory_backend = _choice("memory_backend", memory_backend, MEMORY_BACKENDS)
@@ -169,6 +177,14 @@ class TitansConfig(PretrainedConfig):
         self.use_cache = _flag("use_cache", use_cache)
         super().__init__(pad_token_id=pad_token_id, bos_token_id=bos_token_id, eos_token_id=eos_token_id,
                          tie_word_embeddings=tie_word_embeddings, **kwargs)
+
+    @property
+    def memory_max_update_norm(self) -> float | None:
+        """The memory's update clipping bound: ``max_update_norm``, with "auto" resolved (0.1 for the
+        MLP memory, None for the linear one)."""
+        if self.max_update_norm == "auto":
+            return AUTO_MLP_MAX_UPDATE_NORM if self.memory == "mlp" else None
+        return self.max_update_norm
 
     @property
     def mlp_intermediate_size(self) -> int:

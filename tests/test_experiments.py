@@ -174,7 +174,8 @@ def test_set_values_parse():
     (["mqar", "--device", "tpu7"], "--device"),
     (["mqar", "--set", "chunk_size"], "--set"),
     (["mqar", "--set", "no_such_option=1"], "--set"),
-    (["mqar", "--set", "chunk_size=0", "--models", "lmm"], "chunk_size"),
+    (["mqar", "--set", "chunk_size=0", "--models", "lmm"], "--set: `chunk_size`"),
+    (["mqar", "--set", "lr=-1", "--models", "lmm"], "--set: `lr`"),
     (["mqar", "--eval-loads", "100"], "--eval-loads"),
     (["niah", "--depths", "0.5,2"], "--depths"),
 ])

@@ -14,10 +14,15 @@ One job per module:
 - :mod:`~titans_layers.experiments.cli`: the command line.
 """
 
-from titans_layers.experiments.models import MODEL_NAMES, build_model
-from titans_layers.experiments.runner import RunSpec, plan, run_all, run_one
-from titans_layers.experiments.tasks import MQAR, NIAH, ByteLM, make_task
-from titans_layers.experiments.training import TrainConfig, train
+import warnings
+
+# fla warns at import on a machine without a GPU; the experiments say where they run themselves
+warnings.filterwarnings("ignore", message="Triton is not supported on current platform")
+
+from titans_layers.experiments.models import MODEL_NAMES, build_model  # noqa: E402
+from titans_layers.experiments.runner import RunSpec, plan, run_all, run_one  # noqa: E402
+from titans_layers.experiments.tasks import MQAR, NIAH, ByteLM, make_task  # noqa: E402
+from titans_layers.experiments.training import TrainConfig, train  # noqa: E402
 
 __all__ = ["ByteLM", "MODEL_NAMES", "MQAR", "NIAH", "RunSpec", "TrainConfig", "build_model", "make_task", "plan",
            "run_all", "run_one", "train"]

@@ -240,6 +240,9 @@ def settings_from_args(args, parser) -> dict:
         msg = str(exc)
         if msg.startswith("`--set`") or msg.startswith("`--models`"):
             parser.error("argument " + msg.replace("`", "", 2))
+        named = re.search(r"`([A-Za-z_]+)`", msg)
+        if named and named.group(1) in sets:  # a value given with --set
+            parser.error(f"argument --set: {msg}")
         _flag_error(parser, exc)
     return dict(task=task, task_options=topts, train=train, device=device, specs=specs, skipped=skipped,
                 eval_options=eval_options, sets=sets, models=models, model_options=model_options)

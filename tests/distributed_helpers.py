@@ -18,6 +18,15 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 
+def raised_message(name: str, fn, exc=ValueError) -> str:
+    """The message of the ``exc`` that ``fn()`` raises; an AssertionError naming the check if it raises none."""
+    try:
+        fn()
+    except exc as err:
+        return str(err)
+    raise AssertionError(f"{name} did not raise")
+
+
 def _worker(rank, world_size, out_dir, fn, args):
     torch.set_num_threads(1)
     # rendezvous through a file (no TCP port to collide with other test runs on the machine)

@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from tests.distributed_helpers import rel_err, run_group
+from tests.distributed_helpers import raised_message, rel_err, run_group
 
 TOL = 1e-5  # outputs, input gradients, the whole parameter gradient
 PARAM_TOL = 1e-4  # any single parameter's gradient (SPEC §1's float32 gradient tolerance)
@@ -148,12 +148,7 @@ def _bad_calls(world_size) -> dict:
     msgs = {}
 
     def expect(name, fn, exc=ValueError):
-        try:
-            fn()
-        except exc as err:
-            msgs[name] = str(err)
-        else:
-            raise AssertionError(f"{name} did not raise")
+        msgs[name] = raised_message(name, fn, exc)
 
     expect("mask", lambda: memory(x, attention_mask=torch.ones(1, 6), cp_context=cp))
     expect("cu_seqlens", lambda: attention(x, cu_seqlens=torch.tensor([0, 6]), cp_context=cp))

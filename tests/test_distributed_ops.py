@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from tests.distributed_helpers import rel_err, run_group
+from tests.distributed_helpers import raised_message, rel_err, run_group
 
 TOL = 1e-5
 # (world size, global cu_seqlens): sequences that start and end inside slices, span 2 or 3 slices,
@@ -172,12 +172,7 @@ def _bad_contexts(rank, world_size):
     msgs = {}
 
     def expect(name, exc, fn):
-        try:
-            fn()
-        except exc as err:
-            msgs[name] = str(err)
-        else:
-            raise AssertionError(f"{name} did not raise")
+        msgs[name] = raised_message(name, fn, exc)
 
     expect("indivisible", ValueError, lambda: build_cp_context(torch.tensor([0, 5, 3 * world_size + 1])))
     expect("not_start_0", ValueError, lambda: build_cp_context(torch.tensor([1, 6])))

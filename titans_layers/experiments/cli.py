@@ -59,24 +59,23 @@ def _positive_float(text: str) -> float:
     return v
 
 
-def _int_list(text: str) -> list[int]:
-    try:
-        vals = [int(t) for t in text.split(",") if t]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a comma-separated list of ints, got {text!r}") from None
-    if not vals or min(vals) < 1:
-        raise argparse.ArgumentTypeError(f"must be a comma-separated list of ints >= 1, got {text!r}")
-    return vals
+def _number_list(kind: type, low: float | None = None):
+    """An argparse type: a non-empty comma-separated list of ``kind`` (int or float), each >= ``low``
+    when given, else an error naming what was expected."""
+    what = f"{'ints' if kind is int else 'numbers'}{'' if low is None else f' >= {low}'}"
+
+    def parse(text: str) -> list:
+        try:
+            vals = [kind(t) for t in text.split(",") if t]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be a comma-separated list of {what}, got {text!r}") from None
+        if not vals or (low is not None and min(vals) < low):
+            raise argparse.ArgumentTypeError(f"must be a comma-separated list of {what}, got {text!r}")
+        return vals
+    return parse
 
 
-def _float_list(text: str) -> list[float]:
-    try:
-        vals = [float(t) for t in text.split(",") if t]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a comma-separated list of numbers, got {text!r}") from None
-    if not vals:
-        raise argparse.ArgumentTypeError(f"must not be empty, got {text!r}")
-    return vals
+_int_list, _float_list = _number_list(int, 1), _number_list(float)
 
 
 def parse_value(text: str):

@@ -121,8 +121,9 @@ def _fixed_gate_layer(memory: str, clip, device) -> NeuralMemory:
 @pytest.mark.parametrize("memory", ["linear", "mlp"])
 def test_memory_stays_bounded_under_100k_adversarial_tokens(memory, device):
     """With clipping: ||S|| <= c / (1 - eta) and ||W|| <= max(||W_0||, c / ((1 - eta) alpha))
-    for every one of 100K tokens of norm ~1e3 (c / ((1 - eta) alpha) = 1 here: c = 1e-3, eta = 0.9, alpha = 0.01). Without: the linear memory
-    follows the huge values far past that bound, the MLP memory diverges to inf/NaN."""
+    for every one of 100K tokens of norm ~1e3 (c / ((1 - eta) alpha) = 1 here: c = 1e-3, eta = 0.9,
+    alpha = 0.01). Without: the linear memory follows the huge values far past that bound, the MLP
+    memory diverges to inf/NaN."""
     c, scale = 1e-3, 1e3
     layer = _fixed_gate_layer(memory, c, device)
     alpha = torch.sigmoid(layer.alpha_proj.bias).min().item()
